@@ -1,0 +1,1662 @@
+/**
+ * novalet — a service framework after the one inside OpenStack Nova.
+ *
+ * A process runs services. A service is a *manager* (a class whose public methods are its RPC
+ * API), a *transport* (MQTT, or in memory) and a *registry* (SQL) where it proves it is alive.
+ * Other services reach it with {@link Rpc.call} (waits for the reply) and {@link Rpc.cast}
+ * (fire and forget).
+ *
+ * This file is the whole core. It imports nothing but the platform; transports and registries
+ * import it for their interfaces.
+ *
+ * @example
+ * ```ts
+ * import { Manager, RequestContext, Service } from "./mod.ts";
+ * import { MemoryHub, MemoryTransport } from "./transports/memory.ts";
+ *
+ * class Calc extends Manager {
+ *   add(_ctx: RequestContext, { a, b }: { a: number; b: number }) {
+ *     return a + b;
+ *   }
+ * }
+ * const transport = new MemoryTransport(new MemoryHub());
+ * const svc = Service.create({ host: "h1", topic: "calc", manager: Calc, transport });
+ * await svc.start();
+ * console.log(await svc.rpc.call(new RequestContext(), "calc", { method: "add", args: { a: 1, b: 2 } }));
+ * await svc.stop();
+ * await transport.close();
+ * ```
+ *
+ * @module
+ */
+
+import { hostname } from "node:os";
+import { basename, extname, resolve as resolvePath } from "node:path";
+import { pathToFileURL } from "node:url";
+import process from "node:process";
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------
+
+/** Options shared by novalet's errors: a cause and JSON data that travel with them. */
+export interface NovaletErrorOptions {
+  cause?: unknown;
+  /** JSON-serialisable details that cross the wire as `error.data`. */
+  data?: unknown;
+}
+
+function errorInit(name: string, self: Error, opts?: NovaletErrorOptions): void {
+  self.name = name;
+  if (opts?.data !== undefined) (self as { data?: unknown }).data = opts.data;
+}
+
+/** A handler on the server threw: `type`, `message` and `data` are the server's. */
+export class RemoteError extends Error {
+  /** The remote error's type: its `name`, or its class name when the name was `"Error"`. */
+  readonly type: string;
+  readonly data?: unknown;
+  /** The server's stack trace, present only when the server runs with `debug`. */
+  readonly remoteStack?: string;
+  constructor(type: string, message: string, opts?: NovaletErrorOptions & { remoteStack?: string }) {
+    super(message, { cause: opts?.cause });
+    this.name = "RemoteError";
+    this.type = type;
+    if (opts?.data !== undefined) this.data = opts.data;
+    if (opts?.remoteStack !== undefined) this.remoteStack = opts.remoteStack;
+  }
+}
+
+/** No reply arrived within the call's timeout. */
+export class RpcTimeoutError extends Error {
+  constructor(message: string, opts?: NovaletErrorOptions) {
+    super(message, { cause: opts?.cause });
+    errorInit("RpcTimeoutError", this, opts);
+  }
+}
+
+/** A message could not be handed to anyone: no subscriber, a transport failure, or too many
+ * calls already waiting. Nothing was executed remotely. */
+export class DeliveryError extends Error {
+  constructor(message: string, opts?: NovaletErrorOptions) {
+    super(message, { cause: opts?.cause });
+    errorInit("DeliveryError", this, opts);
+  }
+}
+
+/** An object was used after `close()` / `stop()`. */
+export class ClosedError extends Error {
+  constructor(message: string, opts?: NovaletErrorOptions) {
+    super(message, { cause: opts?.cause });
+    errorInit("ClosedError", this, opts);
+  }
+}
+
+/** Remote type: the manager has no callable method of that name. */
+export class NoSuchMethod extends Error {
+  constructor(message: string, opts?: NovaletErrorOptions) {
+    super(message, { cause: opts?.cause });
+    errorInit("NoSuchMethod", this, opts);
+  }
+}
+
+/** Remote type: the requested API version is not served (major differs or minor is newer). */
+export class UnsupportedVersion extends Error {
+  constructor(message: string, opts?: NovaletErrorOptions) {
+    super(message, { cause: opts?.cause });
+    errorInit("UnsupportedVersion", this, opts);
+  }
+}
+
+/** Remote type: the envelope was malformed. `id` and `replyTo` are set when they could be read. */
+export class BadRequest extends Error {
+  id?: string;
+  replyTo?: string;
+  constructor(message: string, opts?: NovaletErrorOptions & { id?: string; replyTo?: string }) {
+    super(message, { cause: opts?.cause });
+    errorInit("BadRequest", this, opts);
+    if (opts?.id !== undefined) this.id = opts.id;
+    if (opts?.replyTo !== undefined) this.replyTo = opts.replyTo;
+  }
+}
+
+/** Quote a value for an error message, cut short so a huge input cannot flood a log. */
+export function quote(value: unknown, max = 60): string {
+  let s: string;
+  try {
+    s = typeof value === "string" ? JSON.stringify(value) : String(JSON.stringify(value));
+  } catch {
+    s = String(value);
+  }
+  return s.length > max ? `${s.slice(0, max)}…(${s.length} chars)` : s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logging
+// ---------------------------------------------------------------------------------------------
+
+/** Structured fields of a log line. */
+export type LogFields = Record<string, unknown>;
+
+/** The logger novalet writes to. Pass your own (pino fits) through the service options. */
+export interface Logger {
+  debug(msg: string, fields?: LogFields): void;
+  info(msg: string, fields?: LogFields): void;
+  warn(msg: string, fields?: LogFields): void;
+  error(msg: string, fields?: LogFields): void;
+}
+
+/** Log levels in increasing order of severity. */
+export type LogLevel = "debug" | "info" | "warn" | "error" | "silent";
+const LEVELS: Record<LogLevel, number> = { debug: 10, info: 20, warn: 30, error: 40, silent: 99 };
+
+/**
+ * The default logger: readable lines (`12:00:01.234 WARN  message key=value`) or JSON lines
+ * (`{"time":...,"level":"warn","msg":...,...}`) on stderr.
+ */
+export class ConsoleLogger implements Logger {
+  #min: number;
+  #json: boolean;
+  #fields: LogFields;
+  constructor(opts: { level?: LogLevel; format?: "text" | "json"; fields?: LogFields } = {}) {
+    this.#min = LEVELS[opts.level ?? "info"];
+    this.#json = opts.format === "json";
+    this.#fields = opts.fields ?? {};
+  }
+  /** A logger that adds `fields` to every line. */
+  child(fields: LogFields): ConsoleLogger {
+    const c = new ConsoleLogger();
+    c.#min = this.#min;
+    c.#json = this.#json;
+    c.#fields = { ...this.#fields, ...fields };
+    return c;
+  }
+  #write(level: Exclude<LogLevel, "silent">, msg: string, fields?: LogFields): void {
+    if (LEVELS[level] < this.#min) return;
+    const all = fields ? { ...this.#fields, ...fields } : this.#fields;
+    const now = new Date();
+    let line: string;
+    if (this.#json) {
+      line = safeStringify({ time: now.toISOString(), level, msg, ...all });
+    } else {
+      const kv = Object.entries(all).map(([k, v]) =>
+        `${k}=${typeof v === "string" ? v : v instanceof Error ? quote(v.message, 200) : quote(v, 200)}`
+      );
+      line = `${now.toISOString().slice(11, 23)} ${level.toUpperCase().padEnd(5)} ${msg}${
+        kv.length ? " " + kv.join(" ") : ""
+      }`;
+    }
+    console.error(line);
+  }
+  debug(msg: string, fields?: LogFields): void {
+    this.#write("debug", msg, fields);
+  }
+  info(msg: string, fields?: LogFields): void {
+    this.#write("info", msg, fields);
+  }
+  warn(msg: string, fields?: LogFields): void {
+    this.#write("warn", msg, fields);
+  }
+  error(msg: string, fields?: LogFields): void {
+    this.#write("error", msg, fields);
+  }
+}
+
+function safeStringify(v: unknown): string {
+  try {
+    return JSON.stringify(v, (_k, x) => x instanceof Error ? { name: x.name, message: x.message } : x);
+  } catch {
+    return JSON.stringify({ msg: String(v) });
+  }
+}
+
+/** Adds fields to every line of another logger (used for the request id of a handler). */
+function withFields(logger: Logger, fields: LogFields): Logger {
+  if (logger instanceof ConsoleLogger) return logger.child(fields);
+  return {
+    debug: (m, f) => logger.debug(m, { ...fields, ...f }),
+    info: (m, f) => logger.info(m, { ...fields, ...f }),
+    warn: (m, f) => logger.warn(m, { ...fields, ...f }),
+    error: (m, f) => logger.error(m, { ...fields, ...f }),
+  };
+}
+
+let defaultLogger: Logger = new ConsoleLogger({
+  level: (envVar("NOVALET_LOG_LEVEL") as LogLevel | undefined) ?? "info",
+  format: envVar("NOVALET_LOG_FORMAT") === "json" ? "json" : "text",
+});
+/** The logger used where none was passed. */
+export function getLogger(): Logger {
+  return defaultLogger;
+}
+/** Replace the logger used where none was passed. */
+export function setDefaultLogger(logger: Logger): void {
+  defaultLogger = logger;
+}
+
+function envVar(name: string): string | undefined {
+  try {
+    return process.env[name];
+  } catch {
+    return undefined; // Deno without --allow-env
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transport
+// ---------------------------------------------------------------------------------------------
+
+/** Per-publish options. */
+export interface PublishOptions {
+  /** 0: at most once; 1: at least once (the default of RPC messages). */
+  qos?: 0 | 1;
+  /**
+   * Reject with {@link DeliveryError} when the transport knows that no subscription matches
+   * (the memory transport always knows; MQTT 5 brokers say so in PUBACK). RPC sets it for
+   * call and cast so that a message to nobody fails fast instead of being lost.
+   */
+  mandatory?: boolean;
+}
+
+/** Per-subscription options. */
+export interface SubscribeOptions {
+  /** Share the messages of this filter with the other subscriptions of the same group. */
+  group?: string;
+  qos?: 0 | 1;
+}
+
+/** Receives a message. A returned promise is awaited before MQTT acknowledges it. */
+export type MessageHandler = (payload: Uint8Array, topic: string) => void | Promise<void>;
+
+/** What `subscribe()` returns. */
+export interface Subscription {
+  unsubscribe(): Promise<void>;
+}
+
+/**
+ * Publish/subscribe with MQTT topic semantics: levels split by `/`, filters may use `+` (one
+ * level) and `#` (the rest, including the parent level). A subscription with a `group` gets each
+ * message of its filter only if no other member of the group got it, as MQTT shared
+ * subscriptions do; without a group every matching subscription gets every message.
+ */
+export interface Transport {
+  publish(topic: string, payload: Uint8Array, opts?: PublishOptions): Promise<void>;
+  subscribe(filter: string, handler: MessageHandler, opts?: SubscribeOptions): Promise<Subscription>;
+  close(): Promise<void>;
+  /** Optional: forget a persistent subscription (e.g. MQTT `clean: false`) for good. */
+  forget?(filter: string, opts?: SubscribeOptions): Promise<void>;
+}
+
+/** Does the MQTT topic filter match the topic? (`sport/+/player1`, `sport/#`). */
+export function topicMatches(filter: string, topic: string): boolean {
+  const f = filter.split("/");
+  const t = topic.split("/");
+  for (let i = 0; i < f.length; i++) {
+    const part = f[i];
+    if (part === "#") return true;
+    if (i >= t.length) return false;
+    if (part !== "+" && part !== t[i]) return false;
+  }
+  return f.length === t.length;
+}
+
+/** Throws a TypeError unless `filter` is a valid MQTT filter (`#` last, wildcards alone in a level). */
+export function validateFilter(filter: string): void {
+  if (typeof filter !== "string" || filter.length === 0) {
+    throw new TypeError(`Invalid topic filter ${quote(filter)}: must be a non-empty string`);
+  }
+  const parts = filter.split("/");
+  parts.forEach((p, i) => {
+    if ((p.includes("#") && (p !== "#" || i !== parts.length - 1)) || (p.includes("+") && p !== "+")) {
+      throw new TypeError(`Invalid topic filter ${quote(filter)}: wildcards must fill a level, "#" only last`);
+    }
+  });
+}
+
+/** Throws a TypeError unless `topic` is a valid topic to publish to (no wildcard, not empty). */
+export function validateTopic(topic: string): void {
+  if (typeof topic !== "string" || topic.length === 0 || /[+#\0]/.test(topic)) {
+    throw new TypeError(`Invalid topic ${quote(topic)}: must be non-empty, without "+", "#" or NUL`);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Addresses
+// ---------------------------------------------------------------------------------------------
+
+const BAD_NAME = /[/+#\0]/;
+
+function checkName(kind: string, value: unknown, where: string): string {
+  if (typeof value !== "string" || value.length === 0 || BAD_NAME.test(value)) {
+    throw new TypeError(
+      `Invalid ${kind} ${quote(value)} in ${quote(where)}: must be non-empty, without "/", "+", "#" or NUL`,
+    );
+  }
+  return value;
+}
+
+/** A parsed logical address: `compute` or `compute.host1`. */
+export interface Address {
+  topic: string;
+  host?: string;
+}
+
+/** Split a logical address at its first `.`: topic names have no dot, host names may. */
+export function parseAddress(address: string): Address {
+  if (typeof address !== "string") throw new TypeError(`Invalid address ${quote(address)}: not a string`);
+  const dot = address.indexOf(".");
+  if (dot < 0) return { topic: checkName("topic", address, address) };
+  return {
+    topic: checkName("topic", address.slice(0, dot), address),
+    host: checkName("host", address.slice(dot + 1), address),
+  };
+}
+
+/**
+ * The address of the server of `topic` on `host`, as Nova's `rpc.queue_get_for`.
+ * @example `queueGetFor(ctx, "network", "host1") === "network.host1"`
+ */
+export function queueGetFor(_ctx: RequestContext | null, topic: string, host: string): string {
+  checkName("topic", topic, `${topic}.${host}`);
+  if (typeof topic === "string" && topic.includes(".")) {
+    throw new TypeError(`Invalid topic ${quote(topic)}: topic names cannot contain "."`);
+  }
+  checkName("host", host, `${topic}.${host}`);
+  return `${topic}.${host}`;
+}
+
+/** Validate an MQTT topic prefix: levels without wildcards, none empty. */
+function checkPrefix(prefix: string): string {
+  if (typeof prefix !== "string" || prefix.split("/").some((p) => p === "" || /[+#\0]/.test(p))) {
+    throw new TypeError(`Invalid prefix ${quote(prefix)}: levels must be non-empty, without "+", "#"`);
+  }
+  return prefix;
+}
+
+/** The transport topics behind logical addresses, for one prefix. */
+export class Topics {
+  readonly prefix: string;
+  readonly replyRoot: string;
+  constructor(prefix = "novalet") {
+    this.prefix = checkPrefix(prefix);
+    this.replyRoot = `${prefix}/reply/`;
+  }
+  /** `compute` → `{prefix}/rpc/compute`; `compute.h1` → `{prefix}/rpc/compute/h1`. */
+  forAddress(address: string): string {
+    const { topic, host } = parseAddress(address);
+    return host === undefined ? `${this.prefix}/rpc/${topic}` : `${this.prefix}/rpc/${topic}/${host}`;
+  }
+  fanout(topic: string): string {
+    checkName("topic", topic, topic);
+    return `${this.prefix}/fanout/${topic}`;
+  }
+  reply(clientId: string): string {
+    return `${this.replyRoot}${checkName("client id", clientId, clientId)}`;
+  }
+  /** Is `topic` a reply topic of this prefix: exactly one non-empty level, no wildcard? */
+  isReplyTopic(topic: string): boolean {
+    if (!topic.startsWith(this.replyRoot)) return false;
+    const rest = topic.slice(this.replyRoot.length);
+    return rest.length > 0 && !BAD_NAME.test(rest);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request context
+// ---------------------------------------------------------------------------------------------
+
+/** The caller's identity and request id; travels with every message. */
+export interface RequestContextInit {
+  userId?: string | null;
+  projectId?: string | null;
+  requestId?: string;
+  isAdmin?: boolean;
+  roles?: string[];
+  timestamp?: string;
+}
+
+/** The context as it travels on the wire (Nova's snake_case names). */
+export interface RequestContextJSON {
+  user_id: string | null;
+  project_id: string | null;
+  request_id: string;
+  is_admin: boolean;
+  roles: string[];
+  timestamp: string;
+}
+
+/** Who asks and which request this is, as Nova's `RequestContext`. */
+export class RequestContext {
+  readonly userId: string | null;
+  readonly projectId: string | null;
+  readonly requestId: string;
+  readonly isAdmin: boolean;
+  readonly roles: readonly string[];
+  /** ISO 8601 time of the original request. */
+  readonly timestamp: string;
+  constructor(init: RequestContextInit = {}) {
+    this.userId = init.userId ?? null;
+    this.projectId = init.projectId ?? null;
+    this.requestId = init.requestId ?? `req-${crypto.randomUUID()}`;
+    this.isAdmin = init.isAdmin ?? false;
+    this.roles = Object.freeze([...(init.roles ?? [])]);
+    this.timestamp = init.timestamp ?? new Date().toISOString();
+  }
+  /** An admin context, as Nova's `get_admin_context()`. */
+  static admin(init: RequestContextInit = {}): RequestContext {
+    return new RequestContext({ ...init, isAdmin: true });
+  }
+  toJSON(): RequestContextJSON {
+    return {
+      user_id: this.userId,
+      project_id: this.projectId,
+      request_id: this.requestId,
+      is_admin: this.isAdmin,
+      roles: [...this.roles],
+      timestamp: this.timestamp,
+    };
+  }
+  /**
+   * Rebuild a context from its JSON form (snake_case or camelCase names).
+   * @throws {TypeError} when a field has the wrong type.
+   */
+  static from(obj: unknown): RequestContext {
+    if (obj instanceof RequestContext) return obj;
+    if (obj === null || typeof obj !== "object" || Array.isArray(obj)) {
+      throw new TypeError(`Invalid context ${quote(obj)}: must be an object`);
+    }
+    const o = obj as Record<string, unknown>;
+    const pick = (snake: string, camel: string) => Object.hasOwn(o, snake) ? o[snake] : o[camel];
+    const str = (name: string, v: unknown, nullable: boolean) => {
+      if (v === undefined || (nullable && v === null)) return undefined;
+      if (typeof v !== "string" || v.length > 1024) {
+        throw new TypeError(
+          `Invalid context field "${name}" ${quote(v)}: must be a string${nullable ? " or null" : ""}`,
+        );
+      }
+      return v;
+    };
+    const isAdmin = pick("is_admin", "isAdmin");
+    if (isAdmin !== undefined && typeof isAdmin !== "boolean") {
+      throw new TypeError(`Invalid context field "is_admin" ${quote(isAdmin)}: must be a boolean`);
+    }
+    const roles = o.roles;
+    if (roles !== undefined && (!Array.isArray(roles) || roles.some((r) => typeof r !== "string"))) {
+      throw new TypeError(`Invalid context field "roles" ${quote(roles)}: must be an array of strings`);
+    }
+    return new RequestContext({
+      userId: str("user_id", pick("user_id", "userId"), true) ?? null,
+      projectId: str("project_id", pick("project_id", "projectId"), true) ?? null,
+      requestId: str("request_id", pick("request_id", "requestId"), false),
+      isAdmin: isAdmin as boolean | undefined,
+      roles: roles as string[] | undefined,
+      timestamp: str("timestamp", o.timestamp, false),
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Wire format (the codec)
+// ---------------------------------------------------------------------------------------------
+
+/** A request envelope. */
+export interface RequestEnvelope {
+  v: 1;
+  id: string;
+  method: string;
+  args: Record<string, unknown>;
+  context: RequestContextJSON | Record<string, unknown>;
+  reply_to?: string;
+  version?: string;
+  /** Epoch milliseconds after which the server drops the request. */
+  deadline?: number;
+}
+
+/** An error as it crosses the wire. */
+export interface WireError {
+  type: string;
+  message: string;
+  data?: unknown;
+  /** Only when the server runs with `debug`. */
+  stack?: string;
+}
+
+/** A reply envelope: a result or an error. */
+export type ReplyEnvelope = { v: 1; id: string; result: unknown } | { v: 1; id: string; error: WireError };
+
+/**
+ * Encodes and decodes envelopes. The RPC client and the dispatcher use nothing else, so a
+ * transport for another RPC system's wire format (oslo.messaging's) translates here only.
+ */
+export interface Codec {
+  encodeRequest(req: RequestEnvelope): Uint8Array;
+  /** @throws {BadRequest} with `id`/`replyTo` set when they could be read. */
+  decodeRequest(bytes: Uint8Array): RequestEnvelope;
+  encodeReply(reply: ReplyEnvelope): Uint8Array;
+  /** @throws {BadRequest} when the bytes are not a reply. */
+  decodeReply(bytes: Uint8Array): ReplyEnvelope;
+}
+
+const METHOD_NAME = /^[A-Za-z_$][\w$]{0,127}$/;
+const VERSION = /^\d{1,9}\.\d{1,9}$/;
+const MAX_ID = 128;
+const MAX_REPLY_TO = 1024;
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder("utf-8", { fatal: true });
+
+/** Parse JSON; a text that mentions `__proto__` is parsed without that key anywhere. */
+function parseJson(bytes: Uint8Array): unknown {
+  const text = decoder.decode(bytes);
+  // JSON.parse makes "__proto__" an own property, harmless until a handler copies it with
+  // Object.assign or a spread-merge into a target; dropping it here closes that door for all.
+  if (!text.includes("__proto__")) return JSON.parse(text);
+  return JSON.parse(text, (key, value) => key === "__proto__" ? undefined : value);
+}
+
+function isPlainObject(v: unknown): v is Record<string, unknown> {
+  return v !== null && typeof v === "object" && !Array.isArray(v);
+}
+
+/** The JSON codec of the documented wire format. */
+export const jsonCodec: Codec = {
+  encodeRequest(req) {
+    return encoder.encode(JSON.stringify(req));
+  },
+  decodeRequest(bytes) {
+    let raw: unknown;
+    try {
+      raw = parseJson(bytes);
+    } catch (e) {
+      throw new BadRequest(`Malformed request: not UTF-8 JSON (${(e as Error).message})`, { cause: e });
+    }
+    if (!isPlainObject(raw)) throw new BadRequest(`Malformed request: ${quote(raw)} is not a JSON object`);
+    const id = typeof raw.id === "string" && raw.id.length > 0 && raw.id.length <= MAX_ID ? raw.id : undefined;
+    const replyTo = typeof raw.reply_to === "string" && raw.reply_to.length <= MAX_REPLY_TO ? raw.reply_to : undefined;
+    const bad = (msg: string): never => {
+      throw new BadRequest(`Malformed request: ${msg}`, { id, replyTo });
+    };
+    if (raw.v !== 1) bad(`"v" is ${quote(raw.v)}, expected 1`);
+    if (id === undefined) bad(`"id" ${quote(raw.id)} must be a string of 1 to ${MAX_ID} characters`);
+    if (typeof raw.method !== "string" || !METHOD_NAME.test(raw.method)) {
+      bad(`"method" ${quote(raw.method)} must be an identifier of at most 128 characters`);
+    }
+    if (raw.args !== undefined && !isPlainObject(raw.args)) bad(`"args" ${quote(raw.args)} must be an object`);
+    if (raw.context !== undefined && !isPlainObject(raw.context)) {
+      bad(`"context" ${quote(raw.context)} must be an object`);
+    }
+    if (raw.reply_to !== undefined && replyTo === undefined) {
+      bad(`"reply_to" ${quote(raw.reply_to)} must be a string of at most ${MAX_REPLY_TO} characters`);
+    }
+    if (raw.version !== undefined && (typeof raw.version !== "string" || !VERSION.test(raw.version))) {
+      bad(`"version" ${quote(raw.version)} must look like "1.2"`);
+    }
+    if (raw.deadline !== undefined && (typeof raw.deadline !== "number" || !Number.isFinite(raw.deadline))) {
+      bad(`"deadline" ${quote(raw.deadline)} must be a number (epoch ms)`);
+    }
+    const req: RequestEnvelope = {
+      v: 1,
+      id: id!,
+      method: raw.method as string,
+      args: (raw.args ?? {}) as Record<string, unknown>,
+      context: (raw.context ?? {}) as Record<string, unknown>,
+    };
+    if (replyTo !== undefined) req.reply_to = replyTo;
+    if (raw.version !== undefined) req.version = raw.version as string;
+    if (raw.deadline !== undefined) req.deadline = raw.deadline as number;
+    return req;
+  },
+  encodeReply(reply) {
+    return encoder.encode(JSON.stringify(reply));
+  },
+  decodeReply(bytes) {
+    let raw: unknown;
+    try {
+      raw = parseJson(bytes);
+    } catch (e) {
+      throw new BadRequest(`Malformed reply: not UTF-8 JSON (${(e as Error).message})`, { cause: e });
+    }
+    if (!isPlainObject(raw) || raw.v !== 1 || typeof raw.id !== "string") {
+      throw new BadRequest(`Malformed reply: ${quote(raw)} lacks "v":1 or a string "id"`);
+    }
+    if (Object.hasOwn(raw, "error")) {
+      const e = raw.error;
+      if (!isPlainObject(e) || typeof e.type !== "string" || typeof e.message !== "string") {
+        throw new BadRequest(`Malformed reply ${quote(raw.id)}: "error" needs string "type" and "message"`);
+      }
+      const error: WireError = { type: e.type, message: e.message };
+      if (e.data !== undefined) error.data = e.data;
+      if (typeof e.stack === "string") error.stack = e.stack;
+      return { v: 1, id: raw.id, error };
+    }
+    return { v: 1, id: raw.id, result: raw.result ?? null };
+  },
+};
+
+/** The wire form of a thrown value: type from `name` (or the class when `name` is "Error"). */
+export function errorToWire(err: unknown, debug = false): WireError {
+  if (!(err instanceof Error)) return { type: "Error", message: String(err) };
+  const type = err.name && err.name !== "Error" ? err.name : err.constructor?.name || "Error";
+  const wire: WireError = { type, message: String(err.message) };
+  const data = (err as { data?: unknown }).data;
+  if (data !== undefined) {
+    try {
+      JSON.stringify(data);
+      wire.data = data;
+    } catch { /* data that cannot travel stays on the server */ }
+  }
+  if (debug && err.stack) wire.stack = err.stack;
+  return wire;
+}
+
+// ---------------------------------------------------------------------------------------------
+// RPC client
+// ---------------------------------------------------------------------------------------------
+
+/** A message to a manager: `method(ctx, args)`. */
+export interface RpcMessage {
+  method: string;
+  args?: Record<string, unknown>;
+}
+
+/** Options of one call or cast. */
+export interface CallOptions {
+  /** Seconds to wait for the reply (calls) or until the server drops the message. */
+  timeout?: number;
+  /** The API version the caller needs, `"major.minor"`. */
+  version?: string;
+  qos?: 0 | 1;
+}
+
+/** Options of an {@link Rpc} client. */
+export interface RpcOptions {
+  /** Topic prefix. Default `"novalet"`. */
+  prefix?: string;
+  /** Default call timeout in seconds. Default 60 (`--rpc_response_timeout`). */
+  timeout?: number;
+  /** Calls that may wait for replies at once; one more fails with DeliveryError. Default 100,000. */
+  maxPending?: number;
+  /** QoS of requests and replies. Default 1. */
+  qos?: 0 | 1;
+  codec?: Codec;
+  logger?: Logger;
+  /** The id in the reply topic. Default: a random UUID. */
+  clientId?: string;
+}
+
+interface Pending {
+  resolve(v: unknown): void;
+  reject(e: unknown): void;
+  timer: ReturnType<typeof setTimeout>;
+  what: string;
+}
+
+function checkTimeout(t: unknown, what: string): number {
+  if (typeof t !== "number" || !(t > 0) || !Number.isFinite(t)) {
+    throw new RangeError(`Invalid ${what} ${quote(t)}: must be a positive number of seconds`);
+  }
+  return t;
+}
+
+function checkMessage(msg: RpcMessage): void {
+  if (!isPlainObject(msg) || typeof msg.method !== "string" || !METHOD_NAME.test(msg.method)) {
+    throw new TypeError(`Invalid message ${quote(msg)}: needs a "method" that is an identifier`);
+  }
+  if (msg.args !== undefined && !isPlainObject(msg.args)) {
+    throw new TypeError(`Invalid args ${quote(msg.args)} for "${msg.method}": must be an object`);
+  }
+}
+
+/**
+ * The RPC client: call (wait for the reply), cast (fire and forget) and fanout cast, over one
+ * transport. Replies come back on one subscription per client, made at the first call.
+ */
+export class Rpc {
+  readonly topics: Topics;
+  readonly clientId: string;
+  #transport: Transport;
+  #timeout: number;
+  #maxPending: number;
+  #qos: 0 | 1;
+  #codec: Codec;
+  #log: Logger;
+  #pending = new Map<string, Pending>();
+  #replySub?: Promise<Subscription>;
+  #closed = false;
+
+  constructor(transport: Transport, opts: RpcOptions = {}) {
+    this.#transport = transport;
+    this.topics = new Topics(opts.prefix);
+    this.#timeout = checkTimeout(opts.timeout ?? 60, "timeout");
+    this.#maxPending = opts.maxPending ?? 100_000;
+    this.#qos = opts.qos ?? 1;
+    this.#codec = opts.codec ?? jsonCodec;
+    this.#log = opts.logger ?? getLogger();
+    this.clientId = opts.clientId ?? crypto.randomUUID();
+    this.topics.reply(this.clientId); // validates
+  }
+
+  /** Calls waiting for a reply now. */
+  get pending(): number {
+    return this.#pending.size;
+  }
+
+  /**
+   * Invoke `msg.method(ctx, msg.args)` on one server of `address` and wait for its result.
+   * @throws {RemoteError} the handler threw (or NoSuchMethod / UnsupportedVersion / BadRequest).
+   * @throws {RpcTimeoutError} no reply within the timeout.
+   * @throws {DeliveryError} the request could not be handed to the transport or to anyone.
+   * @throws {TypeError} a malformed address or message, at once.
+   */
+  async call<T = unknown>(ctx: RequestContext, address: string, msg: RpcMessage, opts: CallOptions = {}): Promise<T> {
+    if (this.#closed) throw new ClosedError(`Cannot call ${quote(address)}: the RPC client is closed`);
+    const topic = this.topics.forAddress(address);
+    checkMessage(msg);
+    const timeout = opts.timeout === undefined ? this.#timeout : checkTimeout(opts.timeout, "timeout");
+    const what = `"${address}.${msg.method}"`;
+    if (this.#pending.size >= this.#maxPending) {
+      throw new DeliveryError(`Cannot call ${what}: ${this.#pending.size} calls are already waiting (maxPending)`);
+    }
+    await (this.#replySub ??= this.#subscribeReplies());
+    const id = crypto.randomUUID();
+    const req: RequestEnvelope = {
+      v: 1,
+      id,
+      method: msg.method,
+      args: msg.args ?? {},
+      context: ctx.toJSON(),
+      reply_to: this.topics.reply(this.clientId),
+      deadline: Date.now() + timeout * 1000,
+    };
+    if (opts.version !== undefined) req.version = opts.version;
+    const bytes = this.#codec.encodeRequest(req);
+    const result = new Promise<T>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.#pending.delete(id);
+        reject(new RpcTimeoutError(`Cannot call ${what}: no reply within ${timeout} s`));
+      }, timeout * 1000);
+      this.#pending.set(id, { resolve: resolve as (v: unknown) => void, reject, timer, what });
+    });
+    try {
+      await this.#transport.publish(topic, bytes, { qos: opts.qos ?? this.#qos, mandatory: true });
+    } catch (e) {
+      this.#settle(id)?.reject(deliveryFailure(`call ${what}`, e));
+    }
+    return result;
+  }
+
+  /** Send `msg` to one server of `address` without waiting for a result. Resolves once the
+   * transport took the message. */
+  async cast(ctx: RequestContext, address: string, msg: RpcMessage, opts: CallOptions = {}): Promise<void> {
+    if (this.#closed) throw new ClosedError(`Cannot cast to ${quote(address)}: the RPC client is closed`);
+    await this.#send(this.topics.forAddress(address), `"${address}.${msg?.method}"`, ctx, msg, opts, true);
+  }
+
+  /** Send `msg` to every server of `topic`. Zero listeners is not an error. */
+  async fanoutCast(ctx: RequestContext, topic: string, msg: RpcMessage, opts: CallOptions = {}): Promise<void> {
+    if (this.#closed) throw new ClosedError(`Cannot fanout to ${quote(topic)}: the RPC client is closed`);
+    await this.#send(this.topics.fanout(topic), `fanout "${topic}.${msg?.method}"`, ctx, msg, opts, false);
+  }
+
+  async #send(
+    topic: string,
+    what: string,
+    ctx: RequestContext,
+    msg: RpcMessage,
+    opts: CallOptions,
+    mandatory: boolean,
+  ): Promise<void> {
+    checkMessage(msg);
+    const req: RequestEnvelope = {
+      v: 1,
+      id: crypto.randomUUID(),
+      method: msg.method,
+      args: msg.args ?? {},
+      context: ctx.toJSON(),
+    };
+    if (opts.version !== undefined) req.version = opts.version;
+    if (opts.timeout !== undefined) req.deadline = Date.now() + checkTimeout(opts.timeout, "timeout") * 1000;
+    try {
+      await this.#transport.publish(topic, this.#codec.encodeRequest(req), { qos: opts.qos ?? this.#qos, mandatory });
+    } catch (e) {
+      throw deliveryFailure(`cast ${what}`, e);
+    }
+  }
+
+  async #subscribeReplies(): Promise<Subscription> {
+    try {
+      return await this.#transport.subscribe(this.topics.reply(this.clientId), (p) => this.#onReply(p), {
+        qos: this.#qos,
+      });
+    } catch (e) {
+      this.#replySub = undefined; // let the next call try again
+      throw deliveryFailure("subscribe to replies", e);
+    }
+  }
+
+  #settle(id: string): Pending | undefined {
+    const p = this.#pending.get(id);
+    if (p) {
+      this.#pending.delete(id);
+      clearTimeout(p.timer);
+    }
+    return p;
+  }
+
+  #onReply(payload: Uint8Array): void {
+    let reply: ReplyEnvelope;
+    try {
+      reply = this.#codec.decodeReply(payload);
+    } catch (e) {
+      this.#log.warn("Dropped a malformed reply", { error: e });
+      return;
+    }
+    const p = this.#settle(reply.id);
+    if (!p) {
+      this.#log.debug("Dropped a reply nobody waits for (late or duplicate)", { id: reply.id });
+      return;
+    }
+    if ("error" in reply) {
+      const e = reply.error;
+      p.reject(new RemoteError(e.type, e.message, { data: e.data, remoteStack: e.stack }));
+    } else {
+      p.resolve(reply.result);
+    }
+  }
+
+  /** Stop listening for replies; calls still waiting fail with ClosedError. Idempotent. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    for (const [id, p] of this.#pending) {
+      this.#settle(id);
+      p.reject(new ClosedError(`Call ${p.what} abandoned: the RPC client was closed`));
+    }
+    const sub = this.#replySub;
+    this.#replySub = undefined;
+    if (sub) await sub.then((s) => s.unsubscribe()).catch(() => {});
+  }
+}
+
+function deliveryFailure(what: string, e: unknown): Error {
+  if (e instanceof DeliveryError || e instanceof ClosedError || e instanceof TypeError) return e;
+  return new DeliveryError(`Cannot ${what}: ${(e as Error)?.message ?? e}`, { cause: e });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Managers and periodic tasks
+// ---------------------------------------------------------------------------------------------
+
+/** How a `@periodicTask` runs. */
+export interface PeriodicTaskOptions {
+  /** Seconds between runs; 0 (default) runs at every tick of the periodic loop. */
+  spacing?: number;
+  /** Run at the first tick (default true); false waits `spacing` seconds first. */
+  runImmediately?: boolean;
+}
+
+/** A periodic task of a manager, as listed by {@link listPeriodicTasks}. */
+export interface PeriodicTaskInfo {
+  name: string;
+  spacing: number;
+  runImmediately: boolean;
+}
+
+// Keyed by the method function itself: Node 20 has no Symbol.metadata, and a WeakMap needs
+// neither metadata nor per-instance initialisers.
+const periodicRegistry = new WeakMap<object, PeriodicTaskInfo>();
+
+/**
+ * Marks a manager method as a periodic task (TC39 decorator). It runs as `method(ctx)`.
+ * @example
+ * ```ts
+ * class Compute extends Manager {
+ *   @periodicTask({ spacing: 600 })
+ *   async updateAvailableResources(ctx: RequestContext) {}
+ * }
+ * ```
+ */
+export function periodicTask(opts: PeriodicTaskOptions = {}) {
+  const spacing = opts.spacing ?? 0;
+  if (typeof spacing !== "number" || !(spacing >= 0) || !Number.isFinite(spacing)) {
+    throw new RangeError(`Invalid periodic task spacing ${quote(spacing)}: must be seconds >= 0`);
+  }
+  return function <T extends (this: Manager, ctx: RequestContext) => unknown>(
+    method: T,
+    context: ClassMethodDecoratorContext,
+  ): T {
+    if (context.kind !== "method" || context.static || context.private || typeof context.name !== "string") {
+      throw new TypeError("@periodicTask applies to public instance methods only");
+    }
+    periodicRegistry.set(method, { name: context.name, spacing, runImmediately: opts.runImmediately ?? true });
+    return method;
+  };
+}
+
+/** Names a Manager subclass can never expose, whatever it declares. */
+const LIFECYCLE = new Set(["constructor", "initHost", "periodicTasks", "preStartHook", "postStartHook", "cleanupHost"]);
+
+/** Walk the prototypes a subclass of Manager declares, most derived first. */
+function* managerPrototypes(manager: object): Generator<object> {
+  for (let p = Object.getPrototypeOf(manager); p && p !== Manager.prototype && p !== Object.prototype;) {
+    yield p;
+    p = Object.getPrototypeOf(p);
+  }
+}
+
+/** The periodic tasks of a manager (most derived definition wins). */
+export function listPeriodicTasks(manager: Manager): PeriodicTaskInfo[] {
+  const seen = new Set<string>();
+  const tasks: PeriodicTaskInfo[] = [];
+  for (const proto of managerPrototypes(manager)) {
+    for (const name of Object.getOwnPropertyNames(proto)) {
+      if (seen.has(name)) continue;
+      seen.add(name);
+      const d = Object.getOwnPropertyDescriptor(proto, name);
+      const info = typeof d?.value === "function" ? periodicRegistry.get(d.value) : undefined;
+      if (info) tasks.push({ ...info, name });
+    }
+  }
+  return tasks;
+}
+
+/**
+ * The callable methods of a manager: own functions of the prototypes a Manager subclass
+ * declares, minus `_names`, lifecycle hooks, periodic tasks, accessors and anything on
+ * Object.prototype. Built once per manager; a message name is only ever looked up in it.
+ */
+export function rpcMethods(manager: Manager): Map<string, (ctx: RequestContext, args: unknown) => unknown> {
+  const table = new Map<string, (ctx: RequestContext, args: unknown) => unknown>();
+  const seen = new Set<string>();
+  for (const proto of managerPrototypes(manager)) {
+    for (const name of Object.getOwnPropertyNames(proto)) {
+      if (seen.has(name)) continue;
+      seen.add(name);
+      if (name.startsWith("_") || LIFECYCLE.has(name) || Object.hasOwn(Object.prototype, name)) continue;
+      const d = Object.getOwnPropertyDescriptor(proto, name);
+      if (!d || typeof d.value !== "function" || periodicRegistry.has(d.value)) continue;
+      table.set(name, d.value as (ctx: RequestContext, args: unknown) => unknown);
+    }
+  }
+  return table;
+}
+
+interface TaskState {
+  info: PeriodicTaskInfo;
+  nextRun: number;
+  running: boolean;
+}
+
+/**
+ * Base class of managers. Its public methods (those a subclass declares) are the RPC API:
+ * a message `{method, args}` runs `method(ctx, args)`.
+ */
+export class Manager {
+  /** The host this manager serves, set before `initHost()`. */
+  host = "";
+  /** The service that runs this manager, set before `initHost()`. */
+  service!: Service;
+  /** `major.minor`: a request's major must match, its minor must be <= ours. */
+  rpcApiVersion = "1.0";
+  #tasks?: TaskState[];
+  #running = new Set<Promise<void>>();
+
+  /** Called after registration, before consuming starts. */
+  initHost(): Promise<void> | void {}
+
+  /**
+   * Start the periodic tasks that are due and not already running. Each task runs on its own,
+   * so a slow one does not hold back the others; a failing one is logged and runs again at its
+   * next slot. Resolves when the tasks started now have finished.
+   */
+  periodicTasks(ctx: RequestContext, now = Date.now()): Promise<void> {
+    this.#tasks ??= listPeriodicTasks(this).map((info) => ({
+      info,
+      nextRun: info.runImmediately ? 0 : now + info.spacing * 1000,
+      running: false,
+    }));
+    const started: Promise<void>[] = [];
+    const log = this.service?.logger ?? getLogger();
+    for (const t of this.#tasks) {
+      if (t.running || now < t.nextRun) continue;
+      t.running = true;
+      t.nextRun = now + t.info.spacing * 1000;
+      const fn = (this as unknown as Record<string, (ctx: RequestContext) => unknown>)[t.info.name]!;
+      const run = (async () => {
+        try {
+          await fn.call(this, ctx);
+        } catch (e) {
+          log.error(`Periodic task ${t.info.name} failed`, { task: t.info.name, error: e });
+        } finally {
+          t.running = false;
+        }
+      })();
+      this.#running.add(run);
+      run.finally(() => this.#running.delete(run));
+      started.push(run);
+    }
+    return Promise.all(started).then(() => {});
+  }
+}
+
+/** A Manager subclass. */
+export type ManagerClass = new () => Manager;
+
+// ---------------------------------------------------------------------------------------------
+// The dispatcher (server side of RPC)
+// ---------------------------------------------------------------------------------------------
+
+/** Options of a {@link Dispatcher}. */
+export interface DispatcherOptions {
+  prefix?: string;
+  codec?: Codec;
+  logger?: Logger;
+  /** Send stack traces with errors. Default false. */
+  debug?: boolean;
+  /** Request ids remembered to suppress redelivered duplicates. Default 10,000. */
+  dedupSize?: number;
+  /** Larger messages are logged and dropped unread. Default 16 MiB. */
+  maxMessageBytes?: number;
+  qos?: 0 | 1;
+}
+
+function versionOk(requested: string, ours: string): boolean {
+  const [rMaj, rMin] = requested.split(".").map(Number);
+  const [oMaj, oMin] = ours.split(".").map(Number);
+  return rMaj === oMaj && rMin! <= oMin!;
+}
+
+/**
+ * Turns request messages into manager method calls and replies. One per service; `handle` is
+ * the handler of its subscriptions.
+ */
+export class Dispatcher {
+  readonly manager: Manager;
+  #table: Map<string, (ctx: RequestContext, args: unknown) => unknown>;
+  #transport: Transport;
+  #topics: Topics;
+  #codec: Codec;
+  #log: Logger;
+  #debug: boolean;
+  #seen = new Set<string>();
+  #dedupSize: number;
+  #maxBytes: number;
+  #qos: 0 | 1;
+  #inFlight = 0;
+  #idle: (() => void)[] = [];
+
+  constructor(manager: Manager, transport: Transport, opts: DispatcherOptions = {}) {
+    this.manager = manager;
+    this.#table = rpcMethods(manager);
+    this.#transport = transport;
+    this.#topics = new Topics(opts.prefix);
+    this.#codec = opts.codec ?? jsonCodec;
+    this.#log = opts.logger ?? getLogger();
+    this.#debug = opts.debug ?? false;
+    this.#dedupSize = opts.dedupSize ?? 10_000;
+    this.#maxBytes = opts.maxMessageBytes ?? 16 * 1024 * 1024;
+    this.#qos = opts.qos ?? 1;
+  }
+
+  /** The names a message may call. */
+  get methods(): string[] {
+    return [...this.#table.keys()];
+  }
+
+  /** Handlers running now. */
+  get inFlight(): number {
+    return this.#inFlight;
+  }
+
+  /** Resolves when no handler runs. */
+  drained(): Promise<void> {
+    if (this.#inFlight === 0) return Promise.resolve();
+    return new Promise((r) => this.#idle.push(r));
+  }
+
+  /** Handle one message; never throws. */
+  handle = async (payload: Uint8Array, topic: string): Promise<void> => {
+    this.#inFlight++;
+    try {
+      await this.#handle(payload, topic);
+    } catch (e) {
+      this.#log.error("Unexpected failure while dispatching", { topic, error: e });
+    } finally {
+      if (--this.#inFlight === 0) { for (const r of this.#idle.splice(0)) r(); }
+    }
+  };
+
+  async #handle(payload: Uint8Array, topic: string): Promise<void> {
+    if (payload.byteLength > this.#maxBytes) {
+      this.#log.warn(`Dropped a request of ${payload.byteLength} bytes: over maxMessageBytes ${this.#maxBytes}`, {
+        topic,
+      });
+      return;
+    }
+    let req: RequestEnvelope;
+    try {
+      req = this.#codec.decodeRequest(payload);
+    } catch (e) {
+      const bad = e instanceof BadRequest ? e : new BadRequest(String((e as Error)?.message ?? e), { cause: e });
+      if (bad.id !== undefined && bad.replyTo !== undefined && this.#topics.isReplyTopic(bad.replyTo)) {
+        this.#log.warn(bad.message, { topic, id: bad.id });
+        await this.#reply(bad.replyTo, { v: 1, id: bad.id, error: errorToWire(bad) });
+      } else {
+        this.#log.warn(`${bad.message}; dropped (no reply address)`, { topic });
+      }
+      return;
+    }
+    const { id, reply_to: replyTo } = req;
+    if (replyTo !== undefined && !this.#topics.isReplyTopic(replyTo)) {
+      this.#log.warn(
+        `BadRequest: reply_to ${quote(replyTo)} is not under "${this.#topics.replyRoot}"; not executed, not answered`,
+        { topic, id, method: req.method },
+      );
+      return;
+    }
+    if (req.deadline !== undefined && Date.now() > req.deadline) {
+      this.#log.warn(`Dropped "${req.method}": its deadline passed ${Date.now() - req.deadline} ms ago`, { id });
+      return;
+    }
+    if (this.#seen.has(id)) {
+      this.#log.debug(`Dropped a duplicate of request ${id} ("${req.method}")`, { id });
+      return;
+    }
+    this.#remember(id);
+    let result: unknown;
+    let error: WireError | undefined;
+    try {
+      result = await this.#invoke(req);
+    } catch (e) {
+      error = errorToWire(e, this.#debug);
+    }
+    if (replyTo === undefined) {
+      if (error) this.#log.error(`Cast "${req.method}" failed: ${error.type}: ${error.message}`, { id });
+      return;
+    }
+    await this.#reply(replyTo, error ? { v: 1, id, error } : { v: 1, id, result: result ?? null }, req.method);
+  }
+
+  async #invoke(req: RequestEnvelope): Promise<unknown> {
+    const fn = this.#table.get(req.method);
+    if (!fn) throw new NoSuchMethod(`No such method ${quote(req.method)} on ${this.manager.constructor.name}`);
+    const ours = this.manager.rpcApiVersion;
+    if (req.version !== undefined && !versionOk(req.version, ours)) {
+      throw new UnsupportedVersion(
+        `Version ${req.version} of "${req.method}" is not supported: this server speaks ${ours}`,
+      );
+    }
+    let ctx: RequestContext;
+    try {
+      ctx = RequestContext.from(req.context);
+    } catch (e) {
+      throw new BadRequest(`Malformed request: ${(e as Error).message}`, { cause: e });
+    }
+    return await fn.call(this.manager, ctx, req.args);
+  }
+
+  async #reply(replyTo: string, reply: ReplyEnvelope, method?: string): Promise<void> {
+    let bytes: Uint8Array;
+    try {
+      bytes = this.#codec.encodeReply(reply);
+    } catch (e) {
+      // The result does not serialise (a cycle, a BigInt): tell the caller instead of hanging it.
+      const wire = errorToWire(e, this.#debug);
+      wire.message = `Cannot encode the result of ${quote(method)}: ${wire.message}`;
+      bytes = this.#codec.encodeReply({ v: 1, id: reply.id, error: wire });
+    }
+    try {
+      await this.#transport.publish(replyTo, bytes, { qos: this.#qos });
+    } catch (e) {
+      this.#log.warn(`Could not send the reply to ${reply.id}`, { replyTo, error: e });
+    }
+  }
+
+  #remember(id: string): void {
+    this.#seen.add(id);
+    if (this.#seen.size > this.#dedupSize) {
+      // Sets iterate in insertion order: the first entry is the oldest.
+      this.#seen.delete(this.#seen.values().next().value as string);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loops
+// ---------------------------------------------------------------------------------------------
+
+/** Options of {@link LoopingCall.start}. */
+export interface LoopStartOptions {
+  /** Seconds between the starts of two runs. */
+  interval: number;
+  /** Seconds before the first run. Default 0. */
+  initialDelay?: number;
+}
+
+/**
+ * Runs a function every `interval` seconds, timed from each run's start, never overlapping
+ * itself. A run longer than the interval is logged and the next starts at once. An error is
+ * logged and the loop goes on, unless `stopOnError` is set.
+ */
+export class LoopingCall {
+  readonly name: string;
+  #fn: () => unknown;
+  #log: Logger;
+  #stopOnError: boolean;
+  #timer?: ReturnType<typeof setTimeout>;
+  #wake?: () => void;
+  #stopped = false;
+  #started = false;
+  /** Resolves when the loop has stopped and its last run has finished. */
+  done: Promise<void> = Promise.resolve();
+
+  constructor(fn: () => unknown, opts: { name?: string; logger?: Logger; stopOnError?: boolean } = {}) {
+    this.#fn = fn;
+    this.name = opts.name ?? (fn.name || "loop");
+    this.#log = opts.logger ?? getLogger();
+    this.#stopOnError = opts.stopOnError ?? false;
+  }
+
+  get running(): boolean {
+    return this.#started && !this.#stopped;
+  }
+
+  start(opts: LoopStartOptions): this {
+    if (this.#started) throw new Error(`Loop ${quote(this.name)} was already started`);
+    const interval = checkTimeout(opts.interval, "interval");
+    const initialDelay = opts.initialDelay ?? 0;
+    if (!(initialDelay >= 0)) throw new RangeError(`Invalid initialDelay ${quote(initialDelay)}: must be >= 0`);
+    this.#started = true;
+    this.done = this.#run(interval * 1000, initialDelay * 1000);
+    return this;
+  }
+
+  #sleep(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      this.#wake = resolve;
+      this.#timer = setTimeout(resolve, ms);
+    });
+  }
+
+  async #run(intervalMs: number, delayMs: number): Promise<void> {
+    if (delayMs > 0) await this.#sleep(delayMs);
+    while (!this.#stopped) {
+      const start = Date.now();
+      try {
+        await this.#fn();
+      } catch (e) {
+        this.#log.error(`Loop ${this.name} failed`, { loop: this.name, error: e });
+        if (this.#stopOnError) {
+          this.#stopped = true;
+          throw e;
+        }
+      }
+      if (this.#stopped) break;
+      const took = Date.now() - start;
+      if (took > intervalMs) {
+        this.#log.warn(`Loop ${this.name} run took ${took} ms, longer than its interval of ${intervalMs} ms`, {
+          loop: this.name,
+        });
+      }
+      await this.#sleep(Math.max(0, intervalMs - took));
+    }
+  }
+
+  /** Cancel the timer; `done` resolves when a run in progress finishes. */
+  stop(): void {
+    this.#stopped = true;
+    clearTimeout(this.#timer);
+    this.#wake?.();
+  }
+}
+
+/** Owns the loops and in-flight work of a service; stops them together. */
+export class LoopGroup {
+  #loops = new Set<LoopingCall>();
+  #work = new Set<Promise<unknown>>();
+
+  /** Start `fn` every `interval` seconds in this group. */
+  addTimer(fn: () => unknown, opts: LoopStartOptions & { name?: string; logger?: Logger }): LoopingCall {
+    const loop = new LoopingCall(fn, opts).start(opts);
+    this.#loops.add(loop);
+    return loop;
+  }
+
+  /** Track a piece of running work so `stop()` waits for it. */
+  track<T>(p: Promise<T>): Promise<T> {
+    this.#work.add(p);
+    p.then(() => this.#work.delete(p), () => this.#work.delete(p));
+    return p;
+  }
+
+  get size(): { loops: number; work: number } {
+    return { loops: this.#loops.size, work: this.#work.size };
+  }
+
+  /**
+   * Cancel every timer and wait for what runs, at most `graceful` seconds.
+   * @returns true when everything finished in time.
+   */
+  async stop(graceful = 60): Promise<boolean> {
+    for (const l of this.#loops) l.stop();
+    const all = Promise.allSettled([...[...this.#loops].map((l) => l.done), ...this.#work]);
+    this.#loops.clear();
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timeout = new Promise<false>((r) => (timer = setTimeout(() => r(false), graceful * 1000)));
+    try {
+      return await Promise.race([all.then(() => true), timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Registry
+// ---------------------------------------------------------------------------------------------
+
+/** A row of the services table. */
+export interface ServiceRecord {
+  id: number;
+  host: string;
+  binary: string;
+  topic: string;
+  reportCount: number;
+  disabled: boolean;
+  disabledReason: string | null;
+  forcedDown: boolean;
+  lastSeenUp: Date | null;
+  createdAt: Date;
+  updatedAt: Date;
+}
+
+/** Where services record themselves and prove they are alive (Nova's `services` table). */
+export interface Registry {
+  /** Create the row of (host, binary), or return the existing one. */
+  register(s: { host: string; binary: string; topic: string }): Promise<ServiceRecord>;
+  /** A heartbeat: reportCount + 1, lastSeenUp = updatedAt = now. */
+  reportState(id: number): Promise<ServiceRecord>;
+  get(id: number): Promise<ServiceRecord | undefined>;
+  list(filter?: { topic?: string; host?: string; binary?: string }): Promise<ServiceRecord[]>;
+  setDisabled(id: number, disabled: boolean, reason?: string): Promise<ServiceRecord>;
+  setForcedDown(id: number, forcedDown: boolean): Promise<ServiceRecord>;
+  remove(id: number): Promise<void>;
+  close(): Promise<void>;
+}
+
+/** A registry lookup named an id that has no row. */
+export class NotFound extends Error {
+  constructor(message: string, opts?: NovaletErrorOptions) {
+    super(message, { cause: opts?.cause });
+    errorInit("NotFound", this, opts);
+  }
+}
+
+/**
+ * Is the service up, as Nova's servicegroup DB driver decides: forced down → down; otherwise up
+ * while `now - (lastSeenUp ?? createdAt) <= serviceDownTime` seconds (default 60).
+ */
+export function isUp(r: ServiceRecord, opts: { now?: Date; serviceDownTime?: number } = {}): boolean {
+  if (r.forcedDown) return false;
+  const last = r.lastSeenUp ?? r.createdAt;
+  const now = opts.now ?? new Date();
+  return now.getTime() - last.getTime() <= (opts.serviceDownTime ?? 60) * 1000;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Service
+// ---------------------------------------------------------------------------------------------
+
+/** Options of {@link Service.create}. Missing values come from flags. */
+export interface ServiceOptions {
+  /** Default: the machine's hostname (`--host`). */
+  host?: string;
+  /** Default: the script's base name. */
+  binary?: string;
+  /** Default: `binary` without a leading `nova-`. */
+  topic?: string;
+  /** A Manager subclass, an instance, or a module specifier `"./path.ts#ClassName"`. */
+  manager: ManagerClass | Manager | string;
+  /** Seconds between heartbeats. Default 10. */
+  reportInterval?: number;
+  /** Seconds between periodic task ticks. Default 60. */
+  periodicInterval?: number;
+  /** The first periodic tick waits a random [0, this] seconds. Default 0 when not set by flags. */
+  periodicFuzzyDelay?: number;
+  /** Default: a memory transport on the default hub. Never closed by the service when passed. */
+  transport?: Transport;
+  /** Where the service registers. Never closed by the service when passed. */
+  registry?: Registry;
+  prefix?: string;
+  logger?: Logger;
+  /** Send stack traces with errors. */
+  debug?: boolean;
+  /** Seconds `stop()` waits for in-flight work. Default 60. */
+  gracefulShutdownTimeout?: number;
+  /** Default call timeout of `service.rpc`, seconds. Default 60. */
+  rpcTimeout?: number;
+}
+
+/** Load `"./path.ts#ClassName"` (path relative to the working directory, or a package name). */
+export async function loadManager(spec: string): Promise<ManagerClass> {
+  const hash = spec.lastIndexOf("#");
+  if (typeof spec !== "string" || hash <= 0 || hash === spec.length - 1) {
+    throw new TypeError(`Invalid manager specifier ${quote(spec)}: expected "./path.ts#ClassName"`);
+  }
+  const path = spec.slice(0, hash);
+  const name = spec.slice(hash + 1);
+  const url = path.startsWith(".") || path.startsWith("/") ? pathToFileURL(resolvePath(path)).href : path;
+  let mod: Record<string, unknown>;
+  try {
+    mod = await import(url);
+  } catch (e) {
+    throw new TypeError(`Cannot load manager ${quote(spec)}: ${(e as Error).message}`, { cause: e });
+  }
+  const cls = mod[name];
+  if (typeof cls !== "function" || !(cls.prototype instanceof Manager)) {
+    throw new TypeError(`Cannot load manager ${quote(spec)}: ${quote(name)} is not an exported Manager subclass`);
+  }
+  return cls as ManagerClass;
+}
+
+/** The script's base name without extension (`nova-compute` for `bin/nova-compute.ts`). */
+function scriptName(): string {
+  const main = process.argv[1];
+  return main ? basename(main, extname(main)) : "novalet";
+}
+
+/**
+ * A running service: a manager, consuming `topic`, `topic.host` and the fanout of `topic`,
+ * registered in the registry with a heartbeat, and running the manager's periodic tasks.
+ */
+export class Service {
+  readonly host: string;
+  readonly binary: string;
+  readonly topic: string;
+  readonly reportInterval: number;
+  readonly periodicInterval: number;
+  readonly periodicFuzzyDelay: number;
+  readonly gracefulShutdownTimeout: number;
+  readonly logger: Logger;
+  /** The registry row, once registered. */
+  record?: ServiceRecord;
+  #opts: ServiceOptions;
+  #transport?: Transport;
+  #ownTransport = false;
+  #registry?: Registry;
+  #rpc?: Rpc;
+  #manager?: Manager;
+  #dispatcher?: Dispatcher;
+  #subs: Subscription[] = [];
+  #group = new LoopGroup();
+  #state: "new" | "starting" | "running" | "stopping" | "stopped" = "new";
+  #stopping?: Promise<void>;
+  #registryDown = false;
+
+  private constructor(opts: ServiceOptions) {
+    this.#opts = opts;
+    this.binary = opts.binary ?? scriptName();
+    this.host = checkName("host", opts.host ?? hostname(), "host");
+    this.topic = checkName("topic", opts.topic ?? this.binary.replace(/^nova-/, ""), "topic");
+    if (this.topic.includes(".")) throw new TypeError(`Invalid topic ${quote(this.topic)}: topics have no "."`);
+    this.reportInterval = checkTimeout(opts.reportInterval ?? 10, "reportInterval");
+    this.periodicInterval = checkTimeout(opts.periodicInterval ?? 60, "periodicInterval");
+    this.periodicFuzzyDelay = opts.periodicFuzzyDelay ?? 0;
+    this.gracefulShutdownTimeout = opts.gracefulShutdownTimeout ?? 60;
+    this.logger = withFields(opts.logger ?? getLogger(), { service: `${this.topic}.${this.host}` });
+    if (opts.manager === undefined) throw new TypeError("Service.create() needs a manager");
+    this.#transport = opts.transport;
+    this.#registry = opts.registry;
+  }
+
+  /** Build a service; nothing runs until `start()`. */
+  static create(opts: ServiceOptions): Service {
+    return new Service(opts);
+  }
+
+  /** The manager, once started. */
+  get manager(): Manager {
+    if (!this.#manager) throw new ClosedError(`Service ${this.topic}.${this.host} has not started`);
+    return this.#manager;
+  }
+
+  /** The transport, once started. */
+  get transport(): Transport {
+    if (!this.#transport) throw new ClosedError(`Service ${this.topic}.${this.host} has not started`);
+    return this.#transport;
+  }
+
+  /** An RPC client on the service's transport, to call other services. */
+  get rpc(): Rpc {
+    return this.#rpc ??= new Rpc(this.transport, {
+      prefix: this.#opts.prefix,
+      logger: this.logger,
+      timeout: this.#opts.rpcTimeout,
+    });
+  }
+
+  /** The dispatcher, once started (its `inFlight` and `methods`). */
+  get dispatcher(): Dispatcher | undefined {
+    return this.#dispatcher;
+  }
+
+  get state(): string {
+    return this.#state;
+  }
+
+  /**
+   * Build the manager, register, `initHost()`, consume `topic` (shared), `topic.host` and the
+   * fanout, then start the heartbeat and the periodic loop.
+   */
+  async start(): Promise<void> {
+    if (this.#state !== "new") throw new Error(`Service ${this.topic}.${this.host} was already started`);
+    this.#state = "starting";
+    try {
+      await this.#start();
+      this.#state = "running";
+    } catch (e) {
+      await this.#teardown();
+      this.#state = "stopped";
+      throw e;
+    }
+  }
+
+  async #start(): Promise<void> {
+    const m = this.#opts.manager;
+    const manager = m instanceof Manager ? m : new (typeof m === "string" ? await loadManager(m) : m)();
+    manager.host = this.host;
+    manager.service = this;
+    this.#manager = manager;
+    if (!this.#transport) {
+      const { defaultHub, MemoryTransport } = await import("./transports/memory.ts");
+      this.#transport = new MemoryTransport(defaultHub);
+      this.#ownTransport = true;
+    }
+    if (this.#registry) this.record = await this.#registry.register(this);
+    await manager.initHost();
+    const dispatcher = new Dispatcher(manager, this.#transport, {
+      prefix: this.#opts.prefix,
+      logger: this.logger,
+      debug: this.#opts.debug,
+    });
+    this.#dispatcher = dispatcher;
+    const topics = new Topics(this.#opts.prefix);
+    const handle = (p: Uint8Array, t: string) => this.#group.track(dispatcher.handle(p, t));
+    this.#subs.push(await this.#transport.subscribe(topics.forAddress(this.topic), handle, { group: this.topic }));
+    this.#subs.push(await this.#transport.subscribe(topics.forAddress(`${this.topic}.${this.host}`), handle));
+    this.#subs.push(await this.#transport.subscribe(topics.fanout(this.topic), handle));
+    if (this.#registry) {
+      this.#group.addTimer(() => this.#report(), {
+        name: "report",
+        interval: this.reportInterval,
+        logger: this.logger,
+      });
+    }
+    const ctx = RequestContext.admin();
+    this.#group.addTimer(() => void this.#group.track(manager.periodicTasks(ctx)), {
+      name: "periodic",
+      interval: this.periodicInterval,
+      initialDelay: Math.random() * this.periodicFuzzyDelay,
+      logger: this.logger,
+    });
+  }
+
+  /** One heartbeat; logs a registry outage once and its recovery once; re-creates a lost row. */
+  async #report(): Promise<void> {
+    const reg = this.#registry!;
+    try {
+      try {
+        this.record = await reg.reportState(this.record!.id);
+      } catch (e) {
+        if (!(e instanceof NotFound)) throw e;
+        this.logger.warn("The registry row of this service was deleted; registering again");
+        this.record = await reg.register(this);
+      }
+      if (this.#registryDown) this.logger.info("The registry is reachable again; heartbeats resume");
+      this.#registryDown = false;
+    } catch (e) {
+      if (!this.#registryDown) this.logger.error("Heartbeat failed: the registry is unreachable", { error: e });
+      this.#registryDown = true;
+    }
+  }
+
+  /**
+   * Stop consuming, let in-flight handlers finish (bounded by the graceful timeout), stop the
+   * loops, and close what the service opened itself. The registry row stays. Idempotent.
+   */
+  stop(): Promise<void> {
+    return this.#stopping ??= this.#stop(false);
+  }
+
+  /** Like `stop()`, and also remove the registry row and any persistent subscription. */
+  kill(): Promise<void> {
+    return this.#stopping ??= this.#stop(true);
+  }
+
+  async #stop(kill: boolean): Promise<void> {
+    if (this.#state === "new" || this.#state === "stopped") {
+      this.#state = "stopped";
+      return;
+    }
+    this.#state = "stopping";
+    await this.#teardown(kill);
+    this.#state = "stopped";
+  }
+
+  async #teardown(kill = false): Promise<void> {
+    for (const s of this.#subs.splice(0)) await s.unsubscribe().catch(() => {});
+    if (kill && this.#transport?.forget) {
+      const topics = new Topics(this.#opts.prefix);
+      await this.#transport.forget(topics.forAddress(`${this.topic}.${this.host}`)).catch(() => {});
+    }
+    const finished = await this.#group.stop(this.gracefulShutdownTimeout);
+    if (!finished) this.logger.warn(`Stopped with work still running after ${this.gracefulShutdownTimeout} s`);
+    if (kill && this.record && this.#registry) {
+      await this.#registry.remove(this.record.id).catch((e) =>
+        this.logger.warn("Could not remove the row", { error: e })
+      );
+    }
+    await this.#rpc?.close();
+    if (this.#ownTransport) await this.#transport?.close();
+  }
+}

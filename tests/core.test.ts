@@ -1,0 +1,167 @@
+import { describe, it } from "node:test";
+import assert from "node:assert/strict";
+import {
+  BadRequest,
+  errorToWire,
+  jsonCodec,
+  listPeriodicTasks,
+  Manager,
+  parseAddress,
+  periodicTask,
+  queueGetFor,
+  RequestContext,
+  rpcMethods,
+  topicMatches,
+  Topics,
+} from "../mod.ts";
+import { utf8 } from "./helpers.ts";
+
+describe("topicMatches()", () => {
+  const cases: [string, string, boolean][] = [
+    ["a/b/c", "a/b/c", true],
+    ["a/b/c", "a/b", false],
+    ["a/+/c", "a/x/c", true],
+    ["a/+/c", "a/x/y/c", false],
+    ["a/+", "a/", true], // an empty level is a level
+    ["+/+", "/x", true],
+    ["a/#", "a", true],
+    ["a/#", "a/b/c", true],
+    ["a/#", "ab", false],
+    ["#", "a/b", true],
+    ["a/b", "a/b/c", false],
+  ];
+  for (const [filter, topic, expected] of cases) {
+    it(`topicMatches("${filter}", "${topic}") is ${expected}`, () => {
+      assert.equal(topicMatches(filter, topic), expected);
+    });
+  }
+});
+
+describe("addresses", () => {
+  it("parseAddress() splits at the first dot: host names may contain dots", () => {
+    assert.deepEqual(parseAddress("compute"), { topic: "compute" });
+    assert.deepEqual(parseAddress("compute.node1.example.org"), { topic: "compute", host: "node1.example.org" });
+  });
+  it("queueGetFor() returns topic.host and refuses bad names", () => {
+    assert.equal(queueGetFor(null, "network", "host1"), "network.host1");
+    for (const [t, h] of [["net.work", "h"], ["", "h"], ["n", ""], ["n", "a/b"], ["n+", "h"], ["n", "#"]]) {
+      assert.throws(() => queueGetFor(null, t!, h!), TypeError, `${t} ${h}`);
+    }
+  });
+  it("Topics maps addresses to transport topics under the prefix", () => {
+    const t = new Topics("site/a");
+    assert.equal(t.forAddress("compute"), "site/a/rpc/compute");
+    assert.equal(t.forAddress("compute.h1"), "site/a/rpc/compute/h1");
+    assert.equal(t.fanout("compute"), "site/a/fanout/compute");
+    assert.equal(t.reply("c1"), "site/a/reply/c1");
+    assert.ok(t.isReplyTopic("site/a/reply/c1"));
+    for (const bad of ["site/a/reply/", "site/a/reply/a/b", "site/a/reply/+", "site/b/reply/c", "site/a/replyx"]) {
+      assert.equal(t.isReplyTopic(bad), false, bad);
+    }
+    for (const bad of ["", "a//b", "a/+", "#", "a/"]) assert.throws(() => new Topics(bad), TypeError, bad);
+  });
+});
+
+describe("jsonCodec", () => {
+  const ok = { v: 1, id: "r1", method: "add", args: { a: 1 }, context: {}, reply_to: "p/reply/c", version: "1.2" };
+  it("decodeRequest() of encodeRequest() gives the envelope back", () => {
+    const req = { ...ok, v: 1 as const, deadline: 123 };
+    assert.deepEqual(jsonCodec.decodeRequest(jsonCodec.encodeRequest(req)), req);
+  });
+  it("decodeRequest() fills absent args and context with empty objects", () => {
+    const r = jsonCodec.decodeRequest(utf8('{"v":1,"id":"x","method":"m"}'));
+    assert.deepEqual(r, { v: 1, id: "x", method: "m", args: {}, context: {} });
+  });
+  it("decodeRequest() names the bad field and keeps id and reply_to for the answer", () => {
+    const bad = { ...ok, args: [1] };
+    assert.throws(() => jsonCodec.decodeRequest(utf8(JSON.stringify(bad))), (e: BadRequest) => {
+      assert.ok(e instanceof BadRequest);
+      assert.match(e.message, /"args" \[1\] must be an object/);
+      assert.equal(e.id, "r1");
+      assert.equal(e.replyTo, "p/reply/c");
+      return true;
+    });
+  });
+  it("decodeRequest() drops __proto__ keys at every depth", () => {
+    const r = jsonCodec.decodeRequest(
+      utf8('{"v":1,"id":"x","method":"m","args":{"a":{"__proto__":{"p":1}},"__proto__":{"p":1}}}'),
+    );
+    assert.deepEqual(Object.keys(r.args), ["a"]);
+    assert.equal(Object.hasOwn(r.args.a as object, "__proto__"), false);
+    assert.equal(({} as Record<string, unknown>).p, undefined);
+  });
+  it("decodeReply() accepts results and errors, and refuses other shapes", () => {
+    assert.deepEqual(jsonCodec.decodeReply(utf8('{"v":1,"id":"x","result":5}')), { v: 1, id: "x", result: 5 });
+    assert.deepEqual(jsonCodec.decodeReply(utf8('{"v":1,"id":"x"}')), { v: 1, id: "x", result: null });
+    assert.deepEqual(
+      jsonCodec.decodeReply(utf8('{"v":1,"id":"x","error":{"type":"T","message":"m","data":[1]}}')),
+      { v: 1, id: "x", error: { type: "T", message: "m", data: [1] } },
+    );
+    for (const bad of ["{}", '{"v":1}', '{"v":1,"id":"x","error":"oops"}', "nope", "[]"]) {
+      assert.throws(() => jsonCodec.decodeReply(utf8(bad)), BadRequest, bad);
+    }
+  });
+});
+
+describe("RequestContext", () => {
+  it("RequestContext.from(JSON round trip) equals the original", () => {
+    const c = new RequestContext({ userId: "u", projectId: "p", isAdmin: true, roles: ["r"] });
+    assert.deepEqual(RequestContext.from(JSON.parse(JSON.stringify(c))), c);
+  });
+  it("new RequestContext() makes a req-<uuid> request id and a timestamp", () => {
+    const c = new RequestContext();
+    assert.match(c.requestId, /^req-[0-9a-f-]{36}$/);
+    assert.ok(!Number.isNaN(Date.parse(c.timestamp)));
+    assert.equal(c.userId, null);
+  });
+  it("RequestContext.from() refuses wrong types naming the field", () => {
+    assert.throws(() => RequestContext.from({ is_admin: "yes" }), /"is_admin"/);
+    assert.throws(() => RequestContext.from({ roles: [1] }), /"roles"/);
+    assert.throws(() => RequestContext.from({ user_id: 5 }), /"user_id"/);
+    assert.throws(() => RequestContext.from([]), TypeError);
+  });
+});
+
+describe("errorToWire()", () => {
+  it("uses the name when set, else the class name, and keeps data", () => {
+    class QuotaExceeded extends Error {}
+    assert.deepEqual(errorToWire(new QuotaExceeded("q")), { type: "QuotaExceeded", message: "q" });
+    const named = Object.assign(new Error("n"), { name: "NotFound", data: { id: 1 } });
+    assert.deepEqual(errorToWire(named), { type: "NotFound", message: "n", data: { id: 1 } });
+    assert.deepEqual(errorToWire("a string"), { type: "Error", message: "a string" });
+    assert.equal(errorToWire(new Error("x")).stack, undefined);
+    assert.match(errorToWire(new Error("x"), true).stack!, /Error: x/);
+  });
+});
+
+describe("Manager method table", () => {
+  class Base extends Manager {
+    inherited() {}
+    overridden() {}
+  }
+  class Compute extends Base {
+    field = () => "not on the prototype";
+    runInstance() {}
+    override overridden() {}
+    _hidden() {}
+    get prop() {
+      return 1;
+    }
+    @periodicTask({ spacing: 10 })
+    updateResources(_ctx: RequestContext) {}
+    @periodicTask({ runImmediately: false })
+    heal(_ctx: RequestContext) {}
+  }
+  it("rpcMethods() lists only public methods declared by Manager subclasses", () => {
+    assert.deepEqual([...rpcMethods(new Compute()).keys()].sort(), ["inherited", "overridden", "runInstance"]);
+  });
+  it("listPeriodicTasks() lists decorated methods with their options", () => {
+    assert.deepEqual(listPeriodicTasks(new Compute()), [
+      { name: "updateResources", spacing: 10, runImmediately: true },
+      { name: "heal", spacing: 0, runImmediately: false },
+    ]);
+  });
+  it("periodicTask() refuses a negative spacing", () => {
+    assert.throws(() => periodicTask({ spacing: -1 }), RangeError);
+  });
+});

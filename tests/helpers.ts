@@ -1,0 +1,42 @@
+/** Small helpers shared by the test files. */
+
+import type { LogFields, Logger } from "../mod.ts";
+
+/** A unique topic prefix, so concurrent runs on one broker never see each other. */
+export function uniquePrefix(tag = "t"): string {
+  return `nvt-${tag}-${crypto.randomUUID().slice(0, 8)}`;
+}
+
+export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+/** Poll `check` until it returns true; fail with `what` after `timeoutMs`. */
+export async function waitFor(check: () => boolean, what: string, timeoutMs = 5000): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  while (!check()) {
+    if (Date.now() > end) throw new Error(`Timed out after ${timeoutMs} ms waiting for ${what}`);
+    await sleep(2);
+  }
+}
+
+/** A logger that keeps its lines, so tests can check what was logged (and keep output quiet). */
+export class MemoryLogger implements Logger {
+  lines: { level: string; msg: string; fields?: LogFields }[] = [];
+  debug(msg: string, fields?: LogFields): void {
+    this.lines.push({ level: "debug", msg, fields });
+  }
+  info(msg: string, fields?: LogFields): void {
+    this.lines.push({ level: "info", msg, fields });
+  }
+  warn(msg: string, fields?: LogFields): void {
+    this.lines.push({ level: "warn", msg, fields });
+  }
+  error(msg: string, fields?: LogFields): void {
+    this.lines.push({ level: "error", msg, fields });
+  }
+  has(level: string, pattern: RegExp): boolean {
+    return this.lines.some((l) => l.level === level && pattern.test(l.msg));
+  }
+}
+
+export const utf8 = (s: string): Uint8Array => new TextEncoder().encode(s);
+export const text = (b: Uint8Array): string => new TextDecoder().decode(b);

@@ -1,0 +1,79 @@
+import { after, describe, it } from "node:test";
+import assert from "node:assert/strict";
+import { MemoryHub, MemoryTransport } from "../transports/memory.ts";
+import { transportConformance } from "./transport_conformance.ts";
+import { MemoryLogger, sleep, text, utf8, waitFor } from "./helpers.ts";
+
+transportConformance("memory", () => {
+  const hub = new MemoryHub({ logger: new MemoryLogger() });
+  return Promise.resolve({ open: () => Promise.resolve(new MemoryTransport(hub)) });
+});
+
+describe("MemoryTransport", () => {
+  const hub = new MemoryHub({ logger: new MemoryLogger() });
+  const a = new MemoryTransport(hub);
+  const b = new MemoryTransport(hub);
+  after(() => Promise.all([a.close(), b.close()]));
+
+  it("publish() copies the payload: the sender may reuse its buffer, receivers get their own", async () => {
+    const got: Uint8Array[] = [];
+    await b.subscribe("copy/x", (p) => void got.push(p));
+    await b.subscribe("copy/+", (p) => void got.push(p));
+    const buf = utf8("abc");
+    await a.publish("copy/x", buf);
+    buf[0] = 0x7a; // the sender scribbles on its buffer after publishing
+    await waitFor(() => got.length === 2, "two deliveries");
+    assert.equal(text(got[0]!), "abc");
+    got[0]![1] = 0x7a; // one receiver scribbles on its copy
+    assert.equal(text(got[1]!), "abc");
+  });
+
+  it("inject({drop}) loses matching messages only, for `count` messages", async () => {
+    const got: string[] = [];
+    await b.subscribe("drop/#", (p) => void got.push(text(p)));
+    const remove = hub.inject({ filter: "drop/lossy", drop: true, count: 2 });
+    for (const t of ["drop/lossy", "drop/fine", "drop/lossy", "drop/lossy"]) await a.publish(t, utf8(t));
+    await waitFor(() => got.length === 2, "two messages");
+    await sleep(10);
+    assert.deepEqual(got, ["drop/fine", "drop/lossy"]);
+    remove();
+  });
+
+  it("inject({delay}) delivers matching messages late", async () => {
+    const got: number[] = [];
+    await b.subscribe("delay/x", () => void got.push(Date.now()));
+    const remove = hub.inject({ filter: "delay/x", delay: 0.05 });
+    const t0 = Date.now();
+    await a.publish("delay/x", utf8("x"));
+    await waitFor(() => got.length === 1, "the delayed message");
+    assert.ok(got[0]! - t0 >= 45, `delivered after ${got[0]! - t0} ms`);
+    remove();
+  });
+
+  it("inject({duplicate}) delivers matching messages twice", async () => {
+    const got: string[] = [];
+    await b.subscribe("dup/x", (p) => void got.push(text(p)));
+    const remove = hub.inject({ filter: "dup/#", duplicate: true });
+    await a.publish("dup/x", utf8("once"));
+    await waitFor(() => got.length === 2, "two copies");
+    remove();
+    await a.publish("dup/x", utf8("again"));
+    await waitFor(() => got.length === 3, "a single copy after remove()");
+  });
+
+  it("a group member that unsubscribes before delivery hands the message to another member", async () => {
+    const got: string[] = [];
+    const s1 = await b.subscribe("grp/x", () => void got.push("s1"), { group: "g" });
+    await b.subscribe("grp/x", () => void got.push("s2"), { group: "g" });
+    const published = a.publish("grp/x", utf8("x")); // routed to s1: round robin starts at the first
+    const unsubscribed = s1.unsubscribe(); // before the microtask delivers it
+    await Promise.all([published, unsubscribed]);
+    await waitFor(() => got.length === 1, "the message");
+    assert.deepEqual(got, ["s2"]);
+  });
+
+  it("inject() refuses a bad filter and a negative delay", () => {
+    assert.throws(() => hub.inject({ filter: "a/#/b", drop: true }), TypeError);
+    assert.throws(() => hub.inject({ filter: "a", delay: -1 }), RangeError);
+  });
+});

@@ -1,0 +1,248 @@
+/**
+ * The in-memory transport: MQTT topic semantics inside one process, for tests and
+ * single-process programs. Transports that share a {@link MemoryHub} see each other's messages.
+ *
+ * It behaves as the MQTT transport does (the conformance suite checks both): `+`/`#` filters,
+ * shared groups, delivery never inside `publish()`'s call stack, and payloads copied so sender
+ * and receiver never share memory. Faults (drop, delay, duplicate) can be injected per filter.
+ *
+ * @module
+ */
+
+import {
+  ClosedError,
+  DeliveryError,
+  getLogger,
+  type Logger,
+  type MessageHandler,
+  type PublishOptions,
+  type SubscribeOptions,
+  type Subscription,
+  topicMatches,
+  type Transport,
+  validateFilter,
+  validateTopic,
+} from "../mod.ts";
+
+interface Sub {
+  filter: string;
+  handler: MessageHandler;
+  group?: string;
+  active: boolean;
+}
+
+interface Group {
+  filter: string;
+  members: Sub[];
+  next: number;
+}
+
+/** A fault injected on messages whose topic matches `filter`. */
+export interface FaultOptions {
+  filter: string;
+  /** Lose the message. */
+  drop?: boolean;
+  /** Deliver the message this many seconds late. */
+  delay?: number;
+  /** Deliver the message twice (a redelivery). */
+  duplicate?: boolean;
+  /** Apply to this many messages, then remove itself. Default: until removed. */
+  count?: number;
+}
+
+interface Fault extends FaultOptions {
+  left: number;
+}
+
+/** The shared medium of memory transports: a broker without sockets. */
+export class MemoryHub {
+  /** Subscriptions without wildcards, by filter: most RPC topics, found without a scan. */
+  #exact = new Map<string, Sub[]>();
+  #wild: Sub[] = [];
+  /** Shared groups by `group\0filter`. */
+  #groups = new Map<string, Group>();
+  #faults: Fault[] = [];
+  #log: Logger;
+  /** Messages published and delivered, for tests and benchmarks. */
+  stats = { published: 0, delivered: 0, dropped: 0 };
+
+  constructor(opts: { logger?: Logger } = {}) {
+    this.#log = opts.logger ?? getLogger();
+  }
+
+  /**
+   * Inject a fault on messages whose topic matches `opts.filter`.
+   * @returns a function that removes the fault.
+   */
+  inject(opts: FaultOptions): () => void {
+    validateFilter(opts.filter);
+    if (opts.delay !== undefined && !(opts.delay >= 0)) {
+      throw new RangeError(`Invalid fault delay ${opts.delay}: must be seconds >= 0`);
+    }
+    const f: Fault = { ...opts, left: opts.count ?? Infinity };
+    this.#faults.push(f);
+    return () => {
+      this.#faults = this.#faults.filter((x) => x !== f);
+    };
+  }
+
+  /** @internal */
+  add(sub: Sub): void {
+    if (sub.group !== undefined) {
+      const key = `${sub.group}\0${sub.filter}`;
+      let g = this.#groups.get(key);
+      if (!g) this.#groups.set(key, g = { filter: sub.filter, members: [], next: 0 });
+      g.members.push(sub);
+    } else if (/[+#]/.test(sub.filter)) {
+      this.#wild.push(sub);
+    } else {
+      const list = this.#exact.get(sub.filter);
+      if (list) list.push(sub);
+      else this.#exact.set(sub.filter, [sub]);
+    }
+  }
+
+  /** @internal */
+  remove(sub: Sub): void {
+    sub.active = false;
+    if (sub.group !== undefined) {
+      const key = `${sub.group}\0${sub.filter}`;
+      const g = this.#groups.get(key);
+      if (!g) return;
+      g.members = g.members.filter((s) => s !== sub);
+      if (g.members.length === 0) this.#groups.delete(key);
+    } else if (/[+#]/.test(sub.filter)) {
+      this.#wild = this.#wild.filter((s) => s !== sub);
+    } else {
+      const list = this.#exact.get(sub.filter)?.filter((s) => s !== sub);
+      if (list?.length) this.#exact.set(sub.filter, list);
+      else this.#exact.delete(sub.filter);
+    }
+  }
+
+  /** The subscriptions that get a message on `topic`: every plain match, one member per group. */
+  #route(topic: string): Sub[] {
+    const out: Sub[] = [];
+    const exact = this.#exact.get(topic);
+    if (exact) out.push(...exact);
+    for (const s of this.#wild) if (topicMatches(s.filter, topic)) out.push(s);
+    for (const g of this.#groups.values()) {
+      if (g.members.length && topicMatches(g.filter, topic)) out.push(this.#pick(g));
+    }
+    return out;
+  }
+
+  #pick(g: Group): Sub {
+    const s = g.members[g.next % g.members.length]!;
+    g.next = (g.next + 1) % g.members.length;
+    return s;
+  }
+
+  /** @internal Route and schedule a message; returns how many subscriptions will get it. */
+  publish(topic: string, payload: Uint8Array): number {
+    this.stats.published++;
+    const targets = this.#route(topic);
+    if (targets.length === 0) return 0;
+    let times = 1;
+    let delayMs = -1;
+    for (const f of this.#faults) {
+      if (f.left <= 0 || !topicMatches(f.filter, topic)) continue;
+      f.left--;
+      if (f.drop) {
+        this.stats.dropped++;
+        return targets.length; // the publisher cannot tell a loss, as on a real network
+      }
+      if (f.duplicate) times = 2;
+      if (f.delay !== undefined) delayMs = f.delay * 1000;
+    }
+    this.#faults = this.#faults.filter((f) => f.left > 0);
+    for (let i = 0; i < times; i++) {
+      for (const sub of targets) {
+        const copy = payload.slice(); // sender and receiver never share memory
+        if (delayMs >= 0) setTimeout(() => this.#deliver(sub, copy, topic), delayMs);
+        else queueMicrotask(() => this.#deliver(sub, copy, topic));
+      }
+    }
+    return targets.length;
+  }
+
+  #deliver(sub: Sub, payload: Uint8Array, topic: string): void {
+    if (!sub.active) {
+      // Unsubscribed between publish and delivery: a group hands it to another member.
+      const g = sub.group !== undefined ? this.#groups.get(`${sub.group}\0${sub.filter}`) : undefined;
+      if (!g?.members.length) {
+        this.stats.dropped++;
+        return;
+      }
+      sub = this.#pick(g);
+    }
+    this.stats.delivered++;
+    try {
+      const r = sub.handler(payload, topic);
+      if (r instanceof Promise) r.catch((e) => this.#log.error("A message handler failed", { topic, error: e }));
+    } catch (e) {
+      this.#log.error("A message handler failed", { topic, error: e });
+    }
+  }
+}
+
+/** The hub of transports created without one. */
+export const defaultHub: MemoryHub = new MemoryHub();
+
+/** A connection to a {@link MemoryHub}. */
+export class MemoryTransport implements Transport {
+  readonly hub: MemoryHub;
+  #subs = new Set<Sub>();
+  #closed = false;
+
+  constructor(hub: MemoryHub = defaultHub) {
+    this.hub = hub;
+  }
+
+  publish(topic: string, payload: Uint8Array, opts: PublishOptions = {}): Promise<void> {
+    if (this.#closed) return Promise.reject(new ClosedError(`Cannot publish to ${topic}: the transport is closed`));
+    try {
+      validateTopic(topic);
+      if (!(payload instanceof Uint8Array)) throw new TypeError(`Cannot publish to ${topic}: payload must be bytes`);
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    const n = this.hub.publish(topic, payload);
+    if (n === 0 && opts.mandatory) {
+      return Promise.reject(new DeliveryError(`No subscriber for "${topic}": nobody serves it`));
+    }
+    return Promise.resolve();
+  }
+
+  subscribe(filter: string, handler: MessageHandler, opts: SubscribeOptions = {}): Promise<Subscription> {
+    if (this.#closed) return Promise.reject(new ClosedError(`Cannot subscribe to ${filter}: the transport is closed`));
+    try {
+      validateFilter(filter);
+      if (opts.group !== undefined && (opts.group === "" || /[/+#]/.test(opts.group))) {
+        throw new TypeError(`Invalid group "${opts.group}": must be non-empty, without "/", "+", "#"`);
+      }
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    const sub: Sub = { filter, handler, group: opts.group, active: true };
+    this.hub.add(sub);
+    this.#subs.add(sub);
+    return Promise.resolve({
+      unsubscribe: () => {
+        if (sub.active) {
+          this.hub.remove(sub);
+          this.#subs.delete(sub);
+        }
+        return Promise.resolve();
+      },
+    });
+  }
+
+  /** Remove every subscription of this transport. Idempotent. */
+  close(): Promise<void> {
+    this.#closed = true;
+    for (const s of this.#subs) this.hub.remove(s);
+    this.#subs.clear();
+    return Promise.resolve();
+  }
+}
