@@ -1,4 +1,5 @@
 /** Small helpers shared by the test files. */
+import process from "node:process";
 
 import type { LogFields, Logger } from "../mod.ts";
 
@@ -40,3 +41,10 @@ export class MemoryLogger implements Logger {
 
 export const utf8 = (s: string): Uint8Array => new TextEncoder().encode(s);
 export const text = (b: Uint8Array): string => new TextDecoder().decode(b);
+
+/** The command that runs a TypeScript file in a child process: tsx under Node, `deno run` under Deno. */
+export function childCommand(script: string, args: string[] = []): string[] {
+  const deno = (globalThis as { Deno?: { execPath(): string } }).Deno;
+  if (deno) return [deno.execPath(), "run", "-A", script, ...args];
+  return [process.execPath, "--import", "tsx", script, ...args];
+}

@@ -1,0 +1,337 @@
+/**
+ * The SQL service registry: Nova's `services` table, written once against `Kysely<Schema>`, on
+ * sql.js (embedded, the default) or PostgreSQL (many processes and hosts).
+ *
+ * @example
+ * ```ts
+ * const registry = await openRegistry("sqljs:./services.db");
+ * const row = await registry.register({ host: "node1", binary: "nova-compute", topic: "compute" });
+ * await registry.reportState(row.id); // a heartbeat
+ * await registry.close();
+ * ```
+ *
+ * @module
+ */
+
+import {
+  type Generated,
+  Kysely,
+  type Migration,
+  type MigrationProvider,
+  Migrator,
+  PostgresDialect,
+  type Selectable,
+  sql,
+  type Updateable,
+} from "kysely";
+import { ClosedError, NotFound, quote, type Registry, type ServiceRecord } from "../mod.ts";
+import { type SqlJsDatabaseLike, SqlJsDialect } from "./sqljs-dialect.ts";
+import { SqlJsFile } from "./sqljs-file.ts";
+
+/** The `services` table as stored. Booleans are 0/1 integers and times ISO strings (sql.js) or
+ * timestamptz (PostgreSQL), so one set of queries serves both. */
+export interface ServicesTable {
+  id: Generated<number>;
+  host: string;
+  binary: string;
+  topic: string;
+  report_count: Generated<number>;
+  disabled: Generated<number>;
+  disabled_reason: string | null;
+  forced_down: Generated<number>;
+  last_seen_up: string | Date | null;
+  created_at: string | Date;
+  updated_at: string | Date;
+}
+
+export interface Schema {
+  services: ServicesTable;
+}
+
+type Flavour = "sqlite" | "postgres";
+
+/** The migrations, kept in code so that nothing has to be found on disk at run time. */
+function migrations(flavour: Flavour): Record<string, Migration> {
+  const time = flavour === "postgres" ? "timestamptz" : "text";
+  return {
+    "0001_services": {
+      async up(db: Kysely<unknown>) {
+        await db.schema.createTable("services")
+          .addColumn("id", flavour === "postgres" ? "serial" : "integer", (c) => {
+            const pk = c.primaryKey();
+            return flavour === "postgres" ? pk : pk.autoIncrement();
+          })
+          .addColumn("host", "varchar(255)", (c) => c.notNull())
+          .addColumn("binary", "varchar(255)", (c) => c.notNull())
+          .addColumn("topic", "varchar(255)", (c) => c.notNull())
+          .addColumn("report_count", "integer", (c) => c.notNull().defaultTo(0))
+          .addColumn("disabled", "integer", (c) => c.notNull().defaultTo(0))
+          .addColumn("disabled_reason", "varchar(255)")
+          .addColumn("forced_down", "integer", (c) => c.notNull().defaultTo(0))
+          .addColumn("last_seen_up", time)
+          .addColumn("created_at", time, (c) => c.notNull())
+          .addColumn("updated_at", time, (c) => c.notNull())
+          .addUniqueConstraint("services_host_binary", ["host", "binary"])
+          .execute();
+        await db.schema.createIndex("services_topic").on("services").column("topic").execute();
+      },
+    },
+  };
+}
+
+function provider(flavour: Flavour): MigrationProvider {
+  return { getMigrations: () => Promise.resolve(migrations(flavour)) };
+}
+
+const toDate = (v: string | Date): Date => v instanceof Date ? v : new Date(v);
+
+function toRecord(r: Selectable<ServicesTable>): ServiceRecord {
+  return {
+    id: Number(r.id),
+    host: r.host,
+    binary: r.binary,
+    topic: r.topic,
+    reportCount: Number(r.report_count),
+    disabled: Number(r.disabled) !== 0,
+    disabledReason: r.disabled_reason,
+    forcedDown: Number(r.forced_down) !== 0,
+    lastSeenUp: r.last_seen_up === null ? null : toDate(r.last_seen_up),
+    createdAt: toDate(r.created_at),
+    updatedAt: toDate(r.updated_at),
+  };
+}
+
+function checkId(id: unknown): number {
+  if (typeof id !== "number" || !Number.isSafeInteger(id) || id <= 0) {
+    throw new TypeError(`Invalid service id ${quote(id)}: must be a positive integer`);
+  }
+  return id;
+}
+
+function checkField(name: string, v: unknown): string {
+  if (typeof v !== "string" || v.length === 0 || v.length > 255) {
+    throw new TypeError(`Invalid ${name} ${quote(v)}: must be a string of 1 to 255 characters`);
+  }
+  return v;
+}
+
+/** Options of {@link SqlRegistry}. */
+export interface SqlRegistryOptions {
+  /** Which SQL the schema is created in. */
+  flavour: Flavour;
+  /** Called once by `close()` after the database is destroyed (releases a file lock). */
+  onClose?: () => void | Promise<void>;
+}
+
+/** The {@link Registry} over any kysely database of the {@link Schema}. */
+export class SqlRegistry implements Registry {
+  readonly db: Kysely<Schema>;
+  #onClose?: () => void | Promise<void>;
+  #closed = false;
+
+  private constructor(db: Kysely<Schema>, opts: SqlRegistryOptions) {
+    this.db = db;
+    this.#onClose = opts.onClose;
+  }
+
+  /** Bring the schema up to date (kysely migrations) and return the registry. */
+  static async create(db: Kysely<Schema>, opts: SqlRegistryOptions): Promise<SqlRegistry> {
+    const { error, results } = await new Migrator({ db, provider: provider(opts.flavour) }).migrateToLatest();
+    if (error) {
+      const failed = results?.find((r) => r.status === "Error")?.migrationName;
+      throw new Error(
+        `Cannot migrate the registry schema${failed ? ` (${failed})` : ""}: ${(error as Error).message}`,
+        {
+          cause: error,
+        },
+      );
+    }
+    return new SqlRegistry(db, opts);
+  }
+
+  #open(): Kysely<Schema> {
+    if (this.#closed) throw new ClosedError("The registry is closed");
+    return this.db;
+  }
+
+  async register(s: { host: string; binary: string; topic: string }): Promise<ServiceRecord> {
+    const db = this.#open();
+    const host = checkField("host", s?.host);
+    const binary = checkField("binary", s?.binary);
+    const topic = checkField("topic", s?.topic);
+    const now = new Date().toISOString();
+    // Insert-or-nothing, then read: two processes racing end with one row.
+    await db.insertInto("services")
+      .values({ host, binary, topic, created_at: now, updated_at: now })
+      .onConflict((oc) => oc.columns(["host", "binary"]).doNothing())
+      .execute();
+    let row = await db.selectFrom("services").selectAll().where("host", "=", host).where("binary", "=", binary)
+      .executeTakeFirstOrThrow();
+    if (row.topic !== topic) {
+      row = await db.updateTable("services").set({ topic, updated_at: now }).where("id", "=", row.id)
+        .returningAll().executeTakeFirstOrThrow();
+    }
+    return toRecord(row);
+  }
+
+  async reportState(id: number): Promise<ServiceRecord> {
+    const now = new Date().toISOString();
+    const row = await this.#open().updateTable("services")
+      .set({ report_count: sql<number>`report_count + 1`, last_seen_up: now, updated_at: now })
+      .where("id", "=", checkId(id)).returningAll().executeTakeFirst();
+    if (!row) throw new NotFound(`Service ${id} not found: cannot report its state`);
+    return toRecord(row);
+  }
+
+  async get(id: number): Promise<ServiceRecord | undefined> {
+    const row = await this.#open().selectFrom("services").selectAll().where("id", "=", checkId(id))
+      .executeTakeFirst();
+    return row && toRecord(row);
+  }
+
+  async list(filter: { topic?: string; host?: string; binary?: string } = {}): Promise<ServiceRecord[]> {
+    let q = this.#open().selectFrom("services").selectAll();
+    if (filter.topic !== undefined) q = q.where("topic", "=", checkField("topic", filter.topic));
+    if (filter.host !== undefined) q = q.where("host", "=", checkField("host", filter.host));
+    if (filter.binary !== undefined) q = q.where("binary", "=", checkField("binary", filter.binary));
+    return (await q.orderBy("id").execute()).map(toRecord);
+  }
+
+  /** Admin edits touch updated_at, never last_seen_up: they cannot make a dead service look alive. */
+  async #edit(id: number, set: Updateable<ServicesTable>, what: string): Promise<ServiceRecord> {
+    const row = await this.#open().updateTable("services")
+      .set({ ...set, updated_at: new Date().toISOString() })
+      .where("id", "=", checkId(id)).returningAll().executeTakeFirst();
+    if (!row) throw new NotFound(`Service ${id} not found: cannot ${what}`);
+    return toRecord(row);
+  }
+
+  setDisabled(id: number, disabled: boolean, reason?: string): Promise<ServiceRecord> {
+    if (typeof disabled !== "boolean") throw new TypeError(`Invalid disabled ${quote(disabled)}: must be a boolean`);
+    if (reason !== undefined && (typeof reason !== "string" || reason.length > 255)) {
+      throw new TypeError(`Invalid reason ${quote(reason)}: must be a string of at most 255 characters`);
+    }
+    return this.#edit(id, { disabled: disabled ? 1 : 0, disabled_reason: disabled ? reason ?? null : null }, "disable");
+  }
+
+  setForcedDown(id: number, forcedDown: boolean): Promise<ServiceRecord> {
+    if (typeof forcedDown !== "boolean") {
+      throw new TypeError(`Invalid forcedDown ${quote(forcedDown)}: must be a boolean`);
+    }
+    return this.#edit(id, { forced_down: forcedDown ? 1 : 0 }, "force down");
+  }
+
+  async remove(id: number): Promise<void> {
+    const r = await this.#open().deleteFrom("services").where("id", "=", checkId(id)).executeTakeFirst();
+    if (Number(r.numDeletedRows) === 0) throw new NotFound(`Service ${id} not found: cannot delete it`);
+  }
+
+  /** Close the database (and release a file's lock). Idempotent. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    try {
+      await this.db.destroy();
+    } finally {
+      await this.#onClose?.();
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Opening a registry from a URL
+// ---------------------------------------------------------------------------------------------
+
+/** Options of {@link openRegistry}. */
+export interface OpenRegistryOptions {
+  /** PostgreSQL schema to use (created if missing); also `?schema=NAME` in the URL. */
+  schema?: string;
+  /** PostgreSQL pool size. Default 10. */
+  poolSize?: number;
+}
+
+/** The URL without its password, for messages. */
+export function redactUrl(url: string): string {
+  return url.replace(/(\/\/[^:/@]+:)[^@]*@/, "$1***@");
+}
+
+interface SqlJsStatic {
+  Database: new (bytes?: Uint8Array) => SqlJsDatabaseLike;
+}
+let sqlJs: Promise<SqlJsStatic> | undefined;
+function loadSqlJs(): Promise<SqlJsStatic> {
+  return sqlJs ??= import("sql.js").then((m) => (m.default as unknown as () => Promise<SqlJsStatic>)());
+}
+
+/**
+ * Open a registry: `sqljs::memory:` (the default), `sqljs:PATH` (a file), or
+ * `postgres://user:pass@host:port/db[?schema=NAME]`.
+ * @throws {TypeError} for a URL of another kind; Error naming the URL when it cannot be opened.
+ */
+export async function openRegistry(url = "sqljs::memory:", opts: OpenRegistryOptions = {}): Promise<SqlRegistry> {
+  if (typeof url !== "string") throw new TypeError(`Invalid registry URL ${quote(url)}: not a string`);
+  if (url === "sqljs::memory:" || url === "sqljs:") return await openSqlJs();
+  if (url.startsWith("sqljs:")) return await openSqlJs(url.slice("sqljs:".length));
+  if (/^postgres(ql)?:\/\//.test(url)) return await openPostgres(url, opts);
+  throw new TypeError(
+    `Unsupported registry URL ${quote(redactUrl(url))}: expected "sqljs::memory:", "sqljs:PATH" or "postgres://..."`,
+  );
+}
+
+async function openSqlJs(path?: string): Promise<SqlRegistry> {
+  const SQL = await loadSqlJs();
+  if (path === undefined) {
+    return await SqlRegistry.create(
+      new Kysely<Schema>({ dialect: new SqlJsDialect({ database: new SQL.Database() }) }),
+      {
+        flavour: "sqlite",
+      },
+    );
+  }
+  const { file, bytes } = SqlJsFile.acquire(path);
+  let database: SqlJsDatabaseLike;
+  try {
+    database = new SQL.Database(bytes);
+    // sql.js reads lazily: make a corrupt file fail here, with its name, before anything writes.
+    database.exec("select count(*) from sqlite_master");
+  } catch (e) {
+    file.release();
+    throw new Error(`Cannot open registry file "${file.path}": ${(e as Error).message}; the file was left as it is`, {
+      cause: e,
+    });
+  }
+  const db = new Kysely<Schema>({ dialect: new SqlJsDialect({ database, onCommit: (d) => file.save(d) }) });
+  try {
+    return await SqlRegistry.create(db, { flavour: "sqlite", onClose: () => file.release() });
+  } catch (e) {
+    await db.destroy().catch(() => {});
+    file.release();
+    throw e;
+  }
+}
+
+async function openPostgres(url: string, opts: OpenRegistryOptions): Promise<SqlRegistry> {
+  const parsed = new URL(url);
+  const schema = opts.schema ?? parsed.searchParams.get("schema") ?? undefined;
+  parsed.searchParams.delete("schema");
+  if (schema !== undefined && !/^[A-Za-z_][A-Za-z0-9_]{0,62}$/.test(schema)) {
+    throw new TypeError(`Invalid PostgreSQL schema ${quote(schema)}: must be an identifier`);
+  }
+  const { default: pg } = await import("pg");
+  const pool = new pg.Pool({
+    connectionString: parsed.toString(),
+    max: opts.poolSize ?? 10,
+    connectionTimeoutMillis: 10_000,
+    ...(schema ? { options: `-c search_path=${schema}` } : {}),
+  });
+  // An idle client that loses its server emits "error"; without a listener that kills the process.
+  pool.on("error", () => {});
+  const db = new Kysely<Schema>({ dialect: new PostgresDialect({ pool }) });
+  try {
+    if (schema) await sql`create schema if not exists ${sql.id(schema)}`.execute(db);
+    return await SqlRegistry.create(db, { flavour: "postgres" });
+  } catch (e) {
+    await db.destroy().catch(() => {});
+    throw new Error(`Cannot open registry ${quote(redactUrl(url))}: ${(e as Error).message}`, { cause: e });
+  }
+}

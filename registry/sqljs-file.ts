@@ -1,0 +1,132 @@
+/**
+ * A sql.js database kept in a file: loaded at open, written back atomically after every
+ * committed change (temp file, fsync, rename, fsync of the folder), and guarded by a lock file
+ * so a second process cannot silently overwrite the first one's changes.
+ *
+ * @module
+ */
+
+import {
+  closeSync,
+  existsSync,
+  fsyncSync,
+  openSync,
+  readFileSync,
+  renameSync,
+  unlinkSync,
+  writeFileSync,
+  writeSync,
+} from "node:fs";
+import { dirname, resolve } from "node:path";
+import { hostname } from "node:os";
+import process from "node:process";
+import type { SqlJsDatabaseLike } from "./sqljs-dialect.ts";
+
+interface LockInfo {
+  pid: number;
+  host: string;
+  since: string;
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as { code?: string }).code === "EPERM"; // exists, owned by someone else
+  }
+}
+
+/** The lock and the atomic writes of one database file. */
+export class SqlJsFile {
+  readonly path: string;
+  readonly lockPath: string;
+  #released = false;
+
+  private constructor(path: string) {
+    this.path = path;
+    this.lockPath = `${path}.lock`;
+  }
+
+  /**
+   * Take the file's lock and read its bytes (undefined for a new file).
+   * @throws {Error} naming the holder when another live process holds the lock.
+   */
+  static acquire(path: string): { file: SqlJsFile; bytes?: Uint8Array } {
+    const file = new SqlJsFile(resolve(path));
+    file.#lock();
+    try {
+      const bytes = existsSync(file.path) ? new Uint8Array(readFileSync(file.path)) : undefined;
+      return { file, bytes };
+    } catch (e) {
+      file.release();
+      throw new Error(`Cannot read registry file "${file.path}": ${(e as Error).message}`, { cause: e });
+    }
+  }
+
+  #lock(): void {
+    const me: LockInfo = { pid: process.pid, host: hostname(), since: new Date().toISOString() };
+    for (let attempt = 0; attempt < 3; attempt++) {
+      try {
+        const fd = openSync(this.lockPath, "wx");
+        try {
+          writeSync(fd, JSON.stringify(me));
+          fsyncSync(fd);
+        } finally {
+          closeSync(fd);
+        }
+        return;
+      } catch (e) {
+        if ((e as { code?: string }).code !== "EEXIST") {
+          throw new Error(`Cannot lock registry file "${this.path}": ${(e as Error).message}`, { cause: e });
+        }
+      }
+      let holder: LockInfo | undefined;
+      try {
+        holder = JSON.parse(readFileSync(this.lockPath, "utf8"));
+      } catch { /* a lock being written right now, or garbage left by a crash mid-write */ }
+      if (holder && (holder.host !== me.host || alive(holder.pid))) {
+        const who = holder.pid === me.pid && holder.host === me.host ? "this process" : `process ${holder.pid}`;
+        throw new Error(
+          `Registry file "${this.path}" is in use by ${who} on ${holder.host} since ${holder.since} ` +
+            `(lock file "${this.lockPath}"); close it there first`,
+        );
+      }
+      // The holder is dead (or the lock is unreadable after a crash): take the lock over.
+      try {
+        unlinkSync(this.lockPath);
+      } catch { /* someone else took it over first; try again */ }
+    }
+    throw new Error(`Cannot lock registry file "${this.path}": the lock file "${this.lockPath}" keeps changing`);
+  }
+
+  /** Write the database atomically: a reader sees the old file or the new one, never a mix. */
+  save(db: SqlJsDatabaseLike): void {
+    const bytes = db.export();
+    const tmp = `${this.path}.tmp-${process.pid}`;
+    const fd = openSync(tmp, "w");
+    try {
+      writeFileSync(fd, bytes);
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+    renameSync(tmp, this.path);
+    // The rename itself is durable only once the folder is synced.
+    const dir = openSync(dirname(this.path), "r");
+    try {
+      fsyncSync(dir);
+    } finally {
+      closeSync(dir);
+    }
+  }
+
+  /** Remove the lock. Idempotent. */
+  release(): void {
+    if (this.#released) return;
+    this.#released = true;
+    try {
+      unlinkSync(this.lockPath);
+    } catch { /* already gone */ }
+  }
+}
