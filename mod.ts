@@ -30,6 +30,7 @@
  * @module
  */
 
+import { AsyncLocalStorage } from "node:async_hooks";
 import { hostname } from "node:os";
 import { basename, extname, resolve as resolvePath } from "node:path";
 import { pathToFileURL } from "node:url";
@@ -146,6 +147,15 @@ export interface Logger {
   error(msg: string, fields?: LogFields): void;
 }
 
+// The context of the handler running now, so every log line of a handler carries its request
+// id without the handler passing it around (as oslo.log does with its thread-local context).
+const requestScope = new AsyncLocalStorage<RequestContext>();
+
+/** The context of the RPC handler running now, if any. */
+export function currentContext(): RequestContext | undefined {
+  return requestScope.getStore();
+}
+
 /** Log levels in increasing order of severity. */
 export type LogLevel = "debug" | "info" | "warn" | "error" | "silent";
 const LEVELS: Record<LogLevel, number> = { debug: 10, info: 20, warn: 30, error: 40, silent: 99 };
@@ -173,7 +183,12 @@ export class ConsoleLogger implements Logger {
   }
   #write(level: Exclude<LogLevel, "silent">, msg: string, fields?: LogFields): void {
     if (LEVELS[level] < this.#min) return;
-    const all = fields ? { ...this.#fields, ...fields } : this.#fields;
+    const ctx = requestScope.getStore();
+    const all = ctx
+      ? { ...this.#fields, request_id: ctx.requestId, ...fields }
+      : fields
+      ? { ...this.#fields, ...fields }
+      : this.#fields;
     const now = new Date();
     let line: string;
     if (this.#json) {
@@ -210,14 +225,18 @@ function safeStringify(v: unknown): string {
   }
 }
 
-/** Adds fields to every line of another logger (used for the request id of a handler). */
-function withFields(logger: Logger, fields: LogFields): Logger {
+/** A logger that adds `fields`, and the request id of the running handler, to every line. */
+export function withFields(logger: Logger, fields: LogFields): Logger {
   if (logger instanceof ConsoleLogger) return logger.child(fields);
+  const all = (f?: LogFields): LogFields => {
+    const ctx = requestScope.getStore();
+    return ctx ? { ...fields, request_id: ctx.requestId, ...f } : { ...fields, ...f };
+  };
   return {
-    debug: (m, f) => logger.debug(m, { ...fields, ...f }),
-    info: (m, f) => logger.info(m, { ...fields, ...f }),
-    warn: (m, f) => logger.warn(m, { ...fields, ...f }),
-    error: (m, f) => logger.error(m, { ...fields, ...f }),
+    debug: (m, f) => logger.debug(m, all(f)),
+    info: (m, f) => logger.info(m, all(f)),
+    warn: (m, f) => logger.warn(m, all(f)),
+    error: (m, f) => logger.error(m, all(f)),
   };
 }
 
@@ -256,6 +275,9 @@ export interface PublishOptions {
    * call and cast so that a message to nobody fails fast instead of being lost.
    */
   mandatory?: boolean;
+  /** Seconds after which the message is worthless: MQTT 5 brokers drop it then (message expiry),
+   * so an offline device is not handed hours-old work. */
+  expiry?: number;
 }
 
 /** Per-subscription options. */
@@ -271,6 +293,9 @@ export type MessageHandler = (payload: Uint8Array, topic: string) => void | Prom
 /** What `subscribe()` returns. */
 export interface Subscription {
   unsubscribe(): Promise<void>;
+  /** Optional: stop handling here but keep the subscription in a persistent broker session, so
+   * messages wait for the next connection (`Service.stop()` uses it for `topic.host`). */
+  detach?(): Promise<void>;
 }
 
 /**
@@ -777,11 +802,11 @@ export class Rpc {
       }, timeout * 1000);
       this.#pending.set(id, { resolve: resolve as (v: unknown) => void, reject, timer, what });
     });
-    try {
-      await this.#transport.publish(topic, bytes, { qos: opts.qos ?? this.#qos, mandatory: true });
-    } catch (e) {
-      this.#settle(id)?.reject(deliveryFailure(`call ${what}`, e));
-    }
+    // Not awaited: the reply may come before the broker's PUBACK, and a rejection of `result`
+    // (timeout, close) must always have a taker.
+    this.#transport.publish(topic, bytes, { qos: opts.qos ?? this.#qos, mandatory: true, expiry: timeout }).catch(
+      (e) => this.#settle(id)?.reject(deliveryFailure(`call ${what}`, e)),
+    );
     return result;
   }
 
@@ -815,11 +840,25 @@ export class Rpc {
       context: ctx.toJSON(),
     };
     if (opts.version !== undefined) req.version = opts.version;
-    if (opts.timeout !== undefined) req.deadline = Date.now() + checkTimeout(opts.timeout, "timeout") * 1000;
+    const expiry = opts.timeout === undefined ? undefined : checkTimeout(opts.timeout, "timeout");
+    if (expiry !== undefined) req.deadline = Date.now() + expiry * 1000;
+    const bytes = this.#codec.encodeRequest(req);
+    // The hand-over is bounded too: a transport that cannot reach its broker must not hang a cast.
+    const limit = expiry ?? this.#timeout;
+    let timer: ReturnType<typeof setTimeout> | undefined;
     try {
-      await this.#transport.publish(topic, this.#codec.encodeRequest(req), { qos: opts.qos ?? this.#qos, mandatory });
+      await Promise.race([
+        this.#transport.publish(topic, bytes, { qos: opts.qos ?? this.#qos, mandatory, expiry }),
+        new Promise<never>((_, reject) => {
+          timer = setTimeout(() => {
+            reject(new DeliveryError(`Cannot cast ${what}: the transport did not take it within ${limit} s`));
+          }, limit * 1000);
+        }),
+      ]);
     } catch (e) {
       throw deliveryFailure(`cast ${what}`, e);
+    } finally {
+      clearTimeout(timer);
     }
   }
 
@@ -1192,7 +1231,7 @@ export class Dispatcher {
     } catch (e) {
       throw new BadRequest(`Malformed request: ${(e as Error).message}`, { cause: e });
     }
-    return await fn.call(this.manager, ctx, req.args);
+    return await requestScope.run(ctx, () => fn.call(this.manager, ctx, req.args));
   }
 
   async #reply(replyTo: string, reply: ReplyEnvelope, method?: string): Promise<void> {
@@ -1404,43 +1443,228 @@ export function isUp(r: ServiceRecord, opts: { now?: Date; serviceDownTime?: num
 }
 
 // ---------------------------------------------------------------------------------------------
+// Flags
+// ---------------------------------------------------------------------------------------------
+
+/** Settings of a novalet process, from the command line and `NOVALET_*` environment variables. */
+export interface Flags {
+  /** Seconds between heartbeats. Default 10. */
+  reportInterval: number;
+  /** Seconds between periodic task ticks. Default 60. */
+  periodicInterval: number;
+  /** The first periodic tick waits a random [0, this] seconds. Default 60. */
+  periodicFuzzyDelay: number;
+  /** A service is down when its last heartbeat is older than this. Default 60; > reportInterval. */
+  serviceDownTime: number;
+  /** Default call timeout, seconds. Default 60. */
+  rpcResponseTimeout: number;
+  /** How long a graceful stop waits for in-flight work, seconds. Default 60. */
+  gracefulShutdownTimeout: number;
+  /** Default: the machine's hostname. */
+  host: string;
+  /** `memory://` (default), `mqtt://user:pass@host:1883`, `mqtts://...`. */
+  transportUrl: string;
+  /** `sqljs::memory:` (default), `sqljs:PATH`, `postgres://user@host/db`. */
+  registryUrl: string;
+  /** Topic prefix. Default `novalet`. */
+  prefix: string;
+  logFormat: "text" | "json";
+  logLevel: LogLevel;
+  /** Send stack traces with remote errors. Default false. */
+  debug: boolean;
+  /** `--TOPIC_manager=./path.ts#Class`, by topic. */
+  managers: Record<string, string>;
+}
+
+type FlagSpec = { key: keyof Flags; parse: (v: string, name: string) => unknown };
+
+const seconds = (min: "positive" | "zero") => (v: string, name: string): number => {
+  const n = Number(v);
+  if (v.trim() === "" || !Number.isFinite(n) || (min === "positive" ? n <= 0 : n < 0)) {
+    throw new RangeError(
+      `Invalid --${name}=${quote(v)}: must be a ${min === "positive" ? "positive" : "non-negative"} number of seconds`,
+    );
+  }
+  return n;
+};
+const oneOf = <T extends string>(...allowed: T[]) => (v: string, name: string): T => {
+  if (!allowed.includes(v as T)) {
+    throw new RangeError(`Invalid --${name}=${quote(v)}: must be one of ${allowed.join(", ")}`);
+  }
+  return v as T;
+};
+const url = (schemes: string[]) => (v: string, name: string): string => {
+  if (!schemes.some((s) => v.startsWith(s))) {
+    throw new RangeError(
+      `Invalid --${name}=${quote(v.replace(/(\/\/[^:/@]+:)[^@]*@/, "$1***@"))}: must start with ${schemes.join(", ")}`,
+    );
+  }
+  return v;
+};
+const bool = (v: string, name: string): boolean => {
+  if (["true", "1", "yes", ""].includes(v)) return true;
+  if (["false", "0", "no"].includes(v)) return false;
+  throw new RangeError(`Invalid --${name}=${quote(v)}: must be true or false`);
+};
+
+const FLAGS: Record<string, FlagSpec> = {
+  report_interval: { key: "reportInterval", parse: seconds("positive") },
+  periodic_interval: { key: "periodicInterval", parse: seconds("positive") },
+  periodic_fuzzy_delay: { key: "periodicFuzzyDelay", parse: seconds("zero") },
+  service_down_time: { key: "serviceDownTime", parse: seconds("positive") },
+  rpc_response_timeout: { key: "rpcResponseTimeout", parse: seconds("positive") },
+  graceful_shutdown_timeout: { key: "gracefulShutdownTimeout", parse: seconds("positive") },
+  host: { key: "host", parse: (v, n) => checkName("host", v, `--${n}`) },
+  transport_url: {
+    key: "transportUrl",
+    parse: url(["memory://", "mqtt://", "mqtts://", "tcp://", "ssl://", "ws://", "wss://"]),
+  },
+  registry_url: { key: "registryUrl", parse: url(["sqljs:", "postgres://", "postgresql://"]) },
+  prefix: { key: "prefix", parse: (v) => checkPrefix(v) },
+  log_format: { key: "logFormat", parse: oneOf("text", "json") },
+  log_level: { key: "logLevel", parse: oneOf("debug", "info", "warn", "error", "silent") },
+  debug: { key: "debug", parse: bool },
+};
+
+/** The flags' defaults (the host is this machine's name). */
+export function defaultFlags(): Flags {
+  return {
+    reportInterval: 10,
+    periodicInterval: 60,
+    periodicFuzzyDelay: 60,
+    serviceDownTime: 60,
+    rpcResponseTimeout: 60,
+    gracefulShutdownTimeout: 60,
+    host: hostname(),
+    transportUrl: "memory://",
+    registryUrl: "sqljs::memory:",
+    prefix: "novalet",
+    logFormat: "text",
+    logLevel: "info",
+    debug: false,
+    managers: {},
+  };
+}
+
+/**
+ * Read flags from `argv` (`--report_interval=10` or `--report_interval 10`; `--debug`,
+ * `--nodebug`) over `NOVALET_REPORT_INTERVAL`-style variables of `env`, over the defaults.
+ * `--TOPIC_manager=./path.ts#Class` names the manager of a topic.
+ * @throws {RangeError} for a bad value; {TypeError} for an unknown flag or a stray argument.
+ */
+export function parseFlags(argv: readonly string[] = [], env: Record<string, string | undefined> = {}): Flags {
+  const flags = defaultFlags();
+  const set = (name: string, value: string, where: string) => {
+    const manager = /^([a-z][a-z0-9-]*)_manager$/.exec(name);
+    if (manager) {
+      flags.managers[manager[1]!] = value;
+      return;
+    }
+    const spec = FLAGS[name];
+    if (!spec) {
+      throw new TypeError(`Unknown flag ${where}; known flags: --${Object.keys(FLAGS).join(", --")}, --TOPIC_manager`);
+    }
+    (flags as unknown as Record<string, unknown>)[spec.key] = spec.parse(value, name);
+  };
+  for (const [k, v] of Object.entries(env)) {
+    if (!k.startsWith("NOVALET_") || v === undefined) continue;
+    const name = k.slice("NOVALET_".length).toLowerCase();
+    if (FLAGS[name] || name.endsWith("_manager")) set(name, v, `${k}`);
+  }
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i]!;
+    const m = /^--([a-z][a-z0-9_-]*)(?:=(.*))?$/s.exec(arg);
+    if (!m) throw new TypeError(`Unexpected argument ${quote(arg)}: flags look like --name=value`);
+    let [, name, value] = m as unknown as [string, string, string | undefined];
+    name = name.replaceAll("-", "_");
+    if (value === undefined && (name === "debug" || name === "nodebug")) {
+      set("debug", name === "debug" ? "true" : "false", `--${name}`);
+      continue;
+    }
+    if (value === undefined) {
+      value = argv[++i];
+      if (value === undefined) throw new TypeError(`Flag --${name} needs a value`);
+    }
+    set(name, value, `--${name}`);
+  }
+  if (flags.serviceDownTime <= flags.reportInterval) {
+    throw new RangeError(
+      `Invalid --service_down_time=${flags.serviceDownTime}: must be greater than --report_interval=${flags.reportInterval}, or every service would look down between two heartbeats`,
+    );
+  }
+  return flags;
+}
+
+/**
+ * Open the transport of a URL: `memory://` (the default hub) or `mqtt://`/`mqtts://`. The
+ * implementation is imported on first use, so a program that never uses MQTT never loads `mqtt`.
+ */
+export async function openTransport(
+  url: string,
+  opts: { logger?: Logger; clientId?: string } = {},
+): Promise<Transport> {
+  if (url === "memory://" || url.startsWith("memory://")) {
+    const { defaultHub, MemoryTransport } = await import("./transports/memory.ts");
+    return new MemoryTransport(defaultHub);
+  }
+  if (/^(mqtts?|tcp|ssl|wss?):\/\//.test(url)) {
+    const { MqttTransport } = await import("./transports/mqtt.ts");
+    return await MqttTransport.connect({ url, logger: opts.logger, clientId: opts.clientId });
+  }
+  throw new TypeError(`Unsupported transport URL ${quote(url)}: expected memory:// or mqtt://host:port`);
+}
+
+/**
+ * Open the registry of a URL: `sqljs::memory:`, `sqljs:PATH` or `postgres://...`. The SQL
+ * implementation (kysely, sql.js, pg) is imported on first use.
+ */
+export async function openRegistry(url: string): Promise<Registry> {
+  const { openSqlRegistry } = await import("./registry/sql.ts");
+  return await openSqlRegistry(url);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Service
 // ---------------------------------------------------------------------------------------------
 
-/** Options of {@link Service.create}. Missing values come from flags. */
+/** Options of {@link Service.create}. What is missing comes from `flags`. */
 export interface ServiceOptions {
-  /** Default: the machine's hostname (`--host`). */
+  /** Default: `flags.host` (the machine's hostname). */
   host?: string;
-  /** Default: the script's base name. */
+  /** Default: the script's base name (`nova-compute` for `bin/nova-compute.ts`). */
   binary?: string;
   /** Default: `binary` without a leading `nova-`. */
   topic?: string;
-  /** A Manager subclass, an instance, or a module specifier `"./path.ts#ClassName"`. */
-  manager: ManagerClass | Manager | string;
-  /** Seconds between heartbeats. Default 10. */
+  /** A Manager subclass, an instance, or `"./path.ts#ClassName"`. Default: `--TOPIC_manager`. */
+  manager?: ManagerClass | Manager | string;
+  /** Seconds between heartbeats. Default `flags.reportInterval` (10). */
   reportInterval?: number;
-  /** Seconds between periodic task ticks. Default 60. */
+  /** Seconds between periodic task ticks. Default `flags.periodicInterval` (60). */
   periodicInterval?: number;
-  /** The first periodic tick waits a random [0, this] seconds. Default 0 when not set by flags. */
+  /** The first periodic tick waits a random [0, this] seconds. Default `flags.periodicFuzzyDelay` (60). */
   periodicFuzzyDelay?: number;
-  /** Default: a memory transport on the default hub. Never closed by the service when passed. */
+  /** Default: opened from `flags.transportUrl` and closed by `stop()`. A transport passed in is never closed. */
   transport?: Transport;
-  /** Where the service registers. Never closed by the service when passed. */
+  /** Default: opened from `flags.registryUrl` and closed by `stop()`. A registry passed in is never closed. */
   registry?: Registry;
+  /** Default: `parseFlags([], process.env)`, i.e. the defaults and `NOVALET_*` variables. */
+  flags?: Flags;
   prefix?: string;
   logger?: Logger;
   /** Send stack traces with errors. */
   debug?: boolean;
-  /** Seconds `stop()` waits for in-flight work. Default 60. */
+  /** Seconds `stop()` waits for in-flight work. Default `flags.gracefulShutdownTimeout` (60). */
   gracefulShutdownTimeout?: number;
-  /** Default call timeout of `service.rpc`, seconds. Default 60. */
+  /** Default call timeout of `service.rpc`, seconds. Default `flags.rpcResponseTimeout` (60). */
   rpcTimeout?: number;
+  /** Larger requests are logged and dropped unread. Default 16 MiB. */
+  maxMessageBytes?: number;
 }
 
 /** Load `"./path.ts#ClassName"` (path relative to the working directory, or a package name). */
 export async function loadManager(spec: string): Promise<ManagerClass> {
-  const hash = spec.lastIndexOf("#");
-  if (typeof spec !== "string" || hash <= 0 || hash === spec.length - 1) {
+  const hash = typeof spec === "string" ? spec.lastIndexOf("#") : -1;
+  if (hash <= 0 || hash === spec.length - 1) {
     throw new TypeError(`Invalid manager specifier ${quote(spec)}: expected "./path.ts#ClassName"`);
   }
   const path = spec.slice(0, hash);
@@ -1466,8 +1690,9 @@ function scriptName(): string {
 }
 
 /**
- * A running service: a manager, consuming `topic`, `topic.host` and the fanout of `topic`,
- * registered in the registry with a heartbeat, and running the manager's periodic tasks.
+ * A service: a manager consuming `topic` (shared with the other servers of the topic),
+ * `topic.host` and the fanout of `topic`, registered in the registry with a heartbeat every
+ * `reportInterval`, and running the manager's periodic tasks every `periodicInterval`.
  */
 export class Service {
   readonly host: string;
@@ -1477,34 +1702,49 @@ export class Service {
   readonly periodicInterval: number;
   readonly periodicFuzzyDelay: number;
   readonly gracefulShutdownTimeout: number;
+  readonly flags: Flags;
   readonly logger: Logger;
   /** The registry row, once registered. */
   record?: ServiceRecord;
   #opts: ServiceOptions;
+  #topics: Topics;
   #transport?: Transport;
-  #ownTransport = false;
   #registry?: Registry;
+  #owned: { close(): Promise<void> }[] = [];
   #rpc?: Rpc;
   #manager?: Manager;
   #dispatcher?: Dispatcher;
   #subs: Subscription[] = [];
   #group = new LoopGroup();
   #state: "new" | "starting" | "running" | "stopping" | "stopped" = "new";
-  #stopping?: Promise<void>;
+  #stopping?: Promise<boolean>;
   #registryDown = false;
 
   private constructor(opts: ServiceOptions) {
+    const flags = opts.flags ?? parseFlags([], process.env);
+    this.flags = flags;
     this.#opts = opts;
-    this.binary = opts.binary ?? scriptName();
-    this.host = checkName("host", opts.host ?? hostname(), "host");
+    this.binary = checkName("binary", opts.binary ?? scriptName(), "binary");
+    this.host = checkName("host", opts.host ?? flags.host, "host");
     this.topic = checkName("topic", opts.topic ?? this.binary.replace(/^nova-/, ""), "topic");
     if (this.topic.includes(".")) throw new TypeError(`Invalid topic ${quote(this.topic)}: topics have no "."`);
-    this.reportInterval = checkTimeout(opts.reportInterval ?? 10, "reportInterval");
-    this.periodicInterval = checkTimeout(opts.periodicInterval ?? 60, "periodicInterval");
-    this.periodicFuzzyDelay = opts.periodicFuzzyDelay ?? 0;
-    this.gracefulShutdownTimeout = opts.gracefulShutdownTimeout ?? 60;
-    this.logger = withFields(opts.logger ?? getLogger(), { service: `${this.topic}.${this.host}` });
-    if (opts.manager === undefined) throw new TypeError("Service.create() needs a manager");
+    this.reportInterval = checkTimeout(opts.reportInterval ?? flags.reportInterval, "reportInterval");
+    this.periodicInterval = checkTimeout(opts.periodicInterval ?? flags.periodicInterval, "periodicInterval");
+    this.periodicFuzzyDelay = opts.periodicFuzzyDelay ?? flags.periodicFuzzyDelay;
+    if (!(this.periodicFuzzyDelay >= 0)) {
+      throw new RangeError(`Invalid periodicFuzzyDelay ${quote(this.periodicFuzzyDelay)}: must be >= 0`);
+    }
+    this.gracefulShutdownTimeout = checkTimeout(
+      opts.gracefulShutdownTimeout ?? flags.gracefulShutdownTimeout,
+      "gracefulShutdownTimeout",
+    );
+    if ((opts.manager ?? flags.managers[this.topic]) === undefined) {
+      throw new TypeError(`No manager for topic ${quote(this.topic)}: pass "manager" or --${this.topic}_manager`);
+    }
+    this.#topics = new Topics(opts.prefix ?? flags.prefix);
+    const base = opts.logger ??
+      (opts.flags ? new ConsoleLogger({ level: flags.logLevel, format: flags.logFormat }) : getLogger());
+    this.logger = withFields(base, { service: `${this.topic}.${this.host}` });
     this.#transport = opts.transport;
     this.#registry = opts.registry;
   }
@@ -1526,12 +1766,18 @@ export class Service {
     return this.#transport;
   }
 
+  /** The registry, once started. */
+  get registry(): Registry {
+    if (!this.#registry) throw new ClosedError(`Service ${this.topic}.${this.host} has not started`);
+    return this.#registry;
+  }
+
   /** An RPC client on the service's transport, to call other services. */
   get rpc(): Rpc {
     return this.#rpc ??= new Rpc(this.transport, {
-      prefix: this.#opts.prefix,
+      prefix: this.#topics.prefix,
       logger: this.logger,
-      timeout: this.#opts.rpcTimeout,
+      timeout: this.#opts.rpcTimeout ?? this.flags.rpcResponseTimeout,
     });
   }
 
@@ -1540,13 +1786,13 @@ export class Service {
     return this.#dispatcher;
   }
 
-  get state(): string {
+  get state(): "new" | "starting" | "running" | "stopping" | "stopped" {
     return this.#state;
   }
 
   /**
    * Build the manager, register, `initHost()`, consume `topic` (shared), `topic.host` and the
-   * fanout, then start the heartbeat and the periodic loop.
+   * fanout, then start the heartbeat (the first one at once) and the periodic loop.
    */
   async start(): Promise<void> {
     if (this.#state !== "new") throw new Error(`Service ${this.topic}.${this.host} was already started`);
@@ -1555,44 +1801,43 @@ export class Service {
       await this.#start();
       this.#state = "running";
     } catch (e) {
-      await this.#teardown();
+      await this.#teardown(false);
       this.#state = "stopped";
       throw e;
     }
   }
 
   async #start(): Promise<void> {
-    const m = this.#opts.manager;
+    const m = this.#opts.manager ?? this.flags.managers[this.topic]!;
     const manager = m instanceof Manager ? m : new (typeof m === "string" ? await loadManager(m) : m)();
     manager.host = this.host;
     manager.service = this;
     this.#manager = manager;
     if (!this.#transport) {
-      const { defaultHub, MemoryTransport } = await import("./transports/memory.ts");
-      this.#transport = new MemoryTransport(defaultHub);
-      this.#ownTransport = true;
+      this.#transport = await openTransport(this.flags.transportUrl, { logger: this.logger });
+      this.#owned.push(this.#transport);
     }
-    if (this.#registry) this.record = await this.#registry.register(this);
+    if (!this.#registry) {
+      this.#registry = await openRegistry(this.flags.registryUrl);
+      this.#owned.push(this.#registry);
+    }
+    await this.#register();
     await manager.initHost();
     const dispatcher = new Dispatcher(manager, this.#transport, {
-      prefix: this.#opts.prefix,
+      prefix: this.#topics.prefix,
       logger: this.logger,
-      debug: this.#opts.debug,
+      debug: this.#opts.debug ?? this.flags.debug,
+      maxMessageBytes: this.#opts.maxMessageBytes,
     });
     this.#dispatcher = dispatcher;
-    const topics = new Topics(this.#opts.prefix);
     const handle = (p: Uint8Array, t: string) => this.#group.track(dispatcher.handle(p, t));
-    this.#subs.push(await this.#transport.subscribe(topics.forAddress(this.topic), handle, { group: this.topic }));
-    this.#subs.push(await this.#transport.subscribe(topics.forAddress(`${this.topic}.${this.host}`), handle));
-    this.#subs.push(await this.#transport.subscribe(topics.fanout(this.topic), handle));
-    if (this.#registry) {
-      this.#group.addTimer(() => this.#report(), {
-        name: "report",
-        interval: this.reportInterval,
-        logger: this.logger,
-      });
-    }
+    const t = this.#topics;
+    this.#subs.push(await this.#transport.subscribe(t.forAddress(this.topic), handle, { group: this.topic }));
+    this.#subs.push(await this.#transport.subscribe(t.forAddress(`${this.topic}.${this.host}`), handle));
+    this.#subs.push(await this.#transport.subscribe(t.fanout(this.topic), handle));
+    this.#group.addTimer(() => this.#report(), { name: "report", interval: this.reportInterval, logger: this.logger });
     const ctx = RequestContext.admin();
+    // The loop only starts the due tasks: a slow task must not hold back the next tick.
     this.#group.addTimer(() => void this.#group.track(manager.periodicTasks(ctx)), {
       name: "periodic",
       interval: this.periodicInterval,
@@ -1601,16 +1846,30 @@ export class Service {
     });
   }
 
+  /** Create or reuse the row; an unreachable registry is logged and retried by the report loop. */
+  async #register(): Promise<void> {
+    try {
+      this.record = await this.#registry!.register(this);
+    } catch (e) {
+      if (e instanceof TypeError) throw e;
+      this.#registryDown = true;
+      this.logger.error("Cannot register: the registry is unreachable; serving anyway, retrying at each heartbeat", {
+        error: e,
+      });
+    }
+  }
+
   /** One heartbeat; logs a registry outage once and its recovery once; re-creates a lost row. */
   async #report(): Promise<void> {
     const reg = this.#registry!;
     try {
+      if (!this.record) this.record = await reg.register(this);
       try {
-        this.record = await reg.reportState(this.record!.id);
+        this.record = await reg.reportState(this.record.id);
       } catch (e) {
         if (!(e instanceof NotFound)) throw e;
         this.logger.warn("The registry row of this service was deleted; registering again");
-        this.record = await reg.register(this);
+        this.record = await reg.reportState((await reg.register(this)).id);
       }
       if (this.#registryDown) this.logger.info("The registry is reachable again; heartbeats resume");
       this.#registryDown = false;
@@ -1621,42 +1880,124 @@ export class Service {
   }
 
   /**
-   * Stop consuming, let in-flight handlers finish (bounded by the graceful timeout), stop the
+   * Stop consuming, let in-flight handlers finish (at most `gracefulShutdownTimeout`), stop the
    * loops, and close what the service opened itself. The registry row stays. Idempotent.
+   * @returns true when everything in flight finished in time.
    */
-  stop(): Promise<void> {
+  stop(): Promise<boolean> {
     return this.#stopping ??= this.#stop(false);
   }
 
-  /** Like `stop()`, and also remove the registry row and any persistent subscription. */
-  kill(): Promise<void> {
+  /** Like `stop()`, and also delete the registry row and any persistent subscription. */
+  kill(): Promise<boolean> {
     return this.#stopping ??= this.#stop(true);
   }
 
-  async #stop(kill: boolean): Promise<void> {
+  async #stop(kill: boolean): Promise<boolean> {
     if (this.#state === "new" || this.#state === "stopped") {
       this.#state = "stopped";
-      return;
+      return true;
     }
     this.#state = "stopping";
-    await this.#teardown(kill);
+    const clean = await this.#teardown(kill);
     this.#state = "stopped";
+    return clean;
   }
 
-  async #teardown(kill = false): Promise<void> {
-    for (const s of this.#subs.splice(0)) await s.unsubscribe().catch(() => {});
+  async #teardown(kill: boolean): Promise<boolean> {
+    // topic.host is detached, not unsubscribed: with a persistent session, work sent to this host
+    // while it is away waits in the broker. kill() removes it for good below.
+    const [shared, own, fanout] = this.#subs.splice(0);
+    for (const s of [shared, fanout]) await s?.unsubscribe().catch(() => {});
+    await (own?.detach ?? own?.unsubscribe)?.call(own).catch(() => {});
     if (kill && this.#transport?.forget) {
-      const topics = new Topics(this.#opts.prefix);
-      await this.#transport.forget(topics.forAddress(`${this.topic}.${this.host}`)).catch(() => {});
+      await this.#transport.forget(this.#topics.forAddress(`${this.topic}.${this.host}`)).catch(() => {});
     }
-    const finished = await this.#group.stop(this.gracefulShutdownTimeout);
-    if (!finished) this.logger.warn(`Stopped with work still running after ${this.gracefulShutdownTimeout} s`);
-    if (kill && this.record && this.#registry) {
-      await this.#registry.remove(this.record.id).catch((e) =>
-        this.logger.warn("Could not remove the row", { error: e })
-      );
+    const clean = await this.#group.stop(this.gracefulShutdownTimeout);
+    if (!clean) this.logger.warn(`Stopped with work still running after ${this.gracefulShutdownTimeout} s`);
+    if (kill && this.record) {
+      await this.#registry?.remove(this.record.id).catch((e) => {
+        this.logger.warn("Could not delete the registry row", { error: e });
+      });
     }
     await this.#rpc?.close();
-    if (this.#ownTransport) await this.#transport?.close();
+    for (const o of this.#owned.splice(0).reverse()) {
+      await o.close().catch((e) => this.logger.warn("Could not close", { error: e }));
+    }
+    return clean;
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// serve()
+// ---------------------------------------------------------------------------------------------
+
+/** What `serve()` returns: the running services and a way to stop them. */
+export interface Launcher {
+  readonly services: readonly Service[];
+  /** Stop every service gracefully; true when all in-flight work finished in time. */
+  stop(): Promise<boolean>;
+  /** Resolves with the exit code once the services stopped (0: clean, 1: work was cut). */
+  readonly done: Promise<number>;
+}
+
+/** Options of {@link serve}. */
+export interface ServeOptions {
+  /** Exit the process after a signal-initiated stop. Default true. */
+  exit?: boolean;
+  logger?: Logger;
+}
+
+/**
+ * Start every service, then wait for SIGTERM or SIGINT: stop them gracefully (in-flight calls
+ * finish, each service bounded by its graceful timeout) and exit 0, or 1 when work was cut off.
+ * A second signal exits at once (130).
+ */
+export async function serve(...args: (Service | ServeOptions)[]): Promise<Launcher> {
+  const services = args.filter((a): a is Service => a instanceof Service);
+  const opts = (args.find((a) => !(a instanceof Service)) ?? {}) as ServeOptions;
+  const log = opts.logger ?? services[0]?.logger ?? getLogger();
+  const started: Service[] = [];
+  try {
+    for (const s of services) {
+      await s.start();
+      started.push(s);
+    }
+  } catch (e) {
+    await Promise.all(started.map((s) => s.stop()));
+    throw e;
+  }
+  let resolveDone!: (code: number) => void;
+  const done = new Promise<number>((r) => (resolveDone = r));
+  let stopping: Promise<boolean> | undefined;
+  const stop = () =>
+    stopping ??= (async () => {
+      process.off("SIGTERM", onSignal);
+      process.off("SIGINT", onSignal);
+      const clean = (await Promise.all(services.map((s) => s.stop()))).every(Boolean);
+      resolveDone(clean ? 0 : 1);
+      return clean;
+    })();
+  let signals = 0;
+  function onSignal(signal: string) {
+    if (++signals > 1) {
+      log.warn(`Second ${signal}: exiting now`);
+      process.exit(130);
+    }
+    log.info(`Caught ${signal}, stopping ${services.length} service(s) gracefully`);
+    // A second signal must still reach us while we stop.
+    process.on("SIGTERM", onSecond);
+    process.on("SIGINT", onSecond);
+    void stop().then((clean) => {
+      process.off("SIGTERM", onSecond);
+      process.off("SIGINT", onSecond);
+      if (opts.exit ?? true) process.exit(clean ? 0 : 1);
+    });
+  }
+  function onSecond(signal: string) {
+    onSignal(signal);
+  }
+  process.on("SIGTERM", onSignal);
+  process.on("SIGINT", onSignal);
+  return { services, stop, done };
 }

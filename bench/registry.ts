@@ -10,7 +10,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import process from "node:process";
-import { openRegistry, type SqlRegistry } from "../registry/sql.ts";
+import { openSqlRegistry, type SqlRegistry } from "../registry/sql.ts";
 
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 1.5);
 const SIZES = [1, 100, 10_000];
@@ -71,18 +71,18 @@ const rows: Row[] = [];
 const notes: string[] = [];
 try {
   for (const n of SIZES) {
-    const mem = await openRegistry("sqljs::memory:");
+    const mem = await openSqlRegistry("sqljs::memory:");
     rows.push(await measure("sql.js memory", mem, n));
     await mem.close();
 
-    const file = await openRegistry(`sqljs:${join(dir, `bench-${n}.db`)}`);
+    const file = await openSqlRegistry(`sqljs:${join(dir, `bench-${n}.db`)}`);
     rows.push(await measure("sql.js file", file, n));
     await file.close();
 
     const schema = `bench_${process.pid}_${n}`;
     let pg: SqlRegistry | undefined;
     try {
-      pg = await openRegistry(PG_URL, { schema });
+      pg = await openSqlRegistry(PG_URL, { schema });
     } catch (e) {
       if (n === SIZES[0]) notes.push(`PostgreSQL skipped: ${(e as Error).message}`);
     }

@@ -4,7 +4,7 @@
  *
  * @example
  * ```ts
- * const registry = await openRegistry("sqljs:./services.db");
+ * const registry = await openSqlRegistry("sqljs:./services.db");
  * const row = await registry.register({ host: "node1", binary: "nova-compute", topic: "compute" });
  * await registry.reportState(row.id); // a heartbeat
  * await registry.close();
@@ -242,7 +242,7 @@ export class SqlRegistry implements Registry {
 // Opening a registry from a URL
 // ---------------------------------------------------------------------------------------------
 
-/** Options of {@link openRegistry}. */
+/** Options of {@link openSqlRegistry}. */
 export interface OpenRegistryOptions {
   /** PostgreSQL schema to use (created if missing); also `?schema=NAME` in the URL. */
   schema?: string;
@@ -268,7 +268,7 @@ function loadSqlJs(): Promise<SqlJsStatic> {
  * `postgres://user:pass@host:port/db[?schema=NAME]`.
  * @throws {TypeError} for a URL of another kind; Error naming the URL when it cannot be opened.
  */
-export async function openRegistry(url = "sqljs::memory:", opts: OpenRegistryOptions = {}): Promise<SqlRegistry> {
+export async function openSqlRegistry(url = "sqljs::memory:", opts: OpenRegistryOptions = {}): Promise<SqlRegistry> {
   if (typeof url !== "string") throw new TypeError(`Invalid registry URL ${quote(url)}: not a string`);
   if (url === "sqljs::memory:" || url === "sqljs:") return await openSqlJs();
   if (url.startsWith("sqljs:")) return await openSqlJs(url.slice("sqljs:".length));

@@ -5,7 +5,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import process from "node:process";
 import pg from "pg";
-import { openRegistry, redactUrl } from "../registry/sql.ts";
+import { openSqlRegistry, redactUrl } from "../registry/sql.ts";
 import { registryConformance } from "./registry_conformance.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "novalet-registry-"));
@@ -14,7 +14,7 @@ const tempPath = () => join(dir, `${crypto.randomUUID()}.db`);
 
 registryConformance("sql.js in memory", () =>
   Promise.resolve({
-    open: () => openRegistry("sqljs::memory:"),
+    open: () => openSqlRegistry("sqljs::memory:"),
     durable: false,
     shared: false,
     cleanup: () => Promise.resolve(),
@@ -23,7 +23,7 @@ registryConformance("sql.js in memory", () =>
 registryConformance("sql.js on a file", () => {
   const path = tempPath();
   return Promise.resolve({
-    open: () => openRegistry(`sqljs:${path}`),
+    open: () => openSqlRegistry(`sqljs:${path}`),
     durable: true,
     shared: false,
     cleanup: () => Promise.resolve(rmSync(path, { force: true })),
@@ -36,7 +36,7 @@ if (PG_URL) {
   registryConformance("PostgreSQL", () => {
     const schema = `nvt_${crypto.randomUUID().replaceAll("-", "").slice(0, 12)}`;
     return Promise.resolve({
-      open: () => openRegistry(PG_URL, { schema }),
+      open: () => openSqlRegistry(PG_URL, { schema }),
       durable: true,
       shared: true,
       async cleanup() {
@@ -58,9 +58,9 @@ if (PG_URL) {
   });
 }
 
-describe("openRegistry()", () => {
-  it("openRegistry() refuses an unsupported URL, naming it without its password", async () => {
-    await assert.rejects(openRegistry("mysql://root:hunter2@db/x"), (e: Error) => {
+describe("openSqlRegistry()", () => {
+  it("openSqlRegistry() refuses an unsupported URL, naming it without its password", async () => {
+    await assert.rejects(openSqlRegistry("mysql://root:hunter2@db/x"), (e: Error) => {
       assert.ok(e instanceof TypeError);
       assert.match(e.message, /Unsupported registry URL "mysql:\/\/root:\*\*\*@db\/x"/);
       assert.doesNotMatch(e.message, /hunter2/);
@@ -69,8 +69,8 @@ describe("openRegistry()", () => {
     assert.equal(redactUrl("postgres://u:p@h/d"), "postgres://u:***@h/d");
   });
 
-  it("openRegistry() of an unreachable PostgreSQL names the URL and the cause", async () => {
-    await assert.rejects(openRegistry("postgres://postgres:secret@127.0.0.1:1/test"), (e: Error) => {
+  it("openSqlRegistry() of an unreachable PostgreSQL names the URL and the cause", async () => {
+    await assert.rejects(openSqlRegistry("postgres://postgres:secret@127.0.0.1:1/test"), (e: Error) => {
       assert.match(
         e.message,
         /Cannot open registry "postgres:\/\/postgres:\*\*\*@127\.0\.0\.1:1\/test": .*ECONNREFUSED/,
@@ -79,15 +79,15 @@ describe("openRegistry()", () => {
     });
   });
 
-  it("openRegistry() refuses a schema name that is not an identifier", async () => {
-    await assert.rejects(openRegistry("postgres://u@127.0.0.1:1/x", { schema: "a; drop table x" }), TypeError);
+  it("openSqlRegistry() refuses a schema name that is not an identifier", async () => {
+    await assert.rejects(openSqlRegistry("postgres://u@127.0.0.1:1/x", { schema: "a; drop table x" }), TypeError);
   });
 
   it("a corrupt file is a clear error naming it, and the file is left as it was", async () => {
     const path = tempPath();
     const garbage = "this is not a SQLite database, but it is somebody's data".repeat(100);
     writeFileSync(path, garbage);
-    await assert.rejects(openRegistry(`sqljs:${path}`), (e: Error) => {
+    await assert.rejects(openSqlRegistry(`sqljs:${path}`), (e: Error) => {
       assert.match(e.message, new RegExp(`Cannot open registry file ".*${path.split("/").pop()}"`));
       assert.match(e.message, /left as it is/);
       return true;
@@ -98,23 +98,23 @@ describe("openRegistry()", () => {
 
   it("a second opener of the same file gets an error naming the holder; after close() it opens", async () => {
     const path = tempPath();
-    const first = await openRegistry(`sqljs:${path}`);
+    const first = await openSqlRegistry(`sqljs:${path}`);
     await first.register({ host: "h", binary: "b", topic: "t" });
-    await assert.rejects(openRegistry(`sqljs:${path}`), (e: Error) => {
+    await assert.rejects(openSqlRegistry(`sqljs:${path}`), (e: Error) => {
       assert.match(e.message, /is in use by this process/);
       assert.match(e.message, /\.lock/);
       return true;
     });
     assert.equal((await first.list()).length, 1, "the holder lost nothing");
     await first.close();
-    const second = await openRegistry(`sqljs:${path}`);
+    const second = await openSqlRegistry(`sqljs:${path}`);
     assert.equal((await second.list()).length, 1);
     await second.close();
   });
 
   it("a stale lock left by a dead process is taken over", async () => {
     const path = tempPath();
-    const first = await openRegistry(`sqljs:${path}`);
+    const first = await openSqlRegistry(`sqljs:${path}`);
     await first.register({ host: "h", binary: "b", topic: "t" });
     await first.close();
     // A process id that is not running (pid_max on Linux is at most 2^22).
@@ -122,7 +122,7 @@ describe("openRegistry()", () => {
       `${path}.lock`,
       JSON.stringify({ pid: 2 ** 22 + 7, host: (await import("node:os")).hostname(), since: "then" }),
     );
-    const r = await openRegistry(`sqljs:${path}`);
+    const r = await openSqlRegistry(`sqljs:${path}`);
     assert.equal((await r.list()).length, 1);
     await r.close();
     assert.equal(existsSync(`${path}.lock`), false);
@@ -131,7 +131,7 @@ describe("openRegistry()", () => {
   it("a lock file left empty by a crash mid-write is taken over", async () => {
     const path = tempPath();
     writeFileSync(`${path}.lock`, "");
-    const r = await openRegistry(`sqljs:${path}`);
+    const r = await openSqlRegistry(`sqljs:${path}`);
     await r.close();
   });
 });

@@ -4,7 +4,7 @@ import { spawn } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { openRegistry } from "../registry/sql.ts";
+import { openSqlRegistry } from "../registry/sql.ts";
 import { childCommand } from "./helpers.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "novalet-crash-"));
@@ -42,7 +42,7 @@ describe("sql.js registry file under kill -9", () => {
     for (let i = 0; i < 20; i++) {
       const acked = await runAndKill(path, Math.floor(Math.random() * 150));
       assert.ok(acked > previous, `run ${i}: the writer made progress (${acked} > ${previous})`);
-      const registry = await openRegistry(`sqljs:${path}`); // takes over the dead writer's lock
+      const registry = await openSqlRegistry(`sqljs:${path}`); // takes over the dead writer's lock
       try {
         const [row] = await registry.list();
         assert.ok(row, `run ${i}: the row is there`);

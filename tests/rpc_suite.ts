@@ -15,6 +15,7 @@ import {
   Rpc,
   RpcTimeoutError,
   Service,
+  type ServiceOptions,
   type Transport,
 } from "../mod.ts";
 import type { TransportFixture } from "./transport_conformance.ts";
@@ -137,6 +138,10 @@ export function rpcSuite(
 
     /** Start one Calc server per host; returns a client on its own connection. */
     async function setup(...hosts: string[]): Promise<Rpc> {
+      return await setupWith({}, ...hosts);
+    }
+
+    async function setupWith(extra: Partial<ServiceOptions>, ...hosts: string[]): Promise<Rpc> {
       prefix = uniquePrefix("rpc");
       seen = { hosts: [], casts: [], forbidden: [], inits: [] };
       log = new MemoryLogger();
@@ -150,6 +155,7 @@ export function rpcSuite(
           prefix,
           logger: log,
           gracefulShutdownTimeout: 5,
+          ...extra,
         });
         await s.start();
         services.push(s);
@@ -361,9 +367,9 @@ export function rpcSuite(
     });
 
     it("a request over maxMessageBytes is dropped unread and the server keeps serving", async () => {
-      const rpc = await setup("h1");
+      const rpc = await setupWith({ maxMessageBytes: 64 * 1024 }, "h1");
       const { send, request, replies, replyTo } = await raw();
-      const body = request({ args: { blob: "y".repeat(17 * 1024 * 1024) }, reply_to: replyTo });
+      const body = request({ args: { blob: "y".repeat(100 * 1024) }, reply_to: replyTo });
       await send(body);
       assert.equal(await rpc.call(ctx, "calc", { method: "add", args: { a: 1, b: 2 } }, { timeout: 20 }), 3);
       await waitFor(() => log.has("warn", /over maxMessageBytes/), "the log line", 10_000);
@@ -510,10 +516,10 @@ export function rpcSuite(
 
     it("Rpc.close() fails the calls still waiting with ClosedError and refuses new ones", async () => {
       const rpc = await setup("h1");
-      const waiting = rpc.call(ctx, "calc", { method: "slow", args: { ms: 100 } });
+      const waiting = assert.rejects(rpc.call(ctx, "calc", { method: "slow", args: { ms: 100 } }), ClosedError);
       await sleep(10);
       await rpc.close();
-      await assert.rejects(waiting, ClosedError);
+      await waiting;
       await assert.rejects(rpc.call(ctx, "calc", { method: "add" }), ClosedError);
       await rpc.close();
       assert.equal(rpc.pending, 0);

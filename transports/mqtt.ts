@@ -1,0 +1,457 @@
+/**
+ * The MQTT transport: novalet across processes and machines through an MQTT broker, with the
+ * same behaviour as the memory transport (the conformance suite checks both).
+ *
+ * - One connection per transport; groups are shared subscriptions (`$share/GROUP/FILTER`).
+ * - TCP_NODELAY on every (re)connection: without it a QoS 1 request/response costs ~88 ms on
+ *   loopback (Nagle against delayed ACK). The broker needs it too (`set_tcp_nodelay true`).
+ * - A message is acknowledged once a handler took it; with a persistent session a message that
+ *   no handler takes is never acknowledged, so the broker delivers it again later.
+ * - Reconnects with exponential backoff and subscribes again when the broker lost the session.
+ *
+ * @module
+ */
+
+import { readFileSync } from "node:fs";
+import mqtt, { type IClientOptions, type IConnackPacket, type IPublishPacket, type MqttClient } from "mqtt";
+import {
+  ClosedError,
+  DeliveryError,
+  getLogger,
+  type Logger,
+  type MessageHandler,
+  type PublishOptions,
+  quote,
+  type SubscribeOptions,
+  type Subscription,
+  topicMatches,
+  type Transport,
+  validateFilter,
+  validateTopic,
+} from "../mod.ts";
+
+/** Options of {@link MqttTransport.connect}. */
+export interface MqttTransportOptions {
+  /** `mqtt://host:1883`, `mqtts://host:8883`, `ws://...`. Query parameters: see the README. */
+  url?: string;
+  /** Use this connected client instead of opening one (it is not closed by `close()`). */
+  client?: MqttClient;
+  username?: string;
+  password?: string;
+  /** TLS files (paths) for `mqtts://`. */
+  ca?: string;
+  cert?: string;
+  key?: string;
+  /** Default: `novalet-` and a random id. Persistent sessions need a stable one. */
+  clientId?: string;
+  /** 5 (default) or 4 (MQTT 3.1.1). */
+  protocolVersion?: 4 | 5;
+  /** QoS when a publish does not say. Default 1. */
+  qos?: 0 | 1;
+  /** Seconds between pings. Default 30. */
+  keepalive?: number;
+  /** Seconds the broker keeps the session after a disconnect; > 0 makes it persistent
+   * (`clean: false`). Default 0. */
+  sessionExpiry?: number;
+  /** false: a group becomes a plain subscription (every member gets every message), for brokers
+   * without shared subscriptions such as aedes. Default true. */
+  sharedSubscriptions?: boolean;
+  /** Larger payloads are refused at publish. Default 8 MiB (or less if the broker says so). */
+  maxPayloadBytes?: number;
+  /** Seconds to wait for the first connection. Default 10. */
+  connectTimeout?: number;
+  /** Reconnect backoff in seconds: first wait, doubled up to the max. Default 0.5 and 30. */
+  reconnectMin?: number;
+  reconnectMax?: number;
+  logger?: Logger;
+}
+
+/** One broker subscription and the local handlers that share it. */
+interface BrokerSub {
+  key: string;
+  filter: string;
+  group?: string;
+  qos: 0 | 1;
+  id: number;
+  handlers: MessageHandler[];
+  next: number;
+  /** Subscribed at the broker (false while a subscribe or unsubscribe is in flight). */
+  ready: Promise<void>;
+}
+
+/** Held messages: taken by no handler, with a persistent session, so never acknowledged. */
+interface Held {
+  packet: IPublishPacket;
+  done: () => void;
+}
+
+function redact(url: string): string {
+  return url.replace(/(\/\/[^:/@]+:)[^@]*@/, "$1***@");
+}
+
+/** Read novalet's query parameters from a broker URL and return the URL without them. */
+function parseUrl(url: string): { url: string; opts: Partial<MqttTransportOptions> } {
+  const u = new URL(url);
+  const opts: Partial<MqttTransportOptions> = {};
+  const num = (name: string) => {
+    const v = u.searchParams.get(name);
+    if (v === null) return undefined;
+    const n = Number(v);
+    if (!Number.isFinite(n) || n < 0) throw new RangeError(`Invalid ${name}=${quote(v)} in ${quote(redact(url))}`);
+    u.searchParams.delete(name);
+    return n;
+  };
+  opts.sessionExpiry = num("session_expiry");
+  const pv = num("protocol_version");
+  if (pv !== undefined && pv !== 4 && pv !== 5) throw new RangeError(`Invalid protocol_version=${pv}: use 4 or 5`);
+  opts.protocolVersion = pv as 4 | 5 | undefined;
+  const qos = num("qos");
+  if (qos !== undefined && qos !== 0 && qos !== 1) throw new RangeError(`Invalid qos=${qos}: use 0 or 1`);
+  opts.qos = qos as 0 | 1 | undefined;
+  const shared = u.searchParams.get("shared");
+  if (shared !== null) {
+    opts.sharedSubscriptions = shared !== "false" && shared !== "0";
+    u.searchParams.delete("shared");
+  }
+  if (u.username) opts.username = decodeURIComponent(u.username);
+  if (u.password) opts.password = decodeURIComponent(u.password);
+  u.username = "";
+  u.password = "";
+  return { url: u.toString(), opts };
+}
+
+/** A {@link Transport} over an MQTT broker. */
+export class MqttTransport implements Transport {
+  readonly client: MqttClient;
+  readonly clientId: string;
+  /** Whether the broker keeps our session (and our subscriptions) across disconnects. */
+  readonly persistent: boolean;
+  #owned: boolean;
+  #log: Logger;
+  #qos: 0 | 1;
+  #shared: boolean;
+  #maxPayload: number;
+  #v5: boolean;
+  #subs = new Map<string, BrokerSub>();
+  #byId = new Map<number, BrokerSub>();
+  #nextId = 1;
+  #held: Held[] = [];
+  #noSubscribers = new Set<number>();
+  #closed = false;
+  #warnedShared = false;
+  #sharedAvailable = true;
+
+  private constructor(client: MqttClient, opts: MqttTransportOptions, owned: boolean) {
+    this.client = client;
+    this.clientId = client.options.clientId ?? "";
+    this.#owned = owned;
+    this.#log = opts.logger ?? getLogger();
+    this.#qos = opts.qos ?? 1;
+    this.#shared = opts.sharedSubscriptions ?? true;
+    this.#maxPayload = opts.maxPayloadBytes ?? 8 * 1024 * 1024;
+    this.#v5 = client.options.protocolVersion === 5;
+    this.persistent = client.options.clean === false;
+    // Route every message ourselves: called once per packet; the callback acknowledges it.
+    client.handleMessage = (packet, done) => this.#onMessage(packet, () => done());
+    client.on("packetreceive", (p) => {
+      // PUBACK reason 16 (v5): "no matching subscribers"; mqtt.js reports it as success.
+      if (p.cmd === "puback" && p.reasonCode === 16 && p.messageId !== undefined) this.#noSubscribers.add(p.messageId);
+    });
+    client.on("connect", (connack) => this.#onConnect(connack));
+  }
+
+  /**
+   * Connect to a broker (or wrap a connected client) and resolve once connected.
+   * @throws {Error} naming the broker and the reason (refused, bad credentials, timeout).
+   */
+  static async connect(options: MqttTransportOptions): Promise<MqttTransport> {
+    if (options.client) {
+      const t = new MqttTransport(options.client, options, false);
+      if (options.client.connected) t.#noDelay();
+      return t;
+    }
+    if (!options.url) throw new TypeError("MqttTransport.connect() needs a url or a client");
+    const parsed = parseUrl(options.url);
+    // Explicit options win over the URL's query parameters.
+    const opts: MqttTransportOptions = { ...options };
+    for (const [k, v] of Object.entries(parsed.opts) as [keyof MqttTransportOptions, never][]) {
+      if (opts[k] === undefined) opts[k] = v;
+    }
+    const sessionExpiry = opts.sessionExpiry ?? 0;
+    const protocolVersion = opts.protocolVersion ?? 5;
+    const reconnectMin = (opts.reconnectMin ?? 0.5) * 1000;
+    const reconnectMax = (opts.reconnectMax ?? 30) * 1000;
+    const clientOpts: IClientOptions = {
+      clientId: opts.clientId ?? `novalet-${crypto.randomUUID().slice(0, 12)}`,
+      protocolVersion,
+      clean: sessionExpiry <= 0,
+      keepalive: opts.keepalive ?? 30,
+      reconnectPeriod: reconnectMin,
+      connectTimeout: (opts.connectTimeout ?? 10) * 1000,
+      resubscribe: false, // we subscribe again ourselves, with our subscription identifiers
+      queueQoSZero: false, // a QoS 0 publish while offline fails instead of claiming success
+      username: opts.username,
+      password: opts.password,
+      ca: opts.ca ? readFileSync(opts.ca) : undefined,
+      cert: opts.cert ? readFileSync(opts.cert) : undefined,
+      key: opts.key ? readFileSync(opts.key) : undefined,
+      properties: protocolVersion === 5 && sessionExpiry > 0 ? { sessionExpiryInterval: sessionExpiry } : undefined,
+    };
+    const where = quote(redact(options.url));
+    const client = mqtt.connect(parsed.url, clientOpts);
+    const transport = new MqttTransport(client, opts, true);
+    // Backoff: mqtt.js waits a fixed reconnectPeriod; double it after each failed attempt.
+    client.on("reconnect", () => {
+      client.options.reconnectPeriod = Math.min(reconnectMax, (client.options.reconnectPeriod ?? reconnectMin) * 2);
+    });
+    client.on("connect", () => void (client.options.reconnectPeriod = reconnectMin));
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => fail(new Error("no answer")), (opts.connectTimeout ?? 10) * 1000);
+      const ok = () => {
+        cleanup();
+        resolve();
+      };
+      const fail = (e: Error) => {
+        cleanup();
+        client.end(true);
+        const why = /Not authorized|Bad User Name or Password|bad user/i.test(e.message)
+          ? `${e.message} (check the user name and password)`
+          : e.message;
+        reject(new Error(`Cannot connect to MQTT broker ${where}: ${why}`, { cause: e }));
+      };
+      const cleanup = () => {
+        clearTimeout(timer);
+        client.off("connect", ok);
+        client.off("error", fail);
+      };
+      client.on("connect", ok);
+      client.on("error", fail);
+    });
+    client.on("error", (e) => transport.#log.warn("MQTT connection error", { broker: where, error: e }));
+    client.on("offline", () => transport.#log.warn("MQTT broker unreachable; reconnecting", { broker: where }));
+    return transport;
+  }
+
+  #noDelay(): void {
+    // mqtt.js has no option for it and replaces the stream on every reconnect.
+    (this.client.stream as { setNoDelay?: (on: boolean) => void } | undefined)?.setNoDelay?.(true);
+  }
+
+  #onConnect(connack: IConnackPacket): void {
+    this.#noDelay();
+    this.#sharedAvailable = connack.properties?.sharedSubscriptionAvailable !== false;
+    const max = connack.properties?.maximumPacketSize;
+    if (max !== undefined) this.#maxPayload = Math.min(this.#maxPayload, max - 1024);
+    // A broker that kept our session kept our subscriptions; otherwise make them again.
+    if (!connack.sessionPresent && this.#subs.size > 0) {
+      for (const s of this.#subs.values()) {
+        s.ready = this.#brokerSubscribe(s).catch((e) => {
+          this.#log.error(`Cannot subscribe again to ${s.key} after a reconnect`, { error: e });
+        });
+      }
+    }
+  }
+
+  async publish(topic: string, payload: Uint8Array, opts: PublishOptions = {}): Promise<void> {
+    if (this.#closed) throw new ClosedError(`Cannot publish to ${topic}: the transport is closed`);
+    validateTopic(topic);
+    if (!(payload instanceof Uint8Array)) throw new TypeError(`Cannot publish to ${topic}: payload must be bytes`);
+    if (payload.byteLength > this.#maxPayload) {
+      throw new RangeError(
+        `Cannot publish ${payload.byteLength} bytes to ${topic}: over the limit of ${this.#maxPayload} bytes (maxPayloadBytes)`,
+      );
+    }
+    const qos = opts.qos ?? this.#qos;
+    const properties = this.#v5 && opts.expiry !== undefined
+      ? { messageExpiryInterval: Math.max(1, Math.ceil(opts.expiry)) }
+      : undefined;
+    let packet: { messageId?: number } | undefined;
+    try {
+      packet = await this.client.publishAsync(
+        topic,
+        Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength),
+        {
+          qos,
+          properties,
+        },
+      );
+    } catch (e) {
+      throw new DeliveryError(`Cannot publish to ${topic}: ${(e as Error).message}`, { cause: e });
+    }
+    const id = packet?.messageId;
+    if (id !== undefined && this.#noSubscribers.delete(id) && opts.mandatory) {
+      throw new DeliveryError(`No subscriber for "${topic}": the broker has nobody to deliver it to`);
+    }
+  }
+
+  async subscribe(filter: string, handler: MessageHandler, opts: SubscribeOptions = {}): Promise<Subscription> {
+    if (this.#closed) throw new ClosedError(`Cannot subscribe to ${filter}: the transport is closed`);
+    validateFilter(filter);
+    let group = opts.group;
+    if (group !== undefined) {
+      if (group === "" || /[/+#]/.test(group)) {
+        throw new TypeError(`Invalid group ${quote(group)}: must be non-empty, without "/", "+", "#"`);
+      }
+      if (!this.#shared) {
+        if (!this.#warnedShared) {
+          this.#log.warn(
+            "Shared subscriptions are off (sharedSubscriptions: false): every member of a group receives every message",
+          );
+          this.#warnedShared = true;
+        }
+        group = undefined;
+      } else if (!this.#sharedAvailable) {
+        throw new DeliveryError(
+          `Cannot subscribe to ${filter} in group ${quote(group)}: the broker has no shared subscriptions ` +
+            `(use a broker that has them, or sharedSubscriptions: false)`,
+        );
+      }
+    }
+    const key = group === undefined ? filter : `$share/${group}/${filter}`;
+    let sub = this.#subs.get(key);
+    if (!sub) {
+      sub = {
+        key,
+        filter,
+        group,
+        qos: opts.qos ?? this.#qos,
+        id: this.#nextId++,
+        handlers: [],
+        next: 0,
+        ready: Promise.resolve(),
+      };
+      this.#subs.set(key, sub);
+      this.#byId.set(sub.id, sub);
+      const s = sub;
+      s.ready = this.#brokerSubscribe(s).catch((e) => {
+        this.#subs.delete(key);
+        this.#byId.delete(s.id);
+        throw e;
+      });
+    }
+    sub.handlers.push(handler);
+    try {
+      await sub.ready;
+    } catch (e) {
+      throw e instanceof DeliveryError ? e : new DeliveryError(`Cannot subscribe to ${key}: ${(e as Error).message}`, {
+        cause: e,
+      });
+    }
+    this.#release(); // a held message may now have a taker
+    const s = sub;
+    let active = true;
+    const remove = async (fromBroker: boolean) => {
+      if (!active) return;
+      active = false;
+      s.handlers = s.handlers.filter((h) => h !== handler);
+      if (s.handlers.length > 0 || this.#subs.get(key) !== s) return;
+      this.#subs.delete(key);
+      this.#byId.delete(s.id);
+      if (fromBroker && !this.#closed) {
+        await this.client.unsubscribeAsync(key).catch((e) => this.#log.warn(`Cannot unsubscribe ${key}`, { error: e }));
+      }
+    };
+    return {
+      unsubscribe: () => remove(true),
+      // With a persistent session the broker keeps queueing for the filter while we are away.
+      detach: () => remove(!this.persistent),
+    };
+  }
+
+  async #brokerSubscribe(s: BrokerSub): Promise<void> {
+    const granted = await this.client.subscribeAsync(s.key, {
+      qos: s.qos,
+      ...(this.#v5 ? { properties: { subscriptionIdentifier: s.id } } : {}),
+    });
+    const code = granted[0]?.qos as number | undefined;
+    if (code !== undefined && code >= 128) {
+      const why = code === 0x9e
+        ? "the broker has no shared subscriptions"
+        : code === 0x87
+        ? "not authorized"
+        : `refused with code ${code}`;
+      throw new DeliveryError(`Cannot subscribe to ${s.key}: ${why}`);
+    }
+  }
+
+  /** The subscriptions a message is for: by subscription identifier (v5), else by filter. */
+  #targets(packet: IPublishPacket): BrokerSub[] {
+    const ids = packet.properties?.subscriptionIdentifier;
+    if (ids !== undefined) {
+      const out: BrokerSub[] = [];
+      for (const id of Array.isArray(ids) ? ids : [ids]) {
+        const s = this.#byId.get(id);
+        if (s) out.push(s);
+      }
+      return out;
+    }
+    const topic = packet.topic;
+    return [...this.#subs.values()].filter((s) => topicMatches(s.filter, topic));
+  }
+
+  #onMessage(packet: IPublishPacket, done: () => void): void {
+    const targets = this.#targets(packet).filter((s) => s.handlers.length > 0);
+    if (targets.length === 0) {
+      if (this.persistent && packet.qos > 0 && !this.#closed) {
+        // Nobody takes it now: leave it unacknowledged so the broker delivers it again later.
+        // (mqtt.js reads the next packet only after this one is done, so this holds the line.)
+        this.#log.debug(`Holding a message on ${packet.topic}: no handler takes it`, { topic: packet.topic });
+        this.#held.push({ packet, done });
+        return;
+      }
+      this.#log.debug(`Dropped a message on ${packet.topic}: no handler`, { topic: packet.topic });
+      done();
+      return;
+    }
+    const payload = packet.payload as Buffer;
+    const bytes = new Uint8Array(payload.buffer, payload.byteOffset, payload.byteLength);
+    for (const s of targets) {
+      const run = (h: MessageHandler) => {
+        try {
+          const r = h(bytes, packet.topic);
+          if (r instanceof Promise) {
+            r.catch((e) => this.#log.error("A message handler failed", { topic: packet.topic, error: e }));
+          }
+        } catch (e) {
+          this.#log.error("A message handler failed", { topic: packet.topic, error: e });
+        }
+      };
+      if (s.group !== undefined) {
+        run(s.handlers[s.next++ % s.handlers.length]!);
+      } else {
+        for (const h of s.handlers) run(h);
+      }
+    }
+    done(); // acknowledged once taken, not once finished: a slow handler must not stall the line
+  }
+
+  /** Offer held messages again (after a new subscription). */
+  #release(): void {
+    const held = this.#held.splice(0);
+    for (const h of held) this.#onMessage(h.packet, h.done);
+  }
+
+  /** Remove a filter from the broker session for good (used by `Service.kill()`). */
+  async forget(filter: string, opts: SubscribeOptions = {}): Promise<void> {
+    if (this.#closed) return;
+    const key = opts.group === undefined ? filter : `$share/${opts.group}/${filter}`;
+    const s = this.#subs.get(key);
+    if (s) {
+      this.#subs.delete(key);
+      this.#byId.delete(s.id);
+    }
+    await this.client.unsubscribeAsync(key);
+  }
+
+  /** Disconnect (an owned client). Held messages stay unacknowledged for the broker to resend. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#subs.clear();
+    this.#byId.clear();
+    if (!this.#owned) return;
+    // Force when messages are held: a graceful end would wait behind them.
+    await this.client.endAsync(this.#held.length > 0);
+    this.#held = [];
+  }
+}
