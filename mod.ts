@@ -1972,30 +1972,24 @@ export async function serve(...args: (Service | ServeOptions)[]): Promise<Launch
   let stopping: Promise<boolean> | undefined;
   const stop = () =>
     stopping ??= (async () => {
+      const clean = (await Promise.all(services.map((s) => s.stop()))).every(Boolean);
       process.off("SIGTERM", onSignal);
       process.off("SIGINT", onSignal);
-      const clean = (await Promise.all(services.map((s) => s.stop()))).every(Boolean);
       resolveDone(clean ? 0 : 1);
       return clean;
     })();
   let signals = 0;
+  // One listener for the whole life of the launcher: some runtimes call a listener added while a
+  // signal is being handled for that same signal.
   function onSignal(signal: string) {
     if (++signals > 1) {
       log.warn(`Second ${signal}: exiting now`);
       process.exit(130);
     }
     log.info(`Caught ${signal}, stopping ${services.length} service(s) gracefully`);
-    // A second signal must still reach us while we stop.
-    process.on("SIGTERM", onSecond);
-    process.on("SIGINT", onSecond);
     void stop().then((clean) => {
-      process.off("SIGTERM", onSecond);
-      process.off("SIGINT", onSecond);
       if (opts.exit ?? true) process.exit(clean ? 0 : 1);
     });
-  }
-  function onSecond(signal: string) {
-    onSignal(signal);
   }
   process.on("SIGTERM", onSignal);
   process.on("SIGINT", onSignal);

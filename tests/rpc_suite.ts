@@ -104,6 +104,8 @@ export function rpcSuite(
   name: string,
   makeFixture: () => Promise<TransportFixture>,
   skips: Partial<Record<keyof typeof RPC_CASES, string>> = {},
+  /** Size of the "huge string" inputs; 1 MiB unless the medium cannot carry that. */
+  hugeBytes = 1024 * 1024,
 ): void {
   describe(`RPC end to end: ${name}`, () => {
     let fixture: TransportFixture;
@@ -331,7 +333,7 @@ export function rpcSuite(
     it("malformed requests are answered with BadRequest or dropped, and the server keeps serving", async () => {
       const rpc = await setup("h1");
       const { send, request, replies, replyTo } = await raw();
-      const huge = "x".repeat(1024 * 1024);
+      const huge = "x".repeat(hugeBytes);
       const answered: [string, string][] = [
         ["v", request({ v: 2, reply_to: replyTo })],
         ["method number", request({ method: 42, reply_to: replyTo })],
