@@ -1,0 +1,246 @@
+/**
+ * The `novalet` command: serve managers, call and cast to services, and administer the
+ * registry as `openstack compute service` does.
+ *
+ * Run: `npx novalet --help`, or `deno run -A cli.ts --help`.
+ *
+ * @module
+ */
+
+import process from "node:process";
+import {
+  type Flags,
+  isUp,
+  loadManager,
+  openRegistry,
+  openTransport,
+  parseFlags,
+  RemoteError,
+  RequestContext,
+  Rpc,
+  serve,
+  Service,
+  type ServiceRecord,
+} from "./mod.ts";
+
+const USAGE = `novalet — run and operate novalet services
+
+Usage:
+  novalet serve SPEC... [--topic=T] [flags]       run managers; SPEC is ./path.ts#ClassName
+  novalet call ADDRESS METHOD [JSON] [--timeout=S] [flags]
+  novalet cast ADDRESS METHOD [JSON] [flags]
+  novalet services list [--topic=T] [--host=H] [--binary=B] [--json] [flags]
+  novalet services enable ID [--json] [flags]
+  novalet services disable ID [--reason=TEXT] [--json] [flags]
+  novalet services force-down ID [--unset] [--json] [flags]
+  novalet services delete ID [flags]
+
+ADDRESS is a topic ("compute") or topic.host ("compute.node1"); JSON is the args object.
+serve takes the topic from --topic or the class name (ComputeManager -> compute), and the
+binary "nova-TOPIC".
+
+Flags (also NOVALET_<NAME> in the environment):
+  --transport_url=memory://|mqtt://user:pass@host:1883   --registry_url=sqljs::memory:|sqljs:PATH|postgres://...
+  --prefix=novalet  --host=NAME  --report_interval=10  --periodic_interval=60  --periodic_fuzzy_delay=60
+  --service_down_time=60  --rpc_response_timeout=60  --graceful_shutdown_timeout=60
+  --log_format=text|json  --log_level=info  --debug
+
+Exit status: 0 done, 1 the operation failed, 2 bad arguments.`;
+
+/** A mistake in the command line: usage and exit 2. */
+class UsageError extends Error {}
+
+/** Take the named CLI options (`--json`, `--reason=x`) out of argv; the rest are flags. */
+function options(argv: string[], names: string[]): { opts: Record<string, string>; rest: string[] } {
+  const opts: Record<string, string> = {};
+  const rest: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const m = /^--([a-z-]+)(?:=(.*))?$/s.exec(argv[i]!);
+    if (m && names.includes(m[1]!)) opts[m[1]!] = m[2] ?? "";
+    else rest.push(argv[i]!);
+  }
+  return { opts, rest };
+}
+
+/** Split positional arguments from `--flags`. */
+function positional(argv: string[]): { args: string[]; flagArgs: string[] } {
+  const args: string[] = [];
+  const flagArgs: string[] = [];
+  for (const a of argv) (a.startsWith("--") ? flagArgs : args).push(a);
+  return { args, flagArgs };
+}
+
+function flagsFrom(flagArgs: string[]): Flags {
+  try {
+    return parseFlags(flagArgs, process.env);
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+}
+
+function parseArgs(json: string | undefined): Record<string, unknown> {
+  if (json === undefined) return {};
+  let v: unknown;
+  try {
+    v = JSON.parse(json);
+  } catch (e) {
+    throw new UsageError(`Invalid JSON args ${JSON.stringify(json)}: ${(e as Error).message}`);
+  }
+  if (v === null || typeof v !== "object" || Array.isArray(v)) {
+    throw new UsageError(`Invalid JSON args ${JSON.stringify(json)}: must be an object like '{"name":"vm1"}'`);
+  }
+  return v as Record<string, unknown>;
+}
+
+/** A table as `openstack ... list` prints it. */
+function table(headers: string[], rows: string[][]): string {
+  const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
+  const line = "+" + widths.map((w) => "-".repeat(w + 2)).join("+") + "+";
+  const fmt = (cells: string[]) => "| " + cells.map((c, i) => c.padEnd(widths[i]!)).join(" | ") + " |";
+  return [line, fmt(headers), line, ...rows.map(fmt), line].join("\n");
+}
+
+function serviceRows(records: ServiceRecord[], flags: Flags, json: boolean): string {
+  const view = records.map((r) => ({
+    ...r,
+    status: r.disabled ? "disabled" : "enabled",
+    state: isUp(r, { serviceDownTime: flags.serviceDownTime }) ? "up" : "down",
+  }));
+  if (json) return JSON.stringify(view, null, 2);
+  return table(
+    ["ID", "Binary", "Host", "Topic", "Status", "State", "Updated At", "Disabled Reason"],
+    view.map((r) => [
+      String(r.id),
+      r.binary,
+      r.host,
+      r.topic,
+      r.status,
+      r.state,
+      r.updatedAt.toISOString(),
+      r.disabledReason ?? "-",
+    ]),
+  );
+}
+
+function parseId(s: string | undefined): number {
+  const id = Number(s);
+  if (s === undefined || !Number.isSafeInteger(id) || id <= 0) {
+    throw new UsageError(`Invalid service ID ${JSON.stringify(s ?? "")}: must be a positive integer`);
+  }
+  return id;
+}
+
+async function services(argv: string[]): Promise<number> {
+  const { opts, rest } = options(argv, ["json", "reason", "unset", "topic", "binary", "host"]);
+  const { args, flagArgs } = positional(rest);
+  const [action, idText, ...extra] = args;
+  if (!action || !["list", "enable", "disable", "force-down", "delete"].includes(action)) {
+    throw new UsageError(`Unknown services action ${JSON.stringify(action ?? "")}`);
+  }
+  if (extra.length || (action === "list" ? idText !== undefined : idText === undefined)) {
+    throw new UsageError(`Wrong arguments for "services ${action}"`);
+  }
+  const flags = flagsFrom(flagArgs);
+  const registry = await openRegistry(flags.registryUrl);
+  const json = "json" in opts;
+  try {
+    if (action === "list") {
+      const filter = { topic: opts.topic, host: opts.host, binary: opts.binary };
+      console.log(serviceRows(await registry.list(filter), flags, json));
+      return 0;
+    }
+    const id = parseId(idText);
+    if (action === "delete") {
+      await registry.remove(id);
+      console.log(`Deleted service ${id}`);
+      return 0;
+    }
+    const row = action === "enable"
+      ? await registry.setDisabled(id, false)
+      : action === "disable"
+      ? await registry.setDisabled(id, true, opts.reason)
+      : await registry.setForcedDown(id, !("unset" in opts));
+    console.log(serviceRows([row], flags, json));
+    return 0;
+  } finally {
+    await registry.close();
+  }
+}
+
+async function callOrCast(kind: "call" | "cast", argv: string[]): Promise<number> {
+  const { opts, rest } = options(argv, ["timeout"]);
+  const { args, flagArgs } = positional(rest);
+  const [address, method, json, ...extra] = args;
+  if (!address || !method || extra.length) throw new UsageError(`"${kind}" needs ADDRESS METHOD [JSON]`);
+  const flags = flagsFrom(flagArgs);
+  const timeout = opts.timeout === undefined ? flags.rpcResponseTimeout : Number(opts.timeout);
+  if (!(timeout > 0)) throw new UsageError(`Invalid --timeout=${JSON.stringify(opts.timeout)}: must be seconds > 0`);
+  const msg = { method, args: parseArgs(json) };
+  const transport = await openTransport(flags.transportUrl);
+  const rpc = new Rpc(transport, { prefix: flags.prefix, timeout });
+  const ctx = RequestContext.admin({ userId: "novalet-cli" });
+  try {
+    if (kind === "call") console.log(JSON.stringify(await rpc.call(ctx, address, msg), null, 2));
+    else await rpc.cast(ctx, address, msg, { timeout });
+    return 0;
+  } catch (e) {
+    if (e instanceof TypeError) throw new UsageError(e.message);
+    const err = e as Error;
+    const what = e instanceof RemoteError ? `${e.type}: ${e.message}` : `${err.name}: ${err.message}`;
+    const hint = flags.transportUrl.startsWith("memory:")
+      ? " (the memory transport only reaches services in this process: use --transport_url=mqtt://...)"
+      : "";
+    console.error(`novalet ${kind} ${address} ${method} failed: ${what}${hint}`);
+    return 1;
+  } finally {
+    await rpc.close();
+    await transport.close();
+  }
+}
+
+async function serveCommand(argv: string[]): Promise<number> {
+  const { opts, rest } = options(argv, ["topic"]);
+  const { args: specs, flagArgs } = positional(rest);
+  if (specs.length === 0) throw new UsageError(`"serve" needs at least one SPEC (./path.ts#ClassName)`);
+  if (opts.topic !== undefined && specs.length > 1) throw new UsageError("--topic works with one SPEC only");
+  const flags = flagsFrom(flagArgs);
+  const list: Service[] = [];
+  for (const spec of specs) {
+    const manager = await loadManager(spec).catch((e) => {
+      throw new UsageError((e as Error).message);
+    });
+    const topic = opts.topic ?? (manager.name.replace(/Manager$/, "").toLowerCase() || "service");
+    list.push(Service.create({ manager, topic, binary: `nova-${topic}`, flags }));
+  }
+  const launcher = await serve(...list);
+  for (const s of list) s.logger.info(`Serving ${s.topic}.${s.host} (${s.dispatcher?.methods.join(", ")})`);
+  return await launcher.done;
+}
+
+/** Run the CLI with `argv` (without the program name); resolves with the exit status. */
+export async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  try {
+    if (command === undefined) throw new UsageError("No command given");
+    if (command === "--help" || command === "-h" || command === "help") {
+      console.log(USAGE);
+      return 0;
+    }
+    if (command === "serve") return await serveCommand(rest);
+    if (command === "call" || command === "cast") return await callOrCast(command, rest);
+    if (command === "services") return await services(rest);
+    throw new UsageError(`Unknown command ${JSON.stringify(command)}`);
+  } catch (e) {
+    if (e instanceof UsageError) {
+      console.error(`novalet: ${e.message}\n\n${USAGE}`);
+      return 2;
+    }
+    console.error(`novalet: ${(e as Error).message}`);
+    return 1;
+  }
+}
+
+// Run when started as a program (Deno sets import.meta.main; under Node look at the script).
+if ((import.meta as { main?: boolean }).main ?? process.argv[1]?.endsWith("cli.ts")) {
+  process.exitCode = await main(process.argv.slice(2));
+}
