@@ -32,9 +32,25 @@ export class EmbeddedBroker {
     this.url = `mqtt://127.0.0.1:${this.port}`;
   }
 
-  /** Start a broker on 127.0.0.1 and a port the system picks (or `port`). */
-  static async start(opts: { port?: number } = {}): Promise<EmbeddedBroker> {
-    const aedes = await Aedes.createBroker();
+  /**
+   * Start a broker on 127.0.0.1 and a port the system picks (or `port`). With `users`, only
+   * those user names and passwords may connect (anonymous clients are refused).
+   */
+  static async start(opts: { port?: number; users?: Record<string, string> } = {}): Promise<EmbeddedBroker> {
+    const users = opts.users;
+    const aedes = await Aedes.createBroker(
+      users
+        ? {
+          authenticate: (_client, username, password, done) => {
+            const ok = username !== undefined && Object.hasOwn(users, username) &&
+              users[username] === password?.toString();
+            if (ok) return done(null, true);
+            // CONNACK return code 4: bad user name or password.
+            done(Object.assign(new Error("Bad user name or password"), { returnCode: 4 as const }), null);
+          },
+        }
+        : {},
+    );
     // noDelay: without it each QoS 1 round trip waits ~40 ms for a delayed ACK.
     const server = createServer({ noDelay: true }, aedes.handle);
     await new Promise<void>((resolve, reject) => {

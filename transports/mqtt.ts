@@ -79,10 +79,12 @@ interface BrokerSub {
   ready: Promise<void>;
 }
 
-/** Held messages: taken by no handler, with a persistent session, so never acknowledged. */
-interface Held {
-  packet: IPublishPacket;
-  done: () => void;
+/** A stable subscription identifier for a key (1 to 268,435,455): a persistent session keeps
+ * the identifiers of its subscriptions, so the next process must give a key the same one. */
+function stableId(key: string): number {
+  let h = 0x811c9dc5;
+  for (let i = 0; i < key.length; i++) h = Math.imul(h ^ key.charCodeAt(i), 0x01000193) >>> 0;
+  return (h % 268_435_454) + 1;
 }
 
 function redact(url: string): string {
@@ -134,8 +136,8 @@ export class MqttTransport implements Transport {
   #v5: boolean;
   #subs = new Map<string, BrokerSub>();
   #byId = new Map<number, BrokerSub>();
-  #nextId = 1;
-  #held: Held[] = [];
+  /** QoS 1 messages no handler took, on a persistent session: not acknowledged (yet). */
+  #held: IPublishPacket[] = [];
   #noSubscribers = new Set<number>();
   #closed = false;
   #warnedShared = false;
@@ -151,8 +153,19 @@ export class MqttTransport implements Transport {
     this.#maxPayload = opts.maxPayloadBytes ?? 8 * 1024 * 1024;
     this.#v5 = client.options.protocolVersion === 5;
     this.persistent = client.options.clean === false;
-    // Route every message ourselves: called once per packet; the callback acknowledges it.
-    client.handleMessage = (packet, done) => this.#onMessage(packet, () => done());
+    // Route every message ourselves. mqtt.js sends the PUBACK when the callback is called without
+    // an error; with an error it sends none and goes on reading: that is how a message nobody
+    // takes stays unacknowledged, for the broker to deliver again.
+    client.handleMessage = (packet, callback) => {
+      if (this.#offer(packet)) return callback();
+      if (this.persistent && packet.qos > 0 && !this.#closed) {
+        this.#log.debug(`Holding a message on ${packet.topic}: no handler takes it yet`, { topic: packet.topic });
+        this.#held.push(packet);
+        return callback(new Error("held: no handler"));
+      }
+      this.#log.debug(`Dropped a message on ${packet.topic}: no handler`, { topic: packet.topic });
+      callback();
+    };
     client.on("packetreceive", (p) => {
       // PUBACK reason 16 (v5): "no matching subscribers"; mqtt.js reports it as success.
       if (p.cmd === "puback" && p.reasonCode === 16 && p.messageId !== undefined) this.#noSubscribers.add(p.messageId);
@@ -310,34 +323,29 @@ export class MqttTransport implements Transport {
     const key = group === undefined ? filter : `$share/${group}/${filter}`;
     let sub = this.#subs.get(key);
     if (!sub) {
-      sub = {
-        key,
-        filter,
-        group,
-        qos: opts.qos ?? this.#qos,
-        id: this.#nextId++,
-        handlers: [],
-        next: 0,
-        ready: Promise.resolve(),
-      };
+      let id = stableId(key);
+      while (this.#byId.has(id)) id = (id % 268_435_454) + 1;
+      sub = { key, filter, group, qos: opts.qos ?? this.#qos, id, handlers: [], next: 0, ready: Promise.resolve() };
       this.#subs.set(key, sub);
-      this.#byId.set(sub.id, sub);
-      const s = sub;
-      s.ready = this.#brokerSubscribe(s).catch((e) => {
+      this.#byId.set(id, sub);
+      const created = sub;
+      created.ready = this.#brokerSubscribe(created).catch((e) => {
         this.#subs.delete(key);
-        this.#byId.delete(s.id);
+        this.#byId.delete(created.id);
         throw e;
       });
     }
+    // The handler is in place before the SUBACK: a resumed session may deliver right away.
     sub.handlers.push(handler);
+    this.#release();
     try {
       await sub.ready;
     } catch (e) {
+      sub.handlers = sub.handlers.filter((h) => h !== handler);
       throw e instanceof DeliveryError ? e : new DeliveryError(`Cannot subscribe to ${key}: ${(e as Error).message}`, {
         cause: e,
       });
     }
-    this.#release(); // a held message may now have a taker
     const s = sub;
     let active = true;
     const remove = async (fromBroker: boolean) => {
@@ -376,59 +384,56 @@ export class MqttTransport implements Transport {
 
   /** The subscriptions a message is for: by subscription identifier (v5), else by filter. */
   #targets(packet: IPublishPacket): BrokerSub[] {
+    const topic = packet.topic;
     const ids = packet.properties?.subscriptionIdentifier;
     if (ids !== undefined) {
       const out: BrokerSub[] = [];
       for (const id of Array.isArray(ids) ? ids : [ids]) {
         const s = this.#byId.get(id);
-        if (s) out.push(s);
+        if (s && topicMatches(s.filter, topic)) out.push(s);
       }
-      return out;
+      if (out.length) return out;
     }
-    const topic = packet.topic;
     return [...this.#subs.values()].filter((s) => topicMatches(s.filter, topic));
   }
 
-  #onMessage(packet: IPublishPacket, done: () => void): void {
+  /** Hand a message to its handlers; false when none takes it. */
+  #offer(packet: IPublishPacket): boolean {
     const targets = this.#targets(packet).filter((s) => s.handlers.length > 0);
-    if (targets.length === 0) {
-      if (this.persistent && packet.qos > 0 && !this.#closed) {
-        // Nobody takes it now: leave it unacknowledged so the broker delivers it again later.
-        // (mqtt.js reads the next packet only after this one is done, so this holds the line.)
-        this.#log.debug(`Holding a message on ${packet.topic}: no handler takes it`, { topic: packet.topic });
-        this.#held.push({ packet, done });
-        return;
-      }
-      this.#log.debug(`Dropped a message on ${packet.topic}: no handler`, { topic: packet.topic });
-      done();
-      return;
-    }
+    if (targets.length === 0) return false;
     const payload = packet.payload as Buffer;
     const bytes = new Uint8Array(payload.buffer, payload.byteOffset, payload.byteLength);
-    for (const s of targets) {
-      const run = (h: MessageHandler) => {
-        try {
-          const r = h(bytes, packet.topic);
-          if (r instanceof Promise) {
-            r.catch((e) => this.#log.error("A message handler failed", { topic: packet.topic, error: e }));
-          }
-        } catch (e) {
-          this.#log.error("A message handler failed", { topic: packet.topic, error: e });
+    const run = (h: MessageHandler) => {
+      try {
+        const r = h(bytes, packet.topic);
+        if (r instanceof Promise) {
+          r.catch((e) => this.#log.error("A message handler failed", { topic: packet.topic, error: e }));
         }
-      };
-      if (s.group !== undefined) {
-        run(s.handlers[s.next++ % s.handlers.length]!);
-      } else {
-        for (const h of s.handlers) run(h);
+      } catch (e) {
+        this.#log.error("A message handler failed", { topic: packet.topic, error: e });
       }
+    };
+    for (const s of targets) {
+      if (s.group !== undefined) run(s.handlers[s.next++ % s.handlers.length]!);
+      else for (const h of s.handlers) run(h);
     }
-    done(); // acknowledged once taken, not once finished: a slow handler must not stall the line
+    // Taken, not finished: acknowledging at the end of a slow handler would stall the line.
+    return true;
   }
 
-  /** Offer held messages again (after a new subscription). */
+  /** Offer the held messages again (a handler was added) and acknowledge those taken now. */
   #release(): void {
-    const held = this.#held.splice(0);
-    for (const h of held) this.#onMessage(h.packet, h.done);
+    if (this.#held.length === 0) return;
+    this.#held = this.#held.filter((packet) => {
+      if (!this.#offer(packet)) return true;
+      // mqtt.js has no public call to acknowledge a message after its handleMessage returned.
+      (this.client as unknown as { _sendPacket(p: object): void })._sendPacket({
+        cmd: "puback",
+        messageId: packet.messageId,
+        ...(this.#v5 ? { reasonCode: 0 } : {}),
+      });
+      return false;
+    });
   }
 
   /** Remove a filter from the broker session for good (used by `Service.kill()`). */
@@ -449,9 +454,7 @@ export class MqttTransport implements Transport {
     this.#closed = true;
     this.#subs.clear();
     this.#byId.clear();
-    if (!this.#owned) return;
-    // Force when messages are held: a graceful end would wait behind them.
-    await this.client.endAsync(this.#held.length > 0);
     this.#held = [];
+    if (this.#owned) await this.client.endAsync();
   }
 }

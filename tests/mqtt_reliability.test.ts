@@ -1,0 +1,354 @@
+/**
+ * What MQTT adds to the transport contract: persistent sessions, message expiry, broker
+ * restarts, dead servers, payload limits, credentials, and clients that know nothing of novalet.
+ */
+import { after, afterEach, before, describe, it } from "node:test";
+import assert from "node:assert/strict";
+import { execFile, spawn } from "node:child_process";
+import process from "node:process";
+import mqtt from "mqtt";
+import { DeliveryError, Manager, RequestContext, Rpc, RpcTimeoutError, Service, type Transport } from "../mod.ts";
+import { EmbeddedBroker } from "../transports/broker.ts";
+import { MqttTransport, type MqttTransportOptions } from "../transports/mqtt.ts";
+import { childCommand, MemoryLogger, sleep, uniquePrefix, waitFor } from "./helpers.ts";
+import { BIG_STALLS, EMBEDDED, embeddedOnly, mqttFixture } from "./mqtt_fixture.ts";
+import { Mosquitto, MOSQUITTO_PUB, MOSQUITTO_SUB, needs } from "./mosquitto.ts";
+
+const ctx = new RequestContext({ userId: "tester" });
+
+/** Records every cast it runs. */
+class Recorder extends Manager {
+  static seen: number[] = [];
+  record(_c: RequestContext, { n }: { n: number }) {
+    Recorder.seen.push(n);
+  }
+  echo(_c: RequestContext, args: Record<string, unknown>) {
+    return args;
+  }
+}
+
+describe("MQTT transport: sessions, limits and restarts", () => {
+  let fx: Awaited<ReturnType<typeof mqttFixture>>;
+  let opened: { close(): Promise<unknown> }[] = [];
+  before(async () => {
+    fx = await mqttFixture();
+  });
+  after(async () => await fx.close?.());
+  afterEach(async () => {
+    for (const o of opened.reverse()) await o.close();
+    opened = [];
+  });
+  const track = <T extends { close(): Promise<unknown> }>(x: T): T => {
+    opened.push(x);
+    return x;
+  };
+  const connect = async (extra: Partial<MqttTransportOptions> = {}) =>
+    track(await MqttTransport.connect({ ...fx.options(), ...extra }));
+
+  /** A service of Recorder on its own transport, with a persistent session as a device has. */
+  async function device(prefix: string, clientId: string) {
+    const transport = await connect({ clientId, sessionExpiry: 600 });
+    const svc = Service.create({
+      host: "dev1",
+      topic: "sensor",
+      manager: Recorder,
+      transport,
+      prefix,
+      periodicFuzzyDelay: 0,
+      logger: new MemoryLogger(),
+      registry: track(await (await import("../registry/sql.ts")).openSqlRegistry("sqljs::memory:")),
+    });
+    await svc.start();
+    return { svc, transport };
+  }
+
+  it("casts to topic.host sent while the device is offline run once when it comes back", async () => {
+    Recorder.seen = [];
+    const prefix = uniquePrefix("offline");
+    const clientId = `dev-${crypto.randomUUID().slice(0, 8)}`;
+    const first = await device(prefix, clientId);
+    await first.svc.stop(); // keeps topic.host in the broker session
+    await first.transport.close();
+
+    const rpc = track(new Rpc(await connect(), { prefix }));
+    for (let n = 0; n < 5; n++) await rpc.cast(ctx, "sensor.dev1", { method: "record", args: { n } });
+    await sleep(100);
+    assert.deepEqual(Recorder.seen, [], "nothing ran while the device was away");
+
+    const second = await device(prefix, clientId);
+    await waitFor(() => Recorder.seen.length >= 5, "the queued casts", 10_000);
+    await second.svc.stop();
+    await second.transport.close();
+    await sleep(100);
+    assert.deepEqual(Recorder.seen.sort(), [0, 1, 2, 3, 4], "each exactly once");
+
+    // They were acknowledged: a third start gets nothing again.
+    Recorder.seen = [];
+    const third = await device(prefix, clientId);
+    await sleep(300);
+    assert.deepEqual(Recorder.seen, []);
+    await third.svc.kill(); // kill() removes topic.host from the session for good
+  });
+
+  it("a cast whose timeout passed while the device was offline is not delivered", {
+    skip: embeddedOnly("aedes speaks MQTT 3.1.1, which has no message expiry"),
+  }, async () => {
+    Recorder.seen = [];
+    const prefix = uniquePrefix("expiry");
+    const clientId = `dev-${crypto.randomUUID().slice(0, 8)}`;
+    const first = await device(prefix, clientId);
+    await first.svc.stop();
+    await first.transport.close();
+    const rpc = track(new Rpc(await connect(), { prefix }));
+    await rpc.cast(ctx, "sensor.dev1", { method: "record", args: { n: 1 } }, { timeout: 1 });
+    await rpc.cast(ctx, "sensor.dev1", { method: "record", args: { n: 2 } }, { timeout: 60 });
+    await sleep(2200);
+    const second = await device(prefix, clientId);
+    await waitFor(() => Recorder.seen.length >= 1, "the live cast", 10_000);
+    await sleep(200);
+    assert.deepEqual(Recorder.seen, [2]);
+    await second.svc.kill();
+  });
+
+  it("a 1 MiB argument makes the round trip", { skip: BIG_STALLS }, async () => {
+    const prefix = uniquePrefix("big");
+    const svc = Service.create({
+      host: "h",
+      topic: "echo",
+      manager: Recorder,
+      transport: await connect(),
+      prefix,
+      logger: new MemoryLogger(),
+      registry: track(await (await import("../registry/sql.ts")).openSqlRegistry("sqljs::memory:")),
+    });
+    await svc.start();
+    track({ close: () => svc.stop() });
+    const rpc = track(new Rpc(await connect(), { prefix }));
+    const blob = "z".repeat(1024 * 1024);
+    const back = await rpc.call<{ blob: string }>(ctx, "echo", { method: "echo", args: { blob } }, { timeout: 20 });
+    assert.equal(back.blob.length, blob.length);
+  });
+
+  it("a payload over maxPayloadBytes is refused with an error naming the size and the limit", async () => {
+    const t = await connect({ maxPayloadBytes: 1024 });
+    await assert.rejects(
+      t.publish(`${uniquePrefix("lim")}/x`, new Uint8Array(2048)),
+      /Cannot publish 2048 bytes to .*over the limit of 1024 bytes \(maxPayloadBytes\)/,
+    );
+    const rpc = track(new Rpc(t, { prefix: uniquePrefix("lim") }));
+    await assert.rejects(
+      rpc.call(ctx, "echo", { method: "echo", args: { blob: "q".repeat(4096) } }),
+      (e: Error) => e instanceof DeliveryError && /over the limit of 1024 bytes/.test(e.message),
+    );
+    assert.equal(rpc.pending, 0);
+  });
+
+  it("a server killed in the middle of a call makes the caller fail at its timeout, not hang", async () => {
+    const prefix = `--prefix=${uniquePrefix("kill")}`;
+    const url = EMBEDDED ? `${fx.url}?protocol_version=4&shared=false` : fx.url;
+    const [cmd, ...args] = childCommand(new URL("../cli.ts", import.meta.url).pathname, [
+      "serve",
+      "./tests/fixtures/managers.ts#SlowManager",
+      "--host=victim",
+      `--transport_url=${url}`,
+      prefix,
+    ]);
+    const child = spawn(cmd!, args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env } });
+    let out = "";
+    child.stdout.setEncoding("utf8").on("data", (d: string) => (out += d));
+    child.stderr.setEncoding("utf8").on("data", (d: string) => (out += d));
+    const exited = new Promise((r) => child.on("close", r));
+    try {
+      await waitFor(() => out.includes("Serving slow.victim"), "the server", 20_000);
+      const rpc = track(new Rpc(await connect(), { prefix: prefix.slice(9) }));
+      const t0 = Date.now();
+      const call = rpc.call(ctx, "slow.victim", { method: "slow", args: { ms: 60_000 } }, { timeout: 2 });
+      const outcome = assert.rejects(call, RpcTimeoutError);
+      await waitFor(() => out.includes("SLOW STARTED"), "the call to start");
+      process.kill(child.pid!, "SIGKILL");
+      await outcome;
+      const ms = Date.now() - t0;
+      assert.ok(ms >= 1900 && ms < 5000, `failed after ${ms} ms, at the 2 s timeout`);
+      assert.equal(rpc.pending, 0);
+    } finally {
+      try {
+        process.kill(child.pid!, "SIGKILL");
+      } catch { /* already gone */ }
+      await exited;
+    }
+  });
+});
+
+describe("MQTT credentials", () => {
+  it("wrong credentials give a clear error; right ones connect (embedded broker)", async () => {
+    const broker = await EmbeddedBroker.start({ users: { novalet: "s3cret" } });
+    try {
+      await assert.rejects(
+        MqttTransport.connect({ ...broker.transportOptions(), username: "novalet", password: "wrong" }),
+        (e: Error) => {
+          assert.match(
+            e.message,
+            /Cannot connect to MQTT broker "mqtt:\/\/127\.0\.0\.1:\d+": .*check the user name and password/,
+          );
+          return true;
+        },
+      );
+      await assert.rejects(MqttTransport.connect(broker.transportOptions()), /Cannot connect to MQTT broker/);
+      const ok = await MqttTransport.connect({
+        ...broker.transportOptions(),
+        url: broker.url.replace("//", "//novalet:s3cret@"),
+      });
+      await ok.close();
+    } finally {
+      await broker.close();
+    }
+  });
+
+  it(
+    "wrong credentials give a clear error on Mosquitto with a password file",
+    { skip: needs("mosquitto") },
+    async () => {
+      const m = await Mosquitto.start({ users: { novalet: "s3cret" } });
+      try {
+        await assert.rejects(
+          MqttTransport.connect({ url: m.url.replace("//", "//novalet:nope@") }),
+          (e: Error) => {
+            assert.match(
+              e.message,
+              /Cannot connect to MQTT broker "mqtt:\/\/novalet:\*\*\*@127\.0\.0\.1:\d+": .*check the user name and password/,
+            );
+            assert.doesNotMatch(e.message, /nope/);
+            return true;
+          },
+        );
+        const ok = await MqttTransport.connect({ url: m.url, username: "novalet", password: "s3cret" });
+        await ok.close();
+      } finally {
+        await m.stop();
+      }
+    },
+  );
+});
+
+describe("Mosquitto restart in the middle of a stream of casts", { skip: needs("mosquitto") }, () => {
+  it("every QoS 1 cast is executed exactly once", async () => {
+    Recorder.seen = [];
+    const m = await Mosquitto.start();
+    const prefix = uniquePrefix("restart");
+    const closers: Transport[] = [];
+    try {
+      const opts = { url: m.url, logger: new MemoryLogger(), reconnectMin: 0.1, reconnectMax: 0.5 };
+      const serverT = await MqttTransport.connect({ ...opts, clientId: `srv-${prefix}`, sessionExpiry: 600 });
+      const clientT = await MqttTransport.connect({ ...opts, clientId: `cli-${prefix}`, sessionExpiry: 600 });
+      closers.push(clientT, serverT);
+      const { openSqlRegistry } = await import("../registry/sql.ts");
+      const registry = await openSqlRegistry("sqljs::memory:");
+      const svc = Service.create({
+        host: "h1",
+        topic: "rec",
+        manager: Recorder,
+        transport: serverT,
+        prefix,
+        registry,
+        logger: new MemoryLogger(),
+      });
+      await svc.start();
+      const rpc = new Rpc(clientT, { prefix, logger: new MemoryLogger() });
+      const n = 600;
+      let restarted: Promise<void> | undefined;
+      const sends: Promise<void>[] = [];
+      for (let i = 0; i < n; i++) {
+        if (i === 200) restarted = m.restart(300);
+        sends.push(rpc.cast(ctx, "rec.h1", { method: "record", args: { n: i } }));
+        if (i % 20 === 0) await sleep(5); // a stream, not one burst
+      }
+      await restarted;
+      await Promise.all(sends);
+      await waitFor(() => Recorder.seen.length >= n, `${n} casts`, 30_000);
+      await sleep(300);
+      const sorted = [...Recorder.seen].sort((a, b) => a - b);
+      assert.equal(sorted.length, n, `executed ${sorted.length} times for ${n} casts`);
+      assert.deepEqual(sorted, Array.from({ length: n }, (_, i) => i));
+      await rpc.close();
+      await svc.stop();
+      await registry.close();
+    } finally {
+      for (const c of closers) await c.close();
+      await m.stop();
+    }
+  });
+});
+
+describe("Calling a novalet service without novalet", () => {
+  let fx: Awaited<ReturnType<typeof mqttFixture>>;
+  let svc: Service;
+  let prefix: string;
+  before(async () => {
+    fx = await mqttFixture();
+    prefix = uniquePrefix("interop");
+    const { openSqlRegistry } = await import("../registry/sql.ts");
+    svc = Service.create({
+      host: "h1",
+      topic: "echo",
+      manager: Recorder,
+      transport: await MqttTransport.connect(fx.options()),
+      prefix,
+      registry: await openSqlRegistry("sqljs::memory:"),
+      logger: new MemoryLogger(),
+    });
+    await svc.start();
+  });
+  after(async () => {
+    await svc.stop();
+    await svc.transport.close();
+    await svc.registry.close();
+    await fx.close?.();
+  });
+
+  const request = (replyTo: string) =>
+    JSON.stringify({ v: 1, id: crypto.randomUUID(), method: "echo", args: { hello: "world" }, reply_to: replyTo });
+
+  it("a bare mqtt.js client calls a service with the README's wire format", async () => {
+    const client = await mqtt.connectAsync(fx.url, { protocolVersion: EMBEDDED ? 4 : 5 });
+    try {
+      const replyTo = `${prefix}/reply/bare-${crypto.randomUUID().slice(0, 6)}`;
+      const reply = new Promise<Record<string, unknown>>((r) =>
+        client.on("message", (_t, p) => r(JSON.parse(String(p))))
+      );
+      await client.subscribeAsync(replyTo, { qos: 1 });
+      const body = request(replyTo);
+      await client.publishAsync(`${prefix}/rpc/echo/h1`, body, { qos: 1 });
+      const r = await reply;
+      assert.deepEqual(r, { v: 1, id: JSON.parse(body).id, result: { hello: "world" } });
+    } finally {
+      await client.endAsync();
+    }
+  });
+
+  it(
+    "mosquitto_pub and mosquitto_sub call a service with the README's wire format",
+    { skip: needs("mosquitto_pub") },
+    async () => {
+      const u = new URL(fx.url);
+      const common = ["-h", u.hostname, "-p", u.port, "-V", EMBEDDED ? "mqttv311" : "mqttv5", "-q", "1"];
+      const replyTo = `${prefix}/reply/cli-${crypto.randomUUID().slice(0, 6)}`;
+      const sub = new Promise<string>((resolve, reject) => {
+        execFile(MOSQUITTO_SUB!, [...common, "-t", replyTo, "-C", "1", "-W", "10"], (err, stdout) => {
+          if (err) reject(err);
+          else resolve(stdout);
+        });
+      });
+      await sleep(300); // mosquitto_sub has subscribed by then
+      const body = request(replyTo);
+      await new Promise<void>((resolve, reject) => {
+        execFile(
+          MOSQUITTO_PUB!,
+          [...common, "-t", `${prefix}/rpc/echo/h1`, "-m", body],
+          (err) => err ? reject(err) : resolve(),
+        );
+      });
+      const reply = JSON.parse((await sub).trim());
+      assert.deepEqual(reply, { v: 1, id: JSON.parse(body).id, result: { hello: "world" } });
+    },
+  );
+});
