@@ -1,0 +1,169 @@
+/**
+ * novalet over MQTT against raw mqtt.js request/response on the same broker in the same run.
+ * The server runs in a child process (bench/mqtt_server.ts), the client here. Broker: MQTT_URL,
+ * else a Mosquitto of our own from .ci/mosquitto.conf when the binary exists, else the embedded
+ * aedes broker; the output says which.
+ *
+ * Run: `npx tsx bench/mqtt.ts` (BENCH_SECONDS=2 per row).
+ */
+
+import { spawn } from "node:child_process";
+import process from "node:process";
+import mqtt from "mqtt";
+import { RequestContext, Rpc } from "../mod.ts";
+import { EmbeddedBroker } from "../transports/broker.ts";
+import { MqttTransport } from "../transports/mqtt.ts";
+import { MOSQUITTO, Mosquitto } from "../tests/mosquitto.ts";
+import { closedLoop, report, type Row, takePeakRss } from "./harness.ts";
+
+const SECONDS = Number(process.env.BENCH_SECONDS ?? 2);
+const BURST = Number(process.env.BENCH_BURST ?? 5000);
+
+let brokerName: string;
+let url: string;
+let stopBroker = async () => {};
+if (process.env.MQTT_URL) {
+  url = process.env.MQTT_URL;
+  brokerName = `MQTT_URL ${url}`;
+} else if (MOSQUITTO) {
+  const m = await Mosquitto.start();
+  url = m.url;
+  brokerName = "Mosquitto (own instance, .ci/mosquitto.conf)";
+  stopBroker = () => m.stop();
+} else {
+  const b = await EmbeddedBroker.start();
+  url = `${b.url}?protocol_version=4&shared=false`;
+  brokerName = "embedded (aedes, MQTT 3.1.1)";
+  stopBroker = () => b.close();
+}
+const embedded = url.includes("protocol_version=4");
+
+/** Start the server child and wait for READY. */
+async function server(args: string[]): Promise<() => Promise<void>> {
+  const script = new URL("./mqtt_server.ts", import.meta.url).pathname;
+  const child = spawn(process.execPath, ["--import", "tsx", script, ...args], { stdio: ["ignore", "pipe", "inherit"] });
+  await new Promise<void>((resolve, reject) => {
+    child.stdout.setEncoding("utf8").on("data", (d: string) => d.includes("READY") && resolve());
+    child.on("exit", (code) => reject(new Error(`server exited with ${code}`)));
+  });
+  return async () => {
+    const gone = new Promise((r) => child.once("exit", r));
+    child.kill("SIGTERM");
+    await gone;
+  };
+}
+
+const rows: Row[] = [];
+const s16k = "x".repeat(16 * 1024);
+const scenarios = [["add c=1", 1], ["add c=64", 64], ["echo 16 KiB c=16", 16]] as const;
+
+// Raw mqtt.js: a correlation id in a JSON body, one reply topic per client.
+for (const qos of [0, 1] as const) {
+  const prefix = `bench-raw-${crypto.randomUUID().slice(0, 6)}`;
+  const stop = await server(["raw", url, prefix, String(qos)]);
+  const client = await mqtt.connectAsync(url.split("?")[0]!, { protocolVersion: embedded ? 4 : 5 });
+  (client.stream as { setNoDelay?: (b: boolean) => void }).setNoDelay?.(true);
+  const replyTo = `${prefix}/reply/${crypto.randomUUID()}`;
+  const waiting = new Map<string, (v: unknown) => void>();
+  client.on("message", (_t, p) => {
+    const r = JSON.parse(p.toString());
+    waiting.get(r.id)?.(r.result);
+    waiting.delete(r.id);
+  });
+  await client.subscribeAsync(replyTo, { qos });
+  const request = (body: Record<string, unknown>) =>
+    new Promise((resolve) => {
+      const id = crypto.randomUUID();
+      waiting.set(id, resolve);
+      client.publish(`${prefix}/req`, JSON.stringify({ id, reply_to: replyTo, ...body }), { qos });
+    });
+  for (const [name, c] of scenarios) {
+    const body = name.startsWith("echo") ? { s: s16k } : { a: 1, b: 2 };
+    rows.push(
+      await closedLoop(name, `raw mqtt.js QoS ${qos}`, () => request(body), { concurrency: c, seconds: SECONDS }),
+    );
+  }
+  if (qos === 1) {
+    takePeakRss();
+    const t0 = performance.now();
+    await Promise.all(Array.from({ length: BURST }, () => client.publishAsync(`${prefix}/cast`, "{}", { qos: 1 })));
+    let got = 0;
+    const end = Date.now() + 10_000;
+    while (Date.now() < end) {
+      got = (await request({ op: "count" })) as number;
+      if (got >= BURST) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    rows.push({
+      scenario: `cast burst of ${BURST}`,
+      impl: "raw mqtt.js QoS 1",
+      ops: got,
+      perSecond: Math.round(got / ((performance.now() - t0) / 1000)),
+      p50us: 0,
+      p99us: 0,
+      peakRssMB: takePeakRss(),
+      lost: BURST - got,
+    });
+  }
+  await client.endAsync();
+  await stop();
+}
+
+// novalet: the same scenarios through Rpc.call / Rpc.cast, QoS 0 and QoS 1.
+for (const qos of [0, 1] as const) {
+  const prefix = `bench-nv-${crypto.randomUUID().slice(0, 6)}`;
+  const stop = await server(["novalet", url, prefix]);
+  const transport = await MqttTransport.connect({ url });
+  const rpc = new Rpc(transport, { prefix, qos });
+  const ctx = new RequestContext();
+  for (const [name, c] of scenarios) {
+    const args = name.startsWith("echo") ? { s: s16k } : { a: 1, b: 2 };
+    const method = name.startsWith("echo") ? "echo" : "add";
+    rows.push(
+      await closedLoop(name, `novalet QoS ${qos}`, () => rpc.call(ctx, "bench", { method, args }), {
+        concurrency: c,
+        seconds: SECONDS,
+      }),
+    );
+  }
+  if (qos === 1) {
+    takePeakRss();
+    const t0 = performance.now();
+    await Promise.all(Array.from({ length: BURST }, () => rpc.cast(ctx, "bench", { method: "count" })));
+    let got = 0;
+    const end = Date.now() + 10_000;
+    while (Date.now() < end) {
+      got = await rpc.call<number>(ctx, "bench", { method: "received" });
+      if (got >= BURST) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    rows.push({
+      scenario: `cast burst of ${BURST}`,
+      impl: "novalet QoS 1",
+      ops: got,
+      perSecond: Math.round(got / ((performance.now() - t0) / 1000)),
+      p50us: 0,
+      p99us: 0,
+      peakRssMB: takePeakRss(),
+      lost: BURST - got,
+    });
+  }
+  await rpc.close();
+  await transport.close();
+  await stop();
+}
+await stopBroker();
+
+const ratios: Record<string, number> = {};
+for (const qos of [0, 1]) {
+  for (const [name] of scenarios) {
+    const raw = rows.find((r) => r.scenario === name && r.impl === `raw mqtt.js QoS ${qos}`);
+    const nv = rows.find((r) => r.scenario === name && r.impl === `novalet QoS ${qos}`);
+    if (raw && nv) ratios[`${name} QoS ${qos}`] = Number((nv.perSecond / raw.perSecond).toFixed(3));
+  }
+}
+report("mqtt", `novalet over MQTT vs raw mqtt.js, broker: ${brokerName}, ${SECONDS} s per row`, rows, {
+  broker: brokerName,
+  seconds: SECONDS,
+  ratioToRaw: ratios,
+});
