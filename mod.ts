@@ -122,6 +122,11 @@ export class BadRequest extends Error {
   }
 }
 
+/** A URL without its password, for messages and logs: `mqtt://user:***@host`. */
+export function redactUrl(url: string): string {
+  return url.replace(/(\/\/[^:/@]+:)[^@]*@/, "$1***@");
+}
+
 /** Quote a value for an error message, cut short so a huge input cannot flood a log. */
 export function quote(value: unknown, max = 60): string {
   let s: string;
@@ -290,6 +295,19 @@ export interface SubscribeOptions {
 
 /** Receives a message. A returned promise is awaited before MQTT acknowledges it. */
 export type MessageHandler = (payload: Uint8Array, topic: string) => void | Promise<void>;
+
+/**
+ * Call a subscription's handler for a transport: a throw or a rejected promise is logged and
+ * never reaches the transport, so one bad handler cannot stop deliveries to the others.
+ */
+export function runHandler(handler: MessageHandler, payload: Uint8Array, topic: string, log: Logger): void {
+  try {
+    const r = handler(payload, topic);
+    if (r instanceof Promise) r.catch((e) => log.error("A message handler failed", { topic, error: e }));
+  } catch (e) {
+    log.error("A message handler failed", { topic, error: e });
+  }
+}
 
 /** What `subscribe()` returns. */
 export interface Subscription {
@@ -1568,7 +1586,7 @@ const oneOf = <T extends string>(...allowed: T[]) => (v: string, name: string): 
 const url = (schemes: string[]) => (v: string, name: string): string => {
   if (!schemes.some((s) => v.startsWith(s))) {
     throw new RangeError(
-      `Invalid --${name}=${quote(v.replace(/(\/\/[^:/@]+:)[^@]*@/, "$1***@"))}: must start with ${schemes.join(", ")}`,
+      `Invalid --${name}=${quote(redactUrl(v))}: must start with ${schemes.join(", ")}`,
     );
   }
   return v;

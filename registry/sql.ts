@@ -24,7 +24,7 @@ import {
   sql,
   type Updateable,
 } from "kysely";
-import { ClosedError, NotFound, quote, type Registry, type ServiceRecord } from "../mod.ts";
+import { ClosedError, NotFound, quote, redactUrl, type Registry, type ServiceRecord } from "../mod.ts";
 import { type SqlJsDatabaseLike, SqlJsDialect } from "./sqljs-dialect.ts";
 import { SqlJsFile } from "./sqljs-file.ts";
 
@@ -248,11 +248,6 @@ export interface OpenRegistryOptions {
   schema?: string;
   /** PostgreSQL pool size. Default 10. */
   poolSize?: number;
-}
-
-/** The URL without its password, for messages. */
-export function redactUrl(url: string): string {
-  return url.replace(/(\/\/[^:/@]+:)[^@]*@/, "$1***@");
 }
 
 interface SqlJsStatic {

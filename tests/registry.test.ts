@@ -5,7 +5,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import process from "node:process";
 import pg from "pg";
-import { openSqlRegistry, redactUrl } from "../registry/sql.ts";
+import { redactUrl } from "../mod.ts";
+import { openSqlRegistry } from "../registry/sql.ts";
 import { registryConformance } from "./registry_conformance.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "novalet-registry-"));

@@ -17,6 +17,7 @@ import {
   type Logger,
   type MessageHandler,
   type PublishOptions,
+  runHandler,
   type SubscribeOptions,
   type Subscription,
   topicMatches,
@@ -207,12 +208,7 @@ export class MemoryHub {
       sub = this.#pick(g);
     }
     this.stats.delivered++;
-    try {
-      const r = sub.handler(payload, topic);
-      if (r instanceof Promise) r.catch((e) => this.#log.error("A message handler failed", { topic, error: e }));
-    } catch (e) {
-      this.#log.error("A message handler failed", { topic, error: e });
-    }
+    runHandler(sub.handler, payload, topic, this.#log);
   }
 }
 

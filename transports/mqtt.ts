@@ -22,6 +22,8 @@ import {
   type MessageHandler,
   type PublishOptions,
   quote,
+  redactUrl,
+  runHandler,
   type SubscribeOptions,
   type Subscription,
   topicMatches,
@@ -87,10 +89,6 @@ function stableId(key: string): number {
   return (h % 268_435_454) + 1;
 }
 
-function redact(url: string): string {
-  return url.replace(/(\/\/[^:/@]+:)[^@]*@/, "$1***@");
-}
-
 /** Read novalet's query parameters from a broker URL and return the URL without them. */
 function parseUrl(url: string): { url: string; opts: Partial<MqttTransportOptions> } {
   const u = new URL(url);
@@ -99,7 +97,7 @@ function parseUrl(url: string): { url: string; opts: Partial<MqttTransportOption
     const v = u.searchParams.get(name);
     if (v === null) return undefined;
     const n = Number(v);
-    if (!Number.isFinite(n) || n < 0) throw new RangeError(`Invalid ${name}=${quote(v)} in ${quote(redact(url))}`);
+    if (!Number.isFinite(n) || n < 0) throw new RangeError(`Invalid ${name}=${quote(v)} in ${quote(redactUrl(url))}`);
     u.searchParams.delete(name);
     return n;
   };
@@ -210,7 +208,7 @@ export class MqttTransport implements Transport {
       key: opts.key ? readFileSync(opts.key) : undefined,
       properties: protocolVersion === 5 && sessionExpiry > 0 ? { sessionExpiryInterval: sessionExpiry } : undefined,
     };
-    const where = quote(redact(options.url));
+    const where = quote(redactUrl(options.url));
     const client = mqtt.connect(parsed.url, clientOpts);
     const transport = new MqttTransport(client, opts, true);
     // Backoff: mqtt.js waits a fixed reconnectPeriod; double it after each failed attempt.
@@ -403,16 +401,7 @@ export class MqttTransport implements Transport {
     if (targets.length === 0) return false;
     const payload = packet.payload as Buffer;
     const bytes = new Uint8Array(payload.buffer, payload.byteOffset, payload.byteLength);
-    const run = (h: MessageHandler) => {
-      try {
-        const r = h(bytes, packet.topic);
-        if (r instanceof Promise) {
-          r.catch((e) => this.#log.error("A message handler failed", { topic: packet.topic, error: e }));
-        }
-      } catch (e) {
-        this.#log.error("A message handler failed", { topic: packet.topic, error: e });
-      }
-    };
+    const run = (h: MessageHandler) => runHandler(h, bytes, packet.topic, this.#log);
     for (const s of targets) {
       if (s.group !== undefined) run(s.handlers[s.next++ % s.handlers.length]!);
       else for (const h of s.handlers) run(h);
