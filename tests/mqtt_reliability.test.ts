@@ -279,6 +279,39 @@ describe("Mosquitto restart in the middle of a stream of casts", { skip: needs("
   });
 });
 
+describe("Mosquitto restart with clean sessions", { skip: needs("mosquitto") }, () => {
+  it("a service subscribes again after the broker lost its session, and calls work again", async () => {
+    const m = await Mosquitto.start();
+    const prefix = uniquePrefix("resub");
+    const opts = { url: m.url, logger: new MemoryLogger(), reconnectMin: 0.1, reconnectMax: 0.5 };
+    const serverT = await MqttTransport.connect(opts);
+    const clientT = await MqttTransport.connect(opts);
+    const { openSqlRegistry } = await import("../registry/sql.ts");
+    const registry = await openSqlRegistry("sqljs::memory:");
+    const svc = Service.create({ host: "h1", topic: "echo", manager: Recorder, transport: serverT, prefix, registry });
+    try {
+      await svc.start();
+      const rpc = new Rpc(clientT, { prefix, timeout: 5 });
+      assert.deepEqual(await rpc.call(ctx, "echo.h1", { method: "echo", args: { n: 1 } }), { n: 1 });
+      await m.restart(200); // clean sessions: the broker forgets both clients' subscriptions
+      let answer: unknown;
+      for (let i = 0; i < 30 && answer === undefined; i++) {
+        answer = await rpc.call(ctx, "echo.h1", { method: "echo", args: { n: 2 } }, { timeout: 1 }).catch(() =>
+          undefined
+        );
+      }
+      assert.deepEqual(answer, { n: 2 });
+      await rpc.close();
+    } finally {
+      await svc.stop();
+      await serverT.close();
+      await clientT.close();
+      await registry.close();
+      await m.stop();
+    }
+  });
+});
+
 describe("Calling a novalet service without novalet", () => {
   let fx: Awaited<ReturnType<typeof mqttFixture>>;
   let svc: Service;
