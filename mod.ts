@@ -294,15 +294,27 @@ export interface SubscribeOptions {
 }
 
 /** Receives a message. A returned promise is awaited before MQTT acknowledges it. */
-export type MessageHandler = (payload: Uint8Array, topic: string) => void | Promise<void>;
+export type MessageHandler = (payload: Uint8Array, topic: string, meta?: MessageMeta) => void | Promise<void>;
+
+/** What a transport knows about a delivered message. */
+export interface MessageMeta {
+  /** The QoS it was delivered with (the dispatcher answers a QoS 0 request at QoS 0). */
+  qos?: 0 | 1;
+}
 
 /**
  * Call a subscription's handler for a transport: a throw or a rejected promise is logged and
  * never reaches the transport, so one bad handler cannot stop deliveries to the others.
  */
-export function runHandler(handler: MessageHandler, payload: Uint8Array, topic: string, log: Logger): void {
+export function runHandler(
+  handler: MessageHandler,
+  payload: Uint8Array,
+  topic: string,
+  log: Logger,
+  meta?: MessageMeta,
+): void {
   try {
-    const r = handler(payload, topic);
+    const r = handler(payload, topic, meta);
     if (r instanceof Promise) r.catch((e) => log.error("A message handler failed", { topic, error: e }));
   } catch (e) {
     log.error("A message handler failed", { topic, error: e });
@@ -1230,10 +1242,10 @@ export class Dispatcher {
   }
 
   /** Handle one message; never throws. */
-  handle = async (payload: Uint8Array, topic: string): Promise<void> => {
+  handle = async (payload: Uint8Array, topic: string, meta?: MessageMeta): Promise<void> => {
     this.#inFlight++;
     try {
-      await this.#handle(payload, topic);
+      await this.#handle(payload, topic, meta?.qos === 0 ? 0 : this.#qos);
     } catch (e) {
       this.#log.error("Unexpected failure while dispatching", { topic, error: e });
     } finally {
@@ -1241,7 +1253,7 @@ export class Dispatcher {
     }
   };
 
-  async #handle(payload: Uint8Array, topic: string): Promise<void> {
+  async #handle(payload: Uint8Array, topic: string, qos: 0 | 1): Promise<void> {
     if (payload.byteLength > this.#maxBytes) {
       this.#log.warn(`Dropped a request of ${payload.byteLength} bytes: over maxMessageBytes ${this.#maxBytes}`, {
         topic,
@@ -1255,7 +1267,7 @@ export class Dispatcher {
       const bad = e instanceof BadRequest ? e : new BadRequest(String((e as Error)?.message ?? e), { cause: e });
       if (bad.id !== undefined && bad.replyTo !== undefined && this.#topics.isReplyTopic(bad.replyTo)) {
         this.#log.warn(bad.message, { topic, id: bad.id });
-        await this.#reply(bad.replyTo, { v: 1, id: bad.id, error: errorToWire(bad) });
+        await this.#reply(bad.replyTo, { v: 1, id: bad.id, error: errorToWire(bad) }, qos);
       } else {
         this.#log.warn(`${bad.message}; dropped (no reply address)`, { topic });
       }
@@ -1291,7 +1303,7 @@ export class Dispatcher {
       if (error) this.#log.error(`Cast "${req.method}" failed: ${error.type}: ${error.message}`, { id });
       return;
     }
-    await this.#reply(replyTo, error ? { v: 1, id, error } : { v: 1, id, result: result ?? null }, req.method);
+    await this.#reply(replyTo, error ? { v: 1, id, error } : { v: 1, id, result: result ?? null }, qos, req.method);
   }
 
   /** Run the method: its result, or a promise of it. Throws what the lookup or the method throws. */
@@ -1313,7 +1325,7 @@ export class Dispatcher {
     return requestScope.run(ctx, () => fn.call(this.manager, ctx, req.args));
   }
 
-  async #reply(replyTo: string, reply: ReplyEnvelope, method?: string): Promise<void> {
+  async #reply(replyTo: string, reply: ReplyEnvelope, qos: 0 | 1, method?: string): Promise<void> {
     let bytes: Uint8Array;
     try {
       bytes = this.#codec.encodeReply(reply);
@@ -1324,7 +1336,7 @@ export class Dispatcher {
       bytes = this.#codec.encodeReply({ v: 1, id: reply.id, error: wire });
     }
     try {
-      await this.#transport.publish(replyTo, bytes, { qos: this.#qos });
+      await this.#transport.publish(replyTo, bytes, { qos });
     } catch (e) {
       this.#log.warn(`Could not send the reply to ${reply.id}`, { replyTo, error: e });
     }

@@ -2,7 +2,7 @@
  * novalet over MQTT against raw mqtt.js request/response on the same broker in the same run.
  * The server runs in a child process (bench/mqtt_server.ts), the client here. Broker: MQTT_URL,
  * else a Mosquitto of our own from .ci/mosquitto.conf when the binary exists, else the embedded
- * aedes broker; the output says which.
+ * aedes broker (or when BENCH_BROKER=embedded); the output says which.
  *
  * Run: `npx tsx bench/mqtt.ts` (BENCH_SECONDS=2 per row).
  */
@@ -25,7 +25,7 @@ let stopBroker = async () => {};
 if (process.env.MQTT_URL) {
   url = process.env.MQTT_URL;
   brokerName = `MQTT_URL ${url}`;
-} else if (MOSQUITTO) {
+} else if (MOSQUITTO && process.env.BENCH_BROKER !== "embedded") {
   const m = await Mosquitto.start();
   url = m.url;
   brokerName = "Mosquitto (own instance, .ci/mosquitto.conf)";

@@ -401,7 +401,8 @@ export class MqttTransport implements Transport {
     if (targets.length === 0) return false;
     const payload = packet.payload as Buffer;
     const bytes = new Uint8Array(payload.buffer, payload.byteOffset, payload.byteLength);
-    const run = (h: MessageHandler) => runHandler(h, bytes, packet.topic, this.#log);
+    const meta = { qos: packet.qos === 0 ? 0 as const : 1 as const };
+    const run = (h: MessageHandler) => runHandler(h, bytes, packet.topic, this.#log, meta);
     for (const s of targets) {
       if (s.group !== undefined) run(s.handlers[s.next++ % s.handlers.length]!);
       else for (const h of s.handlers) run(h);
