@@ -24,7 +24,7 @@ describe("logging", () => {
       log.error("Boom", { error: new Error("disk full") });
     });
     assert.equal(lines.length, 2);
-    assert.match(lines[0]!, /^\d\d:\d\d:\d\d\.\d{3} INFO  Service started service=compute\.node1 port=1883$/);
+    assert.match(lines[0]!, /^\d\d:\d\d:\d\d\.\d{3} INFO {2}Service started service=compute\.node1 port=1883$/);
     assert.match(lines[1]!, /ERROR Boom error="disk full"/);
   });
 
