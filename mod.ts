@@ -155,11 +155,27 @@ export interface Logger {
 
 // The context of the handler running now, so every log line of a handler carries its request
 // id without the handler passing it around (as oslo.log does with its thread-local context).
+// An async handler runs in an AsyncLocalStorage scope. A synchronous one only needs the context
+// while it runs, which a plain variable gives for free: on Node 20 the first AsyncLocalStorage
+// scope turns on promise hooks that slow every await in the process by ~70 ns.
 const requestScope = new AsyncLocalStorage<RequestContext>();
+let syncScope: RequestContext | undefined;
+
+/** Run `fn` with `ctx` as the current context. */
+function inScope<T>(ctx: RequestContext, isAsync: boolean, fn: () => T): T {
+  if (isAsync) return requestScope.run(ctx, fn);
+  const outer = syncScope;
+  syncScope = ctx;
+  try {
+    return fn();
+  } finally {
+    syncScope = outer;
+  }
+}
 
 /** The context of the RPC handler running now, if any. */
 export function currentContext(): RequestContext | undefined {
-  return requestScope.getStore();
+  return syncScope ?? requestScope.getStore();
 }
 
 /** Log levels in increasing order of severity. */
@@ -189,7 +205,7 @@ export class ConsoleLogger implements Logger {
   }
   #write(level: Exclude<LogLevel, "silent">, msg: string, fields?: LogFields): void {
     if (LEVELS[level] < this.#min) return;
-    const ctx = requestScope.getStore();
+    const ctx = currentContext();
     const all = ctx
       ? { ...this.#fields, request_id: ctx.requestId, ...fields }
       : fields
@@ -235,7 +251,7 @@ function safeStringify(v: unknown): string {
 export function withFields(logger: Logger, fields: LogFields): Logger {
   if (logger instanceof ConsoleLogger) return logger.child(fields);
   const all = (f?: LogFields): LogFields => {
-    const ctx = requestScope.getStore();
+    const ctx = currentContext();
     return ctx ? { ...fields, request_id: ctx.requestId, ...f } : { ...fields, ...f };
   };
   return {
@@ -1204,6 +1220,8 @@ export class Dispatcher {
   #log: Logger;
   #debug: boolean;
   #seen = new Set<string>();
+  /** Methods that return promises: they run in the async scope (see inScope). */
+  #async = new Set<unknown>();
   #ring: (string | undefined)[];
   #ringAt = 0;
   #goodReplyTopics = new Set<string>();
@@ -1215,6 +1233,7 @@ export class Dispatcher {
   constructor(manager: Manager, transport: Transport, opts: DispatcherOptions = {}) {
     this.manager = manager;
     this.#table = rpcMethods(manager);
+    for (const fn of this.#table.values()) if (fn.constructor.name === "AsyncFunction") this.#async.add(fn);
     this.#transport = transport;
     this.#topics = new Topics(opts.prefix);
     this.#codec = opts.codec ?? jsonCodec;
@@ -1322,7 +1341,13 @@ export class Dispatcher {
     } catch (e) {
       throw new BadRequest(`Malformed request: ${(e as Error).message}`, { cause: e });
     }
-    return requestScope.run(ctx, () => fn.call(this.manager, ctx, req.args));
+    // A handler that is not an async function but returns a promise gets the async scope too,
+    // from its next call on (its first one cannot be told apart before it has run).
+    return inScope(ctx, this.#async.has(fn), () => {
+      const r = fn.call(this.manager, ctx, req.args);
+      if (r instanceof Promise && !this.#async.has(fn)) this.#async.add(fn);
+      return r;
+    });
   }
 
   async #reply(replyTo: string, reply: ReplyEnvelope, qos: 0 | 1, method?: string): Promise<void> {

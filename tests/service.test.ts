@@ -296,18 +296,32 @@ describe("Service", () => {
     await assert.rejects(registry.list(), ClosedError);
   });
 
-  it("every log line a handler writes carries the request id", async () => {
+  it("every log line a handler writes carries the request id, before and after its awaits", async () => {
     class Chatty extends Manager {
       talk(_c: RequestContext) {
-        this.service.logger.info("working on it");
+        this.service.logger.info("sync handler");
+      }
+      async later(_c: RequestContext) {
+        this.service.logger.info("async handler, before");
+        await sleep(5);
+        this.service.logger.info("async handler, after");
+      }
+      promised(_c: RequestContext) {
+        return sleep(5).then(() => this.service.logger.info("promise handler, after"));
       }
     }
     const { svc, rpc, log } = await make({ manager: Chatty });
     await svc.start();
-    const c = new RequestContext({ requestId: "req-trace-me" });
-    await rpc.call(c, "echo", { method: "talk" });
-    const line = log.lines.find((l) => l.msg === "working on it");
-    assert.equal(line?.fields?.request_id, "req-trace-me");
-    assert.equal(line?.fields?.service, "echo.h1");
+    const calls = ["talk", "later", "promised", "promised"].map((method, i) =>
+      rpc.call(new RequestContext({ requestId: `req-${method}-${i}` }), "echo", { method })
+    );
+    await Promise.all(calls);
+    const ids = (msg: string) => log.lines.filter((l) => l.msg === msg).map((l) => l.fields?.request_id);
+    assert.deepEqual(ids("sync handler"), ["req-talk-0"]);
+    assert.deepEqual(ids("async handler, before"), ["req-later-1"]);
+    assert.deepEqual(ids("async handler, after"), ["req-later-1"]);
+    // A plain function returning a promise is known to be async from its second call on.
+    assert.ok(ids("promise handler, after").includes("req-promised-3"), JSON.stringify(ids("promise handler, after")));
+    assert.equal(log.lines.find((l) => l.msg === "sync handler")?.fields?.service, "echo.h1");
   });
 });
