@@ -583,6 +583,8 @@ export interface RequestEnvelope {
   version?: string;
   /** Epoch milliseconds after which the server drops the request. */
   deadline?: number;
+  /** The caller reads batched replies (a JSON array of replies), so the reply may come in one. */
+  batch?: boolean;
 }
 
 /** An error as it crosses the wire. */
@@ -608,6 +610,18 @@ export interface Codec {
   encodeReply(reply: ReplyEnvelope): Uint8Array;
   /** @throws {BadRequest} when the bytes are not a reply. */
   decodeReply(bytes: Uint8Array): ReplyEnvelope;
+  /**
+   * Optional: frame several encoded requests (or replies) as one message, a batch. A codec
+   * without it never batches.
+   */
+  encodeBatch?(items: Uint8Array[]): Uint8Array;
+  /**
+   * Optional, with encodeBatch: the requests of a message, single or batch; a malformed one is a
+   * BadRequest in its place. @throws {BadRequest} when the message as a whole is unreadable.
+   */
+  decodeRequests?(bytes: Uint8Array): { batch: boolean; items: (RequestEnvelope | BadRequest)[] };
+  /** Optional, with encodeBatch: the replies of a message, single or batch. */
+  decodeReplies?(bytes: Uint8Array): ReplyEnvelope[];
 }
 
 const METHOD_NAME = /^[A-Za-z_$][\w$]{0,127}$/;
@@ -641,6 +655,76 @@ function isPlainObject(v: unknown): v is Record<string, unknown> {
   return v !== null && typeof v === "object" && !Array.isArray(v);
 }
 
+/** Validate one parsed request; a BadRequest keeps the id and reply_to when they are readable. */
+function checkRequest(raw: unknown): RequestEnvelope {
+  if (!isPlainObject(raw)) throw new BadRequest(`Malformed request: ${quote(raw)} is not a JSON object`);
+  const id = typeof raw.id === "string" && raw.id.length > 0 && raw.id.length <= MAX_ID ? raw.id : undefined;
+  const replyTo = typeof raw.reply_to === "string" && raw.reply_to.length <= MAX_REPLY_TO ? raw.reply_to : undefined;
+  const bad = (msg: string): never => {
+    throw new BadRequest(`Malformed request: ${msg}`, { id, replyTo });
+  };
+  if (raw.v !== 1) bad(`"v" is ${quote(raw.v)}, expected 1`);
+  if (id === undefined) bad(`"id" ${quote(raw.id)} must be a string of 1 to ${MAX_ID} characters`);
+  if (typeof raw.method !== "string" || !METHOD_NAME.test(raw.method)) {
+    bad(`"method" ${quote(raw.method)} must be an identifier of at most 128 characters`);
+  }
+  if (raw.args !== undefined && !isPlainObject(raw.args)) bad(`"args" ${quote(raw.args)} must be an object`);
+  if (raw.context !== undefined && !isPlainObject(raw.context)) {
+    bad(`"context" ${quote(raw.context)} must be an object`);
+  }
+  if (raw.reply_to !== undefined && replyTo === undefined) {
+    bad(`"reply_to" ${quote(raw.reply_to)} must be a string of at most ${MAX_REPLY_TO} characters`);
+  }
+  if (raw.version !== undefined && (typeof raw.version !== "string" || !VERSION.test(raw.version))) {
+    bad(`"version" ${quote(raw.version)} must look like "1.2"`);
+  }
+  if (raw.deadline !== undefined && (typeof raw.deadline !== "number" || !Number.isFinite(raw.deadline))) {
+    bad(`"deadline" ${quote(raw.deadline)} must be a number (epoch ms)`);
+  }
+  if (raw.batch !== undefined && typeof raw.batch !== "boolean") bad(`"batch" ${quote(raw.batch)} must be a boolean`);
+  const req: RequestEnvelope = {
+    v: 1,
+    id: id!,
+    method: raw.method as string,
+    args: (raw.args ?? {}) as Record<string, unknown>,
+    context: (raw.context ?? {}) as Record<string, unknown>,
+  };
+  if (replyTo !== undefined) req.reply_to = replyTo;
+  if (raw.version !== undefined) req.version = raw.version as string;
+  if (raw.deadline !== undefined) req.deadline = raw.deadline as number;
+  if (raw.batch === true) req.batch = true;
+  return req;
+}
+
+function checkReply(raw: unknown): ReplyEnvelope {
+  if (!isPlainObject(raw) || raw.v !== 1 || typeof raw.id !== "string") {
+    throw new BadRequest(`Malformed reply: ${quote(raw)} lacks "v":1 or a string "id"`);
+  }
+  if (Object.hasOwn(raw, "error")) {
+    const e = raw.error;
+    if (!isPlainObject(e) || typeof e.type !== "string" || typeof e.message !== "string") {
+      throw new BadRequest(`Malformed reply ${quote(raw.id)}: "error" needs string "type" and "message"`);
+    }
+    const error: WireError = { type: e.type, message: e.message };
+    if (e.data !== undefined) error.data = e.data;
+    if (typeof e.stack === "string") error.stack = e.stack;
+    return { v: 1, id: raw.id, error };
+  }
+  return { v: 1, id: raw.id, result: raw.result ?? null };
+}
+
+const OPEN = utf8("[");
+const COMMA = utf8(",");
+const CLOSE = utf8("]");
+
+function parseOrBad(bytes: Uint8Array, what: string): unknown {
+  try {
+    return parseJson(bytes);
+  } catch (e) {
+    throw new BadRequest(`Malformed ${what}: not UTF-8 JSON (${(e as Error).message})`, { cause: e });
+  }
+}
+
 /** The JSON codec of the documented wire format. */
 export const jsonCodec: Codec = {
   encodeRequest(req) {
@@ -651,75 +735,46 @@ export const jsonCodec: Codec = {
     if (req.reply_to !== undefined) s += `,"reply_to":${JSON.stringify(req.reply_to)}`;
     if (req.version !== undefined) s += `,"version":${JSON.stringify(req.version)}`;
     if (req.deadline !== undefined) s += `,"deadline":${JSON.stringify(req.deadline)}`;
+    if (req.batch) s += `,"batch":true`;
     return utf8(s + "}");
   },
   decodeRequest(bytes) {
-    let raw: unknown;
-    try {
-      raw = parseJson(bytes);
-    } catch (e) {
-      throw new BadRequest(`Malformed request: not UTF-8 JSON (${(e as Error).message})`, { cause: e });
-    }
-    if (!isPlainObject(raw)) throw new BadRequest(`Malformed request: ${quote(raw)} is not a JSON object`);
-    const id = typeof raw.id === "string" && raw.id.length > 0 && raw.id.length <= MAX_ID ? raw.id : undefined;
-    const replyTo = typeof raw.reply_to === "string" && raw.reply_to.length <= MAX_REPLY_TO ? raw.reply_to : undefined;
-    const bad = (msg: string): never => {
-      throw new BadRequest(`Malformed request: ${msg}`, { id, replyTo });
+    return checkRequest(parseOrBad(bytes, "request"));
+  },
+  decodeRequests(bytes) {
+    const raw = parseOrBad(bytes, "request");
+    if (!Array.isArray(raw)) return { batch: false, items: [checkRequest(raw)] };
+    if (raw.length === 0) throw new BadRequest("Malformed request: an empty batch");
+    return {
+      batch: true,
+      items: raw.map((r) => {
+        try {
+          return checkRequest(r);
+        } catch (e) {
+          return e as BadRequest;
+        }
+      }),
     };
-    if (raw.v !== 1) bad(`"v" is ${quote(raw.v)}, expected 1`);
-    if (id === undefined) bad(`"id" ${quote(raw.id)} must be a string of 1 to ${MAX_ID} characters`);
-    if (typeof raw.method !== "string" || !METHOD_NAME.test(raw.method)) {
-      bad(`"method" ${quote(raw.method)} must be an identifier of at most 128 characters`);
-    }
-    if (raw.args !== undefined && !isPlainObject(raw.args)) bad(`"args" ${quote(raw.args)} must be an object`);
-    if (raw.context !== undefined && !isPlainObject(raw.context)) {
-      bad(`"context" ${quote(raw.context)} must be an object`);
-    }
-    if (raw.reply_to !== undefined && replyTo === undefined) {
-      bad(`"reply_to" ${quote(raw.reply_to)} must be a string of at most ${MAX_REPLY_TO} characters`);
-    }
-    if (raw.version !== undefined && (typeof raw.version !== "string" || !VERSION.test(raw.version))) {
-      bad(`"version" ${quote(raw.version)} must look like "1.2"`);
-    }
-    if (raw.deadline !== undefined && (typeof raw.deadline !== "number" || !Number.isFinite(raw.deadline))) {
-      bad(`"deadline" ${quote(raw.deadline)} must be a number (epoch ms)`);
-    }
-    const req: RequestEnvelope = {
-      v: 1,
-      id: id!,
-      method: raw.method as string,
-      args: (raw.args ?? {}) as Record<string, unknown>,
-      context: (raw.context ?? {}) as Record<string, unknown>,
-    };
-    if (replyTo !== undefined) req.reply_to = replyTo;
-    if (raw.version !== undefined) req.version = raw.version as string;
-    if (raw.deadline !== undefined) req.deadline = raw.deadline as number;
-    return req;
   },
   encodeReply(reply) {
     return utf8(JSON.stringify(reply));
   },
   decodeReply(bytes) {
-    let raw: unknown;
-    try {
-      raw = parseJson(bytes);
-    } catch (e) {
-      throw new BadRequest(`Malformed reply: not UTF-8 JSON (${(e as Error).message})`, { cause: e });
-    }
-    if (!isPlainObject(raw) || raw.v !== 1 || typeof raw.id !== "string") {
-      throw new BadRequest(`Malformed reply: ${quote(raw)} lacks "v":1 or a string "id"`);
-    }
-    if (Object.hasOwn(raw, "error")) {
-      const e = raw.error;
-      if (!isPlainObject(e) || typeof e.type !== "string" || typeof e.message !== "string") {
-        throw new BadRequest(`Malformed reply ${quote(raw.id)}: "error" needs string "type" and "message"`);
-      }
-      const error: WireError = { type: e.type, message: e.message };
-      if (e.data !== undefined) error.data = e.data;
-      if (typeof e.stack === "string") error.stack = e.stack;
-      return { v: 1, id: raw.id, error };
-    }
-    return { v: 1, id: raw.id, result: raw.result ?? null };
+    return checkReply(parseOrBad(bytes, "reply"));
+  },
+  decodeReplies(bytes) {
+    const raw = parseOrBad(bytes, "reply");
+    return Array.isArray(raw) ? raw.map(checkReply) : [checkReply(raw)];
+  },
+  encodeBatch(items) {
+    // A JSON array of the encoded envelopes, joined at the byte level: nothing is encoded twice.
+    const parts: Uint8Array[] = [OPEN];
+    items.forEach((item, i) => {
+      if (i > 0) parts.push(COMMA);
+      parts.push(item);
+    });
+    parts.push(CLOSE);
+    return Buffer.concat(parts);
   },
 };
 
@@ -742,6 +797,86 @@ export function errorToWire(err: unknown, debug = false): WireError {
 // ---------------------------------------------------------------------------------------------
 // RPC client
 // ---------------------------------------------------------------------------------------------
+
+interface Outgoing {
+  bytes: Uint8Array;
+  opts: PublishOptions;
+  resolve(): void;
+  reject(e: unknown): void;
+}
+
+/**
+ * Batches what is published to one topic in one turn of the event loop into one message, when
+ * the codec frames batches. Under load (many calls in flight) one broker message then carries
+ * many requests or replies: the per-message work of the broker, the client library and QoS 1
+ * acknowledgements is shared. A lone message leaves as it is, so nothing waits for company.
+ */
+class Outbox {
+  #transport: Transport;
+  #codec: Codec;
+  #queues = new Map<string, { topic: string; items: Outgoing[] }>();
+  #scheduled = false;
+  static readonly maxItems = 128;
+  static readonly maxBytes = 64 * 1024;
+  /** Larger messages gain nothing from company: they leave alone, at once. */
+  static readonly alone = 8 * 1024;
+
+  constructor(transport: Transport, codec: Codec) {
+    this.#transport = transport;
+    this.#codec = codec;
+  }
+
+  send(topic: string, bytes: Uint8Array, opts: PublishOptions): Promise<void> {
+    const key = `${opts.qos ?? ""}${opts.mandatory ? "m" : ""}\0${topic}`;
+    let q = this.#queues.get(key);
+    // A large message leaves at once, unless smaller ones wait before it: order is kept.
+    if (!this.#codec.encodeBatch || (bytes.byteLength > Outbox.alone && !q)) {
+      return this.#transport.publish(topic, bytes, opts);
+    }
+    return new Promise((resolve, reject) => {
+      if (!q) this.#queues.set(key, q = { topic, items: [] });
+      q.items.push({ bytes, opts, resolve, reject });
+      if (!this.#scheduled) {
+        this.#scheduled = true;
+        queueMicrotask(() => this.#flush());
+      }
+    });
+  }
+
+  #flush(): void {
+    this.#scheduled = false;
+    const queues = this.#queues;
+    this.#queues = new Map();
+    for (const { topic, items } of queues.values()) {
+      for (let i = 0; i < items.length;) {
+        let j = i + 1;
+        let size = items[i]!.bytes.byteLength;
+        while (j < items.length && j - i < Outbox.maxItems && size + items[j]!.bytes.byteLength <= Outbox.maxBytes) {
+          size += items[j++]!.bytes.byteLength;
+        }
+        this.#publish(topic, items.slice(i, j));
+        i = j;
+      }
+    }
+  }
+
+  #publish(topic: string, chunk: Outgoing[]): void {
+    const first = chunk[0]!;
+    let bytes = first.bytes;
+    let opts = first.opts;
+    if (chunk.length > 1) {
+      bytes = this.#codec.encodeBatch!(chunk.map((c) => c.bytes));
+      // The batch lives as long as its longest-lived message (no expiry if one has none).
+      const expiries = chunk.map((c) => c.opts.expiry);
+      const expiry = expiries.includes(undefined) ? undefined : Math.max(...(expiries as number[]));
+      opts = { ...first.opts, expiry };
+    }
+    this.#transport.publish(topic, bytes, opts).then(
+      () => chunk.forEach((c) => c.resolve()),
+      (e) => chunk.forEach((c) => c.reject(e)),
+    );
+  }
+}
 
 /** A message to a manager: `method(ctx, args)`. */
 export interface RpcMessage {
@@ -772,6 +907,13 @@ export interface RpcOptions {
   logger?: Logger;
   /** The id in the reply topic. Default: a random UUID. */
   clientId?: string;
+  /**
+   * Batching (one broker message carries many envelopes, a JSON array): `true` (default) lets
+   * servers batch their replies to this client and batches requests addressed to one server
+   * (`topic.host`); `"all"` batches requests to a shared `topic` too, so a burst goes to one of
+   * its servers instead of being spread; `false` sends every message alone.
+   */
+  batch?: boolean | "all";
 }
 
 interface Pending {
@@ -814,6 +956,9 @@ export class Rpc {
   #pending = new Map<string, Pending>();
   #replySub?: Promise<Subscription>;
   #repliesReady = false;
+  #outbox: Outbox;
+  #batchReplies: boolean;
+  #batchShared: boolean;
   #replyTopic: string;
   #topicCache = new Map<string, string>();
   #closed = false;
@@ -825,6 +970,11 @@ export class Rpc {
     this.#maxPending = opts.maxPending ?? 100_000;
     this.#qos = opts.qos ?? 1;
     this.#codec = opts.codec ?? jsonCodec;
+    // batch: false gives a codec without encodeBatch, so every message leaves alone.
+    const batching = opts.batch !== false && this.#codec.encodeBatch !== undefined;
+    this.#outbox = new Outbox(transport, batching ? this.#codec : { ...this.#codec, encodeBatch: undefined });
+    this.#batchReplies = batching;
+    this.#batchShared = batching && opts.batch === "all";
     this.#log = opts.logger ?? getLogger();
     this.clientId = opts.clientId ?? crypto.randomUUID();
     this.#replyTopic = this.topics.reply(this.clientId); // validates the client id
@@ -884,6 +1034,7 @@ export class Rpc {
       deadline: Date.now() + timeout * 1000,
     };
     if (opts.version !== undefined) req.version = opts.version;
+    if (this.#batchReplies) req.batch = true;
     const bytes = this.#codec.encodeRequest(req);
     const result = new Promise<T>((resolve, reject) => {
       const timer = setTimeout(() => {
@@ -894,10 +1045,19 @@ export class Rpc {
     });
     // Not awaited: the reply may come before the broker's PUBACK, and a rejection of `result`
     // (timeout, close) must always have a taker.
-    this.#transport.publish(topic, bytes, { qos: opts.qos ?? this.#qos, mandatory: true, expiry: timeout }).catch(
+    this.#publish(address, topic, bytes, { qos: opts.qos ?? this.#qos, mandatory: true, expiry: timeout }).catch(
       (e) => this.#settle(id)?.reject(deliveryFailure(`call "${address}.${msg.method}"`, e)),
     );
     return result;
+  }
+
+  /** Publish a request: batched when it goes to one server (or `batch: "all"`), else alone so
+   * that the servers of a shared topic each take their share. */
+  #publish(address: string, topic: string, bytes: Uint8Array, opts: PublishOptions): Promise<void> {
+    const toOne = address.includes(".");
+    return toOne || this.#batchShared
+      ? this.#outbox.send(topic, bytes, opts)
+      : this.#transport.publish(topic, bytes, opts);
   }
 
   /** The transport topic of an address, from a small cache (services call the same few). */
@@ -915,22 +1075,23 @@ export class Rpc {
    * transport took the message. */
   async cast(ctx: RequestContext, address: string, msg: RpcMessage, opts: CallOptions = {}): Promise<void> {
     if (this.#closed) throw new ClosedError(`Cannot cast to ${quote(address)}: the RPC client is closed`);
-    await this.#send(this.#topicFor(address), `"${address}.${msg?.method}"`, ctx, msg, opts, true);
+    await this.#send(this.#topicFor(address), address, `"${address}.${msg?.method}"`, ctx, msg, opts);
   }
 
   /** Send `msg` to every server of `topic`. Zero listeners is not an error. */
   async fanoutCast(ctx: RequestContext, topic: string, msg: RpcMessage, opts: CallOptions = {}): Promise<void> {
     if (this.#closed) throw new ClosedError(`Cannot fanout to ${quote(topic)}: the RPC client is closed`);
-    await this.#send(this.topics.fanout(topic), `fanout "${topic}.${msg?.method}"`, ctx, msg, opts, false);
+    await this.#send(this.topics.fanout(topic), undefined, `fanout "${topic}.${msg?.method}"`, ctx, msg, opts);
   }
 
+  /** Send a cast to `address`, or a fanout when `address` is undefined (never mandatory). */
   async #send(
     topic: string,
+    address: string | undefined,
     what: string,
     ctx: RequestContext,
     msg: RpcMessage,
     opts: CallOptions,
-    mandatory: boolean,
   ): Promise<void> {
     checkMessage(msg);
     const req: RequestEnvelope = {
@@ -949,7 +1110,9 @@ export class Rpc {
     let timer: ReturnType<typeof setTimeout> | undefined;
     try {
       await Promise.race([
-        this.#transport.publish(topic, bytes, { qos: opts.qos ?? this.#qos, mandatory, expiry }),
+        address === undefined
+          ? this.#transport.publish(topic, bytes, { qos: opts.qos ?? this.#qos, expiry })
+          : this.#publish(address, topic, bytes, { qos: opts.qos ?? this.#qos, mandatory: true, expiry }),
         new Promise<never>((_, reject) => {
           timer = setTimeout(() => {
             reject(new DeliveryError(`Cannot cast ${what}: the transport did not take it within ${limit} s`));
@@ -984,13 +1147,17 @@ export class Rpc {
   }
 
   #onReply(payload: Uint8Array): void {
-    let reply: ReplyEnvelope;
+    let replies: ReplyEnvelope[];
     try {
-      reply = this.#codec.decodeReply(payload);
+      replies = this.#codec.decodeReplies ? this.#codec.decodeReplies(payload) : [this.#codec.decodeReply(payload)];
     } catch (e) {
       this.#log.warn("Dropped a malformed reply", { error: e });
       return;
     }
+    for (const reply of replies) this.#onOneReply(reply);
+  }
+
+  #onOneReply(reply: ReplyEnvelope): void {
     const p = this.#settle(reply.id);
     if (!p) {
       this.#log.debug("Dropped a reply nobody waits for (late or duplicate)", { id: reply.id });
@@ -1220,6 +1387,7 @@ export class Dispatcher {
   #log: Logger;
   #debug: boolean;
   #seen = new Set<string>();
+  #outbox: Outbox;
   /** Methods that return promises: they run in the async scope (see inScope). */
   #async = new Set<unknown>();
   #ring: (string | undefined)[];
@@ -1240,6 +1408,7 @@ export class Dispatcher {
     this.#log = opts.logger ?? getLogger();
     this.#debug = opts.debug ?? false;
     this.#ring = new Array(Math.max(1, opts.dedupSize ?? 10_000));
+    this.#outbox = new Outbox(transport, this.#codec);
     this.#maxBytes = opts.maxMessageBytes ?? 16 * 1024 * 1024;
     this.#qos = opts.qos ?? 1;
   }
@@ -1279,19 +1448,39 @@ export class Dispatcher {
       });
       return;
     }
-    let req: RequestEnvelope;
+    let decoded: { batch: boolean; items: (RequestEnvelope | BadRequest)[] };
     try {
-      req = this.#codec.decodeRequest(payload);
+      decoded = this.#codec.decodeRequests
+        ? this.#codec.decodeRequests(payload)
+        : { batch: false, items: [this.#codec.decodeRequest(payload)] };
     } catch (e) {
-      const bad = e instanceof BadRequest ? e : new BadRequest(String((e as Error)?.message ?? e), { cause: e });
-      if (bad.id !== undefined && bad.replyTo !== undefined && this.#topics.isReplyTopic(bad.replyTo)) {
-        this.#log.warn(bad.message, { topic, id: bad.id });
-        await this.#reply(bad.replyTo, { v: 1, id: bad.id, error: errorToWire(bad) }, qos);
-      } else {
-        this.#log.warn(`${bad.message}; dropped (no reply address)`, { topic });
-      }
+      await this.#refuse(e, topic, qos);
       return;
     }
+    const { batch, items } = decoded;
+    if (!batch) {
+      const item = items[0]!;
+      await (item instanceof BadRequest ? this.#refuse(item, topic, qos) : this.#one(item, topic, qos));
+      return;
+    }
+    await Promise.all(
+      items.map((item) => item instanceof BadRequest ? this.#refuse(item, topic, qos) : this.#one(item, topic, qos)),
+    );
+  }
+
+  /** Answer a malformed request with BadRequest when it says where, else log and drop it. */
+  async #refuse(e: unknown, topic: string, qos: 0 | 1): Promise<void> {
+    const bad = e instanceof BadRequest ? e : new BadRequest(String((e as Error)?.message ?? e), { cause: e });
+    if (bad.id !== undefined && bad.replyTo !== undefined && this.#topics.isReplyTopic(bad.replyTo)) {
+      this.#log.warn(bad.message, { topic, id: bad.id });
+      await this.#reply(bad.replyTo, { v: 1, id: bad.id, error: errorToWire(bad) }, qos, false);
+    } else {
+      this.#log.warn(`${bad.message}; dropped (no reply address)`, { topic });
+    }
+  }
+
+  /** Run one request and answer it (in a batch with other replies when the caller reads them). */
+  async #one(req: RequestEnvelope, topic: string, qos: 0 | 1): Promise<void> {
     const { id, reply_to: replyTo } = req;
     if (replyTo !== undefined && !this.#replyTopicOk(replyTo)) {
       this.#log.warn(
@@ -1322,7 +1511,8 @@ export class Dispatcher {
       if (error) this.#log.error(`Cast "${req.method}" failed: ${error.type}: ${error.message}`, { id });
       return;
     }
-    await this.#reply(replyTo, error ? { v: 1, id, error } : { v: 1, id, result: result ?? null }, qos, req.method);
+    const reply: ReplyEnvelope = error ? { v: 1, id, error } : { v: 1, id, result: result ?? null };
+    await this.#reply(replyTo, reply, qos, req.batch === true, req.method);
   }
 
   /** Run the method: its result, or a promise of it. Throws what the lookup or the method throws. */
@@ -1350,7 +1540,9 @@ export class Dispatcher {
     });
   }
 
-  async #reply(replyTo: string, reply: ReplyEnvelope, qos: 0 | 1, method?: string): Promise<void> {
+  /** Publish a reply: in a batch with other replies to the same client when its request said
+   * it reads them (`"batch": true`), else alone, so that any MQTT client can read it. */
+  async #reply(replyTo: string, reply: ReplyEnvelope, qos: 0 | 1, batch: boolean, method?: string): Promise<void> {
     let bytes: Uint8Array;
     try {
       bytes = this.#codec.encodeReply(reply);
@@ -1361,7 +1553,7 @@ export class Dispatcher {
       bytes = this.#codec.encodeReply({ v: 1, id: reply.id, error: wire });
     }
     try {
-      await this.#transport.publish(replyTo, bytes, { qos });
+      await (batch ? this.#outbox.send(replyTo, bytes, { qos }) : this.#transport.publish(replyTo, bytes, { qos }));
     } catch (e) {
       this.#log.warn(`Could not send the reply to ${reply.id}`, { replyTo, error: e });
     }

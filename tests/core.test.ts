@@ -90,6 +90,21 @@ describe("jsonCodec", () => {
     assert.equal(Object.hasOwn(r.args.a as object, "__proto__"), false);
     assert.equal(({} as Record<string, unknown>).p, undefined);
   });
+  it("encodeBatch() frames envelopes as a JSON array that decodeRequests() splits, a bad one in place", () => {
+    const a = jsonCodec.encodeRequest({ v: 1, id: "a", method: "m", args: {}, context: {}, batch: true });
+    const bad = utf8('{"v":1,"id":"b","method":"no such name!","reply_to":"p/reply/c"}');
+    const { batch, items } = jsonCodec.decodeRequests!(jsonCodec.encodeBatch!([a, bad]));
+    assert.equal(batch, true);
+    assert.equal((items[0] as { id: string; batch?: boolean }).id, "a");
+    assert.equal((items[0] as { batch?: boolean }).batch, true);
+    assert.ok(items[1] instanceof BadRequest);
+    assert.equal((items[1] as BadRequest).replyTo, "p/reply/c");
+    assert.throws(() => jsonCodec.decodeRequests!(utf8("[]")), /empty batch/);
+    assert.throws(() => jsonCodec.decodeRequest(utf8('{"v":1,"id":"x","method":"m","batch":"yes"}')), /"batch"/);
+    const replies = jsonCodec.decodeReplies!(utf8('[{"v":1,"id":"x","result":1},{"v":1,"id":"y","result":2}]'));
+    assert.deepEqual(replies.map((r) => r.id), ["x", "y"]);
+  });
+
   it("decodeReply() accepts results and errors, and refuses other shapes", () => {
     assert.deepEqual(jsonCodec.decodeReply(utf8('{"v":1,"id":"x","result":5}')), { v: 1, id: "x", result: 5 });
     assert.deepEqual(jsonCodec.decodeReply(utf8('{"v":1,"id":"x"}')), { v: 1, id: "x", result: null });

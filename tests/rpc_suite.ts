@@ -204,6 +204,62 @@ export function rpcSuite(
       assert.deepEqual(seen.casts, [{ host: "h1", args: { n: 1 } }]);
     });
 
+    it("casts to one host arrive in the order sent, small and large mixed (batched or not)", async () => {
+      const rpc = await setup("h1");
+      const big = "b".repeat(20_000);
+      const sends = Array.from(
+        { length: 40 },
+        (_, n) => rpc.cast(ctx, "calc.h1", { method: "record", args: n % 7 === 3 ? { n, big } : { n } }),
+      );
+      await Promise.all(sends);
+      await waitFor(() => seen.casts.length === 40, "40 casts");
+      assert.deepEqual(
+        seen.casts.map((c) => ((c as { args: { n: number } }).args.n)),
+        Array.from({ length: 40 }, (_, n) => n),
+      );
+    });
+
+    it("concurrent calls to one host travel in batches; batch: false sends each alone", async () => {
+      await setup("h1");
+      for (const batch of [true, false]) {
+        const inner = await transport();
+        let publishes = 0;
+        const counting: Transport = {
+          publish: (t, p, o) => {
+            if (t.includes("/rpc/")) publishes++;
+            return inner.publish(t, p, o);
+          },
+          subscribe: (f, h, o) => inner.subscribe(f, h, o),
+          close: () => inner.close(),
+        };
+        const rpc = new Rpc(counting, { prefix, logger: log, batch });
+        clients.push(rpc);
+        const results = await Promise.all(
+          Array.from({ length: 50 }, (_, i) => rpc.call(ctx, "calc.h1", { method: "add", args: { a: i, b: 1 } })),
+        );
+        assert.deepEqual(results, Array.from({ length: 50 }, (_, i) => i + 1));
+        if (batch) assert.ok(publishes < 10, `50 calls took ${publishes} messages`);
+        else assert.equal(publishes, 50);
+      }
+    });
+
+    it("a batch from a foreign client is answered request by request, each alone", async () => {
+      await setup("h1");
+      const { send, replies, replyTo } = await raw();
+      const req = (n: number) => ({ v: 1, id: `b-${n}`, method: "add", args: { a: n, b: n }, reply_to: replyTo });
+      await send(
+        JSON.stringify([req(1), { v: 1, id: "b-bad", method: 7, reply_to: replyTo }, req(2)]),
+        `${prefix}/rpc/calc/h1`,
+      );
+      await waitFor(() => replies.length === 3, "three replies");
+      const byId = Object.fromEntries(replies.map((r) => [r.id, r]));
+      assert.equal(byId["b-1"]!.result, 2);
+      assert.equal(byId["b-2"]!.result, 4);
+      assert.equal((byId["b-bad"]!.error as { type: string }).type, "BadRequest");
+      await send("[]", `${prefix}/rpc/calc/h1`); // an empty batch is refused and logged
+      await waitFor(() => log.has("warn", /empty batch/), "the log line");
+    });
+
     it("fanoutCast() reaches every server of the topic", async () => {
       const rpc = await setup("h1", "h2", "h3");
       await rpc.fanoutCast(ctx, "calc", { method: "record", args: { all: true } });
