@@ -1,6 +1,6 @@
 /**
  * The server side of bench/mqtt.ts, in its own process:
- *   mqtt_server.ts novalet URL PREFIX      a novalet service "bench" (add, echo, count, received)
+ *   mqtt_server.ts novalet URL PREFIX      a novalet service "bench" (add, echo, tick, count, received)
  *   mqtt_server.ts raw URL PREFIX QOS      raw mqtt.js: answers PREFIX/req with {id, result}
  * Prints READY when subscribed; exits on SIGTERM.
  */
@@ -22,6 +22,7 @@ if (mode === "novalet") {
     echo(_c: RequestContext, { s }: { s: string }) {
       return s;
     }
+    tick(_c: RequestContext) {}
     count(_c: RequestContext) {
       received++;
     }
@@ -45,6 +46,7 @@ if (mode === "novalet") {
   (client.stream as { setNoDelay?: (b: boolean) => void }).setNoDelay?.(true);
   let casts = 0;
   client.on("message", (topic, payload) => {
+    if (topic === `${prefix}/tick`) return;
     if (topic === `${prefix}/cast`) {
       casts++;
       return;
@@ -53,7 +55,7 @@ if (mode === "novalet") {
     const result = req.op === "count" ? casts : req.s ?? req.a + req.b;
     client.publish(req.reply_to, JSON.stringify({ id: req.id, result }), { qos });
   });
-  await client.subscribeAsync([`${prefix}/req`, `${prefix}/cast`], { qos });
+  await client.subscribeAsync([`${prefix}/req`, `${prefix}/cast`, `${prefix}/tick`], { qos });
   process.on("SIGTERM", async () => {
     await client.endAsync();
     process.exit(0);
