@@ -32,10 +32,12 @@ describe("MemoryTransport", () => {
     const got: string[] = [];
     await b.subscribe("drop/#", (p) => void got.push(text(p)));
     const remove = hub.inject({ filter: "drop/lossy", drop: true, count: 2 });
+    const dropped = hub.stats.dropped;
     for (const t of ["drop/lossy", "drop/fine", "drop/lossy", "drop/lossy"]) await a.publish(t, utf8(t));
     await waitFor(() => got.length === 2, "two messages");
     await sleep(10);
     assert.deepEqual(got, ["drop/fine", "drop/lossy"]);
+    assert.equal(hub.stats.dropped - dropped, 2, "the hub counts what it dropped");
     remove();
   });
 
