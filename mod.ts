@@ -871,10 +871,13 @@ class Outbox {
       const expiry = expiries.includes(undefined) ? undefined : Math.max(...(expiries as number[]));
       opts = { ...first.opts, expiry };
     }
-    this.#transport.publish(topic, bytes, opts).then(
-      () => chunk.forEach((c) => c.resolve()),
-      (e) => chunk.forEach((c) => c.reject(e)),
-    );
+    let sent: Promise<void>;
+    try {
+      sent = this.#transport.publish(topic, bytes, opts);
+    } catch (e) {
+      sent = Promise.reject(e); // a transport that throws instead of rejecting
+    }
+    sent.then(() => chunk.forEach((c) => c.resolve()), (e) => chunk.forEach((c) => c.reject(e)));
   }
 }
 
@@ -1457,21 +1460,16 @@ export class Dispatcher {
       await this.#refuse(e, topic, qos);
       return;
     }
-    const { batch, items } = decoded;
-    if (!batch) {
-      const item = items[0]!;
-      await (item instanceof BadRequest ? this.#refuse(item, topic, qos) : this.#one(item, topic, qos));
-      return;
-    }
-    await Promise.all(
-      items.map((item) => item instanceof BadRequest ? this.#refuse(item, topic, qos) : this.#one(item, topic, qos)),
-    );
+    const run = (item: RequestEnvelope | BadRequest) =>
+      item instanceof BadRequest ? this.#refuse(item, topic, qos) : this.#one(item, topic, qos);
+    const { items } = decoded;
+    await (items.length === 1 ? run(items[0]!) : Promise.all(items.map(run)));
   }
 
   /** Answer a malformed request with BadRequest when it says where, else log and drop it. */
   async #refuse(e: unknown, topic: string, qos: 0 | 1): Promise<void> {
     const bad = e instanceof BadRequest ? e : new BadRequest(String((e as Error)?.message ?? e), { cause: e });
-    if (bad.id !== undefined && bad.replyTo !== undefined && this.#topics.isReplyTopic(bad.replyTo)) {
+    if (bad.id !== undefined && bad.replyTo !== undefined && this.#replyTopicOk(bad.replyTo)) {
       this.#log.warn(bad.message, { topic, id: bad.id });
       await this.#reply(bad.replyTo, { v: 1, id: bad.id, error: errorToWire(bad) }, qos, false);
     } else {
@@ -1920,7 +1918,11 @@ export function parseFlags(argv: readonly string[] = [], env: Record<string, str
  */
 export async function openTransport(
   url: string,
-  opts: { logger?: Logger; clientId?: string } = {},
+  opts: {
+    logger?: Logger;
+    /** The MQTT client id when the URL asks for a persistent session (`?session_expiry=N`). */
+    sessionClientId?: string;
+  } = {},
 ): Promise<Transport> {
   if (url === "memory://" || url.startsWith("memory://")) {
     const { defaultHub, MemoryTransport } = await import("./transports/memory.ts");
@@ -1928,7 +1930,7 @@ export async function openTransport(
   }
   if (/^(mqtts?|tcp|ssl|wss?):\/\//.test(url)) {
     const { MqttTransport } = await import("./transports/mqtt.ts");
-    return await MqttTransport.connect({ url, logger: opts.logger, clientId: opts.clientId });
+    return await MqttTransport.connect({ url, logger: opts.logger, sessionClientId: opts.sessionClientId });
   }
   throw new TypeError(`Unsupported transport URL ${quote(url)}: expected memory:// or mqtt://host:port`);
 }
@@ -2133,7 +2135,11 @@ export class Service {
     manager.service = this;
     this.#manager = manager;
     if (!this.#transport) {
-      this.#transport = await openTransport(this.flags.transportUrl, { logger: this.logger });
+      // A persistent session must be found again by the next run of this service: a stable id.
+      this.#transport = await openTransport(this.flags.transportUrl, {
+        logger: this.logger,
+        sessionClientId: `novalet-${this.binary}-${this.host}`,
+      });
       this.#owned.push(this.#transport);
     }
     if (!this.#registry) {

@@ -7,7 +7,16 @@ import assert from "node:assert/strict";
 import { execFile, spawn } from "node:child_process";
 import process from "node:process";
 import mqtt from "mqtt";
-import { DeliveryError, Manager, RequestContext, Rpc, RpcTimeoutError, Service, type Transport } from "../mod.ts";
+import {
+  DeliveryError,
+  Manager,
+  parseFlags,
+  RequestContext,
+  Rpc,
+  RpcTimeoutError,
+  Service,
+  type Transport,
+} from "../mod.ts";
 import { EmbeddedBroker } from "../transports/broker.ts";
 import { MqttTransport, type MqttTransportOptions } from "../transports/mqtt.ts";
 import { childCommand, MemoryLogger, sleep, uniquePrefix, waitFor } from "./helpers.ts";
@@ -88,6 +97,25 @@ describe("MQTT transport: sessions, limits and restarts", () => {
     await sleep(300);
     assert.deepEqual(Recorder.seen, []);
     await third.svc.kill(); // kill() removes topic.host from the session for good
+  });
+
+  it("a service opening its own transport with ?session_expiry= uses a stable client id; without, a random one", async () => {
+    const base = EMBEDDED ? `${fx.url}?protocol_version=4&shared=false` : fx.url;
+    const ids: string[] = [];
+    for (const url of [`${base}${base.includes("?") ? "&" : "?"}session_expiry=60`, base]) {
+      const svc = Service.create({
+        host: "dev.example",
+        binary: "nova-sensor",
+        manager: Recorder,
+        flags: parseFlags([`--transport_url=${url}`, `--prefix=${uniquePrefix("sid")}`]),
+        logger: new MemoryLogger(),
+      });
+      await svc.start();
+      ids.push((svc.transport as MqttTransport).clientId);
+      await svc.kill();
+    }
+    assert.equal(ids[0], "novalet-nova-sensor-dev.example");
+    assert.match(ids[1]!, /^novalet-[0-9a-f-]{12}$/);
   });
 
   it("a cast whose timeout passed while the device was offline is not delivered", {

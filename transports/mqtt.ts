@@ -44,8 +44,11 @@ export interface MqttTransportOptions {
   ca?: string;
   cert?: string;
   key?: string;
-  /** Default: `novalet-` and a random id. Persistent sessions need a stable one. */
+  /** Default: `sessionClientId` for a persistent session, else `novalet-` and a random id. */
   clientId?: string;
+  /** The client id of a persistent session when `clientId` is not given (Service passes
+   * `novalet-BINARY-HOST`, so the next run of the service finds its session again). */
+  sessionClientId?: string;
   /** 5 (default) or 4 (MQTT 3.1.1). */
   protocolVersion?: 4 | 5;
   /** QoS when a publish does not say. Default 1. */
@@ -193,7 +196,8 @@ export class MqttTransport implements Transport {
     const reconnectMin = (opts.reconnectMin ?? 0.5) * 1000;
     const reconnectMax = (opts.reconnectMax ?? 30) * 1000;
     const clientOpts: IClientOptions = {
-      clientId: opts.clientId ?? `novalet-${crypto.randomUUID().slice(0, 12)}`,
+      clientId: opts.clientId ?? (sessionExpiry > 0 ? opts.sessionClientId : undefined) ??
+        `novalet-${crypto.randomUUID().slice(0, 12)}`,
       protocolVersion,
       clean: sessionExpiry <= 0,
       keepalive: opts.keepalive ?? 30,
