@@ -172,6 +172,8 @@ export class MqttTransport implements Transport {
       if (p.cmd === "puback" && p.reasonCode === 16 && p.messageId !== undefined) this.#noSubscribers.add(p.messageId);
     });
     client.on("connect", (connack) => this.#onConnect(connack));
+    // Unacknowledged messages of a lost connection come again, with the session, on the next one.
+    client.on("close", () => void (this.#held = []));
   }
 
   /**
