@@ -1310,7 +1310,6 @@ export class Manager {
   /** `major.minor`: a request's major must match, its minor must be <= ours. */
   rpcApiVersion = "1.0";
   #tasks?: TaskState[];
-  #running = new Set<Promise<void>>();
 
   /** Called after registration, before consuming starts. */
   initHost(): Promise<void> | void {}
@@ -1342,8 +1341,6 @@ export class Manager {
           t.running = false;
         }
       })();
-      this.#running.add(run);
-      run.finally(() => this.#running.delete(run));
       started.push(run);
     }
     return Promise.all(started).then(() => {});
@@ -1683,10 +1680,6 @@ export class LoopGroup {
     this.#work.add(p);
     p.then(() => this.#work.delete(p), () => this.#work.delete(p));
     return p;
-  }
-
-  get size(): { loops: number; work: number } {
-    return { loops: this.#loops.size, work: this.#work.size };
   }
 
   /**
@@ -2035,7 +2028,10 @@ export class Service {
   #rpc?: Rpc;
   #manager?: Manager;
   #dispatcher?: Dispatcher;
+  /** `topic` (shared) and the fanout: unsubscribed on stop. */
   #subs: Subscription[] = [];
+  /** `topic.host`: only detached on stop, so a persistent session keeps it. */
+  #hostSub?: Subscription;
   #group = new LoopGroup();
   #state: "new" | "starting" | "running" | "stopping" | "stopped" = "new";
   #stopping?: Promise<boolean>;
@@ -2158,7 +2154,7 @@ export class Service {
     const handle = dispatcher.handle; // it counts its in-flight handlers; stop() waits for them
     const t = this.#topics;
     this.#subs.push(await this.#transport.subscribe(t.forAddress(this.topic), handle, { group: this.topic }));
-    this.#subs.push(await this.#transport.subscribe(t.forAddress(`${this.topic}.${this.host}`), handle));
+    this.#hostSub = await this.#transport.subscribe(t.forAddress(`${this.topic}.${this.host}`), handle);
     this.#subs.push(await this.#transport.subscribe(t.fanout(this.topic), handle));
     this.#group.addTimer(() => this.#report(), { name: "report", interval: this.reportInterval, logger: this.logger });
     const ctx = RequestContext.admin();
@@ -2232,8 +2228,9 @@ export class Service {
   async #teardown(kill: boolean): Promise<boolean> {
     // topic.host is detached, not unsubscribed: with a persistent session, work sent to this host
     // while it is away waits in the broker. kill() removes it for good below.
-    const [shared, own, fanout] = this.#subs.splice(0);
-    for (const s of [shared, fanout]) await s?.unsubscribe().catch(() => {});
+    for (const s of this.#subs.splice(0)) await s.unsubscribe().catch(() => {});
+    const own = this.#hostSub;
+    this.#hostSub = undefined;
     await (own?.detach ?? own?.unsubscribe)?.call(own).catch(() => {});
     if (kill && this.#transport?.forget) {
       await this.#transport.forget(this.#topics.forAddress(`${this.topic}.${this.host}`)).catch(() => {});

@@ -4,10 +4,10 @@
  */
 import process from "node:process";
 import { performance } from "node:perf_hooks";
-import { Manager, openRegistry, openTransport, RequestContext, type RequestContext as Ctx, Service } from "../mod.ts";
+import { Manager, openRegistry, openTransport, RequestContext, Service } from "../mod.ts";
 
 class Ping extends Manager {
-  ping(_c: Ctx) {
+  ping(_c: RequestContext) {
     return "pong";
   }
 }

@@ -17,6 +17,7 @@ import {
   Service,
   type Transport,
 } from "../mod.ts";
+import { openSqlRegistry } from "../registry/sql.ts";
 import { EmbeddedBroker } from "../transports/broker.ts";
 import { MqttTransport, type MqttTransportOptions } from "../transports/mqtt.ts";
 import { childCommand, MemoryLogger, sleep, uniquePrefix, waitFor } from "./helpers.ts";
@@ -65,7 +66,7 @@ describe("MQTT transport: sessions, limits and restarts", () => {
       prefix,
       periodicFuzzyDelay: 0,
       logger: new MemoryLogger(),
-      registry: track(await (await import("../registry/sql.ts")).openSqlRegistry("sqljs::memory:")),
+      registry: track(await openSqlRegistry("sqljs::memory:")),
     });
     await svc.start();
     return { svc, transport };
@@ -147,7 +148,7 @@ describe("MQTT transport: sessions, limits and restarts", () => {
       transport: await connect(),
       prefix,
       logger: new MemoryLogger(),
-      registry: track(await (await import("../registry/sql.ts")).openSqlRegistry("sqljs::memory:")),
+      registry: track(await openSqlRegistry("sqljs::memory:")),
     });
     await svc.start();
     track({ close: () => svc.stop() });
@@ -269,7 +270,6 @@ describe("Mosquitto restart in the middle of a stream of casts", { skip: needs("
       const serverT = await MqttTransport.connect({ ...opts, clientId: `srv-${prefix}`, sessionExpiry: 600 });
       const clientT = await MqttTransport.connect({ ...opts, clientId: `cli-${prefix}`, sessionExpiry: 600 });
       closers.push(clientT, serverT);
-      const { openSqlRegistry } = await import("../registry/sql.ts");
       const registry = await openSqlRegistry("sqljs::memory:");
       const svc = Service.create({
         host: "h1",
@@ -314,7 +314,6 @@ describe("Mosquitto restart with clean sessions", { skip: needs("mosquitto") }, 
     const opts = { url: m.url, logger: new MemoryLogger(), reconnectMin: 0.1, reconnectMax: 0.5 };
     const serverT = await MqttTransport.connect(opts);
     const clientT = await MqttTransport.connect(opts);
-    const { openSqlRegistry } = await import("../registry/sql.ts");
     const registry = await openSqlRegistry("sqljs::memory:");
     const svc = Service.create({ host: "h1", topic: "echo", manager: Recorder, transport: serverT, prefix, registry });
     try {
@@ -347,7 +346,6 @@ describe("Calling a novalet service without novalet", () => {
   before(async () => {
     fx = await mqttFixture();
     prefix = uniquePrefix("interop");
-    const { openSqlRegistry } = await import("../registry/sql.ts");
     svc = Service.create({
       host: "h1",
       topic: "echo",
