@@ -307,6 +307,12 @@ export interface SubscribeOptions {
   /** Share the messages of this filter with the other subscriptions of the same group. */
   group?: string;
   qos?: 0 | 1;
+  /**
+   * The handler understands in-process messages: one sent with `publishLocal` then arrives as
+   * `meta.local` (a private copy, as decoding its bytes would give) with an empty payload.
+   * Without it, the subscription gets the message's bytes, whoever sent it.
+   */
+  local?: boolean;
 }
 
 /** Receives a message. A returned promise is awaited before MQTT acknowledges it. */
@@ -316,6 +322,20 @@ export type MessageHandler = (payload: Uint8Array, topic: string, meta?: Message
 export interface MessageMeta {
   /** The QoS it was delivered with (the dispatcher answers a QoS 0 request at QoS 0). */
   qos?: 0 | 1;
+  /** An in-process message, for a subscription made with `local: true` (see publishLocal). */
+  local?: unknown;
+}
+
+/**
+ * A message an in-process transport carries as a value instead of bytes: the codec's copy does
+ * what encoding and decoding would do (JSON semantics, a private copy per receiver) without the
+ * text in between. Made by the RPC client and the dispatcher; see {@link Transport.publishLocal}.
+ */
+export interface LocalMessage {
+  /** A private copy for one receiver. Each call gives a new one. */
+  copy(): unknown;
+  /** The message as bytes, for subscriptions that read bytes (sniffers, foreign clients). */
+  bytes(): Uint8Array;
 }
 
 /**
@@ -357,6 +377,13 @@ export interface Transport {
   close(): Promise<void>;
   /** Optional: forget a persistent subscription (e.g. MQTT `clean: false`) for good. */
   forget?(filter: string, opts?: SubscribeOptions): Promise<void>;
+  /**
+   * Optional, for transports inside one process: publish a message as a value. Receivers that
+   * subscribed with `local: true` get `message.copy()`, the others `message.bytes()`; the copies
+   * are taken before this returns, so the sender may change its objects afterwards. Everything
+   * else (routing, groups, order, faults, mandatory) is as for `publish()`.
+   */
+  publishLocal?(topic: string, message: LocalMessage, opts?: PublishOptions): Promise<void>;
 }
 
 /** Does the MQTT topic filter match the topic? (`sport/+/player1`, `sport/#`). */
@@ -483,7 +510,7 @@ export interface RequestContextInit {
   projectId?: string | null;
   requestId?: string;
   isAdmin?: boolean;
-  roles?: string[];
+  roles?: readonly string[];
   timestamp?: string;
 }
 
@@ -511,7 +538,9 @@ export class RequestContext {
     this.projectId = init.projectId ?? null;
     this.requestId = init.requestId ?? `req-${crypto.randomUUID()}`;
     this.isAdmin = init.isAdmin ?? false;
-    this.roles = Object.freeze([...(init.roles ?? [])]);
+    // A frozen array cannot change under us: shared (copying contexts is then cheap).
+    const roles = init.roles ?? [];
+    this.roles = Object.isFrozen(roles) ? roles : Object.freeze([...roles]);
     this.timestamp = init.timestamp ?? new Date().toISOString();
   }
   /** An admin context, as Nova's `get_admin_context()`. */
@@ -622,6 +651,13 @@ export interface Codec {
   decodeRequests?(bytes: Uint8Array): { batch: boolean; items: (RequestEnvelope | BadRequest)[] };
   /** Optional, with encodeBatch: the replies of a message, single or batch. */
   decodeReplies?(bytes: Uint8Array): ReplyEnvelope[];
+  /**
+   * Optional: what decoding the encoded envelope would give, without the bytes in between: a
+   * private deep copy with this codec's semantics. With it, the RPC client and the dispatcher
+   * send envelopes as values over a transport that can carry them (`publishLocal`).
+   * @throws {TypeError} where encoding would (a BigInt, a cycle).
+   */
+  copy?<E extends RequestEnvelope | ReplyEnvelope>(envelope: E): E;
 }
 
 const METHOD_NAME = /^[A-Za-z_$][\w$]{0,127}$/;
@@ -725,6 +761,68 @@ function parseOrBad(bytes: Uint8Array, what: string): unknown {
   }
 }
 
+/**
+ * What `JSON.parse(JSON.stringify(value))` gives, without the text: `toJSON()` is called (a Date
+ * becomes its ISO string), undefined, functions and symbols are left out (null in arrays),
+ * non-finite numbers become null, boxed primitives are unboxed, Maps and class instances become
+ * plain objects of their own enumerable properties, and a `"__proto__"` key is dropped as
+ * {@link parseJson} drops it. Strings are shared: they are immutable, so sharing is a copy.
+ * @throws {TypeError} on a BigInt or a cycle, as JSON.stringify does.
+ */
+export function jsonCopy(value: unknown): unknown {
+  return copyJson(value, "", []);
+}
+
+function copyJson(value: unknown, key: string | number, stack: object[]): unknown {
+  let v = value;
+  if ((typeof v === "object" && v !== null) || typeof v === "bigint") {
+    const toJSON = (v as { toJSON?: unknown }).toJSON;
+    if (typeof toJSON === "function") v = toJSON.call(v, String(key));
+  }
+  if (typeof v === "object" && v !== null) {
+    if (v instanceof Number) v = Number(v);
+    else if (v instanceof String) v = String(v);
+    else if (v instanceof Boolean || v instanceof BigInt) v = v.valueOf();
+  }
+  switch (typeof v) {
+    case "string":
+    case "boolean":
+      return v;
+    case "number":
+      return Number.isFinite(v) ? v + 0 : null; // + 0 turns -0 into 0, as "0" parses
+    case "bigint":
+      throw new TypeError("Do not know how to serialize a BigInt");
+    case "object": {
+      if (v === null) return null;
+      if (stack.includes(v)) throw new TypeError("Converting circular structure to JSON");
+      stack.push(v);
+      let out: unknown[] | Record<string, unknown>;
+      if (Array.isArray(v)) {
+        out = [];
+        for (let i = 0; i < v.length; i++) out.push(copyJson(v[i], i, stack) ?? null);
+      } else {
+        out = {};
+        const o = v as Record<string, unknown>;
+        for (const k of Object.keys(o)) {
+          if (k === "__proto__") continue;
+          const x = copyJson(o[k], k, stack);
+          if (x !== undefined) out[k] = x;
+        }
+      }
+      stack.pop();
+      return out;
+    }
+    default: // undefined, functions, symbols
+      return undefined;
+  }
+}
+
+/** A RequestContext is rebuilt from its fields (no JSON); a subclass travels as its toJSON(). */
+function copyContext(ctx: RequestEnvelope["context"]): RequestEnvelope["context"] {
+  if (ctx instanceof RequestContext && ctx.constructor === RequestContext) return new RequestContext(ctx);
+  return jsonCopy(ctx) as RequestEnvelope["context"];
+}
+
 /** The JSON codec of the documented wire format. */
 export const jsonCodec: Codec = {
   encodeRequest(req) {
@@ -765,6 +863,30 @@ export const jsonCodec: Codec = {
   decodeReplies(bytes) {
     const raw = parseOrBad(bytes, "reply");
     return Array.isArray(raw) ? raw.map(checkReply) : [checkReply(raw)];
+  },
+  copy<E extends RequestEnvelope | ReplyEnvelope>(envelope: E): E {
+    if (!("method" in envelope)) {
+      // A reply, field by field as well (this is the hot path of in-process calls).
+      const r = envelope as ReplyEnvelope;
+      const out = { v: 1, id: jsonCopy(r.id) } as Record<string, unknown>;
+      if ("error" in r) out.error = jsonCopy(r.error);
+      else if ((r as { result?: unknown }).result !== undefined) out.result = jsonCopy(r.result);
+      return out as E;
+    }
+    // Field by field, as encodeRequest writes them: the context without JSON.
+    const r = envelope as RequestEnvelope;
+    const out = {
+      v: 1,
+      id: jsonCopy(r.id),
+      method: jsonCopy(r.method),
+      args: jsonCopy(r.args),
+      context: copyContext(r.context),
+    } as RequestEnvelope;
+    if (r.reply_to !== undefined) out.reply_to = jsonCopy(r.reply_to) as string;
+    if (r.version !== undefined) out.version = jsonCopy(r.version) as string;
+    if (r.deadline !== undefined) out.deadline = jsonCopy(r.deadline) as number;
+    if (r.batch) out.batch = true;
+    return out as E;
   },
   encodeBatch(items) {
     // A JSON array of the encoded envelopes, joined at the byte level: nothing is encoded twice.
@@ -919,12 +1041,87 @@ export interface RpcOptions {
   batch?: boolean | "all";
 }
 
-interface Pending {
+/** A call, encoded, on its way out. */
+interface OutgoingCall {
+  id: string;
+  address: string;
+  topic: string;
+  method: string;
+  encoded: Uint8Array | LocalMessage;
+  timeout: number;
+  qos: 0 | 1;
+}
+
+interface Pending extends Expiring {
   resolve(v: unknown): void;
   reject(e: unknown): void;
-  timer: ReturnType<typeof setTimeout>;
   address: string;
   method: string;
+}
+
+/** An entry of {@link Timeouts}. */
+interface Expiring {
+  /** performance.now() at which it expires. */
+  at?: number;
+  prev?: Expiring;
+  next?: Expiring;
+  list?: TimeoutList;
+  expire(): void;
+}
+
+interface TimeoutList {
+  ms: number;
+  head?: Expiring;
+  tail?: Expiring;
+  timer?: ReturnType<typeof setTimeout>;
+}
+
+/**
+ * Timeouts of calls (and of casts' hand-over) without a Node timer each: entries of one length
+ * expire in the order they were added, so each length is a FIFO list with one timer for its
+ * head, and a reply removes its entry in O(1). (setTimeout + clearTimeout per call cost more than
+ * the rest of an in-process call's bookkeeping together.) While an entry waits, a timer is
+ * armed: a pending call keeps the process alive until its timeout, as a timer per call would.
+ */
+class Timeouts {
+  #lists = new Map<number, TimeoutList>();
+
+  add(e: Expiring, ms: number): void {
+    let list = this.#lists.get(ms);
+    if (!list) this.#lists.set(ms, list = { ms });
+    e.at = performance.now() + ms;
+    e.list = list;
+    e.prev = list.tail;
+    e.next = undefined;
+    if (list.tail) list.tail.next = e;
+    else list.head = e;
+    list.tail = e;
+    list.timer ??= setTimeout(() => this.#fire(list), ms);
+  }
+
+  remove(e: Expiring): void {
+    const list = e.list;
+    if (!list) return;
+    if (e.prev) e.prev.next = e.next;
+    else list.head = e.next;
+    if (e.next) e.next.prev = e.prev;
+    else list.tail = e.prev;
+    e.list = e.prev = e.next = undefined;
+    if (!list.head) {
+      clearTimeout(list.timer);
+      this.#lists.delete(list.ms);
+    }
+  }
+
+  #fire(list: TimeoutList): void {
+    list.timer = undefined;
+    const now = performance.now();
+    for (let e = list.head; e && e.at! <= now + 1; e = list.head) {
+      this.remove(e);
+      e.expire();
+    }
+    if (list.head) list.timer = setTimeout(() => this.#fire(list), Math.max(1, list.head.at! - now));
+  }
 }
 
 function checkTimeout(t: unknown, what: string): number {
@@ -964,6 +1161,9 @@ export class Rpc {
   #batchShared: boolean;
   #replyTopic: string;
   #topicCache = new Map<string, string>();
+  #timeouts = new Timeouts();
+  /** Envelopes travel as values (no JSON text): the transport carries them, the codec copies. */
+  #local: boolean;
   #closed = false;
 
   constructor(transport: Transport, opts: RpcOptions = {}) {
@@ -978,6 +1178,7 @@ export class Rpc {
     this.#outbox = new Outbox(transport, batching ? this.#codec : { ...this.#codec, encodeBatch: undefined });
     this.#batchReplies = batching;
     this.#batchShared = batching && opts.batch === "all";
+    this.#local = transport.publishLocal !== undefined && this.#codec.copy !== undefined;
     this.#log = opts.logger ?? getLogger();
     this.clientId = opts.clientId ?? crypto.randomUUID();
     this.#replyTopic = this.topics.reply(this.clientId); // validates the client id
@@ -1011,21 +1212,7 @@ export class Rpc {
     } catch (e) {
       return Promise.reject(e);
     }
-    // The reply subscription is made by the first call and reused; later calls skip the wait.
-    if (this.#repliesReady) return this.#call(ctx, address, topic, msg, opts, timeout);
-    return (this.#replySub ??= this.#subscribeReplies()).then(() =>
-      this.#call<T>(ctx, address, topic, msg, opts, timeout)
-    );
-  }
-
-  #call<T>(
-    ctx: RequestContext,
-    address: string,
-    topic: string,
-    msg: RpcMessage,
-    opts: CallOptions,
-    timeout: number,
-  ): Promise<T> {
+    // Encoded now, so that the caller may change its objects once call() returns.
     const id = crypto.randomUUID();
     const req: RequestEnvelope = {
       v: 1,
@@ -1038,29 +1225,66 @@ export class Rpc {
     };
     if (opts.version !== undefined) req.version = opts.version;
     if (this.#batchReplies) req.batch = true;
-    const bytes = this.#codec.encodeRequest(req);
+    let encoded: Uint8Array | LocalMessage;
+    try {
+      encoded = this.#encode(req);
+    } catch (e) {
+      return Promise.reject(e); // the args do not encode (a BigInt, a cycle)
+    }
+    const call: OutgoingCall = { id, address, topic, method: msg.method, encoded, timeout, qos: opts.qos ?? this.#qos };
+    // The reply subscription is made by the first call and reused; later calls skip the wait.
+    if (this.#repliesReady) return this.#call(call);
+    return (this.#replySub ??= this.#subscribeReplies()).then(() => this.#call<T>(call));
+  }
+
+  #call<T>({ id, address, topic, method, encoded, timeout, qos }: OutgoingCall): Promise<T> {
+    const pending = this.#pending;
     const result = new Promise<T>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.#pending.delete(id);
-        reject(new RpcTimeoutError(`Cannot call "${address}.${msg.method}": no reply within ${timeout} s`));
-      }, timeout * 1000);
-      this.#pending.set(id, { resolve: resolve as (v: unknown) => void, reject, timer, address, method: msg.method });
+      const p: Pending = {
+        resolve: resolve as (v: unknown) => void,
+        reject,
+        address,
+        method,
+        expire() {
+          pending.delete(id);
+          reject(new RpcTimeoutError(`Cannot call "${address}.${method}": no reply within ${timeout} s`));
+        },
+      };
+      pending.set(id, p);
+      this.#timeouts.add(p, timeout * 1000);
     });
     // Not awaited: the reply may come before the broker's PUBACK, and a rejection of `result`
     // (timeout, close) must always have a taker.
-    this.#publish(address, topic, bytes, { qos: opts.qos ?? this.#qos, mandatory: true, expiry: timeout }).catch(
-      (e) => this.#settle(id)?.reject(deliveryFailure(`call "${address}.${msg.method}"`, e)),
+    this.#publish(address, topic, encoded, { qos, mandatory: true, expiry: timeout }).catch(
+      (e) => this.#settle(id)?.reject(deliveryFailure(`call "${address}.${method}"`, e)),
     );
     return result;
   }
 
-  /** Publish a request: batched when it goes to one server (or `batch: "all"`), else alone so
-   * that the servers of a shared topic each take their share. */
-  #publish(address: string, topic: string, bytes: Uint8Array, opts: PublishOptions): Promise<void> {
-    const toOne = address.includes(".");
-    return toOne || this.#batchShared
-      ? this.#outbox.send(topic, bytes, opts)
-      : this.#transport.publish(topic, bytes, opts);
+  /** A request as bytes, or as a value for an in-process transport. @throws where encoding does. */
+  #encode(req: RequestEnvelope): Uint8Array | LocalMessage {
+    return this.#local ? localMessage(this.#codec, req) : this.#codec.encodeRequest(req);
+  }
+
+  /**
+   * Publish a request: as a value over an in-process transport; else batched when it goes to one
+   * server (or `batch: "all"`), else alone so that the servers of a shared topic each take their
+   * share. `address` undefined is a fanout: never batched.
+   */
+  #publish(
+    address: string | undefined,
+    topic: string,
+    encoded: Uint8Array | LocalMessage,
+    opts: PublishOptions,
+  ): Promise<void> {
+    try {
+      if (!(encoded instanceof Uint8Array)) return this.#transport.publishLocal!(topic, encoded, opts);
+      return address !== undefined && (this.#batchShared || address.includes("."))
+        ? this.#outbox.send(topic, encoded, opts)
+        : this.#transport.publish(topic, encoded, opts);
+    } catch (e) {
+      return Promise.reject(e); // a transport that throws instead of rejecting
+    }
   }
 
   /** The transport topic of an address, from a small cache (services call the same few). */
@@ -1107,31 +1331,35 @@ export class Rpc {
     if (opts.version !== undefined) req.version = opts.version;
     const expiry = opts.timeout === undefined ? undefined : checkTimeout(opts.timeout, "timeout");
     if (expiry !== undefined) req.deadline = Date.now() + expiry * 1000;
-    const bytes = this.#codec.encodeRequest(req);
+    const encoded = this.#encode(req); // throws when the args do not encode
+    const sent = this.#publish(address, topic, encoded, {
+      qos: opts.qos ?? this.#qos,
+      mandatory: address !== undefined,
+      expiry,
+    });
     // The hand-over is bounded too: a transport that cannot reach its broker must not hang a cast.
     const limit = expiry ?? this.#timeout;
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    try {
-      await Promise.race([
-        address === undefined
-          ? this.#transport.publish(topic, bytes, { qos: opts.qos ?? this.#qos, expiry })
-          : this.#publish(address, topic, bytes, { qos: opts.qos ?? this.#qos, mandatory: true, expiry }),
-        new Promise<never>((_, reject) => {
-          timer = setTimeout(() => {
-            reject(new DeliveryError(`Cannot cast ${what}: the transport did not take it within ${limit} s`));
-          }, limit * 1000);
-        }),
-      ]);
-    } catch (e) {
-      throw deliveryFailure(`cast ${what}`, e);
-    } finally {
-      clearTimeout(timer);
-    }
+    await new Promise<void>((resolve, reject) => {
+      const handover: Expiring = {
+        expire: () => reject(new DeliveryError(`Cannot cast ${what}: the transport did not take it within ${limit} s`)),
+      };
+      this.#timeouts.add(handover, limit * 1000);
+      sent.then(() => {
+        this.#timeouts.remove(handover);
+        resolve();
+      }, (e) => {
+        this.#timeouts.remove(handover);
+        reject(deliveryFailure(`cast ${what}`, e));
+      });
+    });
   }
 
   async #subscribeReplies(): Promise<Subscription> {
     try {
-      const sub = await this.#transport.subscribe(this.#replyTopic, (p) => this.#onReply(p), { qos: this.#qos });
+      const sub = await this.#transport.subscribe(this.#replyTopic, (p, _t, meta) => this.#onReply(p, meta), {
+        qos: this.#qos,
+        local: true,
+      });
       this.#repliesReady = true;
       return sub;
     } catch (e) {
@@ -1144,15 +1372,17 @@ export class Rpc {
     const p = this.#pending.get(id);
     if (p) {
       this.#pending.delete(id);
-      clearTimeout(p.timer);
+      this.#timeouts.remove(p);
     }
     return p;
   }
 
-  #onReply(payload: Uint8Array): void {
+  #onReply(payload: Uint8Array, meta?: MessageMeta): void {
     let replies: ReplyEnvelope[];
     try {
-      replies = this.#codec.decodeReplies ? this.#codec.decodeReplies(payload) : [this.#codec.decodeReply(payload)];
+      if (meta?.local !== undefined) replies = [checkReply(meta.local)];
+      else if (this.#codec.decodeReplies) replies = this.#codec.decodeReplies(payload);
+      else replies = [this.#codec.decodeReply(payload)];
     } catch (e) {
       this.#log.warn("Dropped a malformed reply", { error: e });
       return;
@@ -1187,6 +1417,32 @@ export class Rpc {
     this.#repliesReady = false;
     if (sub) await sub.then((s) => s.unsubscribe()).catch(() => {});
   }
+}
+
+/** An envelope as a message of an in-process transport: copied now (the sender may change its
+ * objects afterwards), copied again for every further receiver, encoded only for byte readers. */
+class LocalEnvelope implements LocalMessage {
+  #codec: Codec;
+  #snapshot: RequestEnvelope | ReplyEnvelope;
+  #given = false;
+  #bytes?: Uint8Array;
+  constructor(codec: Codec, envelope: RequestEnvelope | ReplyEnvelope) {
+    this.#codec = codec;
+    this.#snapshot = codec.copy!(envelope);
+  }
+  copy(): unknown {
+    if (this.#given) return this.#codec.copy!(this.#snapshot);
+    this.#given = true;
+    return this.#snapshot;
+  }
+  bytes(): Uint8Array {
+    const s = this.#snapshot;
+    return this.#bytes ??= "method" in s ? this.#codec.encodeRequest(s) : this.#codec.encodeReply(s);
+  }
+}
+
+function localMessage(codec: Codec, envelope: RequestEnvelope | ReplyEnvelope): LocalMessage {
+  return new LocalEnvelope(codec, envelope);
 }
 
 function deliveryFailure(what: string, e: unknown): Error {
@@ -1397,6 +1653,8 @@ export class Dispatcher {
   #qos: 0 | 1;
   #inFlight = 0;
   #idle: (() => void)[] = [];
+  /** Replies travel as values (see publishLocal). */
+  #local: boolean;
 
   constructor(manager: Manager, transport: Transport, opts: DispatcherOptions = {}) {
     this.manager = manager;
@@ -1409,6 +1667,7 @@ export class Dispatcher {
     this.#debug = opts.debug ?? false;
     this.#ring = new Array(Math.max(1, opts.dedupSize ?? 10_000));
     this.#outbox = new Outbox(transport, this.#codec);
+    this.#local = transport.publishLocal !== undefined && this.#codec.copy !== undefined;
     this.#maxBytes = opts.maxMessageBytes ?? 16 * 1024 * 1024;
     this.#qos = opts.qos ?? 1;
   }
@@ -1430,15 +1689,33 @@ export class Dispatcher {
   }
 
   /** Handle one message; never throws. */
-  handle = async (payload: Uint8Array, topic: string, meta?: MessageMeta): Promise<void> => {
+  /**
+   * Handle one message; never throws. The promise (when one is returned) settles once the reply
+   * is handed over. A synchronous method over an in-process transport costs no promise at all.
+   */
+  handle = (payload: Uint8Array, topic: string, meta?: MessageMeta): Promise<void> | void => {
     this.#inFlight++;
+    let running: Promise<void> | void = undefined;
     try {
-      await this.#handle(payload, topic, meta?.qos === 0 ? 0 : this.#qos);
+      running = meta?.local !== undefined
+        ? this.#handleLocal(meta.local, topic)
+        : this.#handle(payload, topic, meta?.qos === 0 ? 0 : this.#qos);
     } catch (e) {
-      this.#log.error("Unexpected failure while dispatching", { topic, error: e });
-    } finally {
-      if (--this.#inFlight === 0) { for (const r of this.#idle.splice(0)) r(); }
+      this.#failed(e, topic);
     }
+    if (!(running instanceof Promise)) return this.#done();
+    return running.then(this.#done, (e) => {
+      this.#failed(e, topic);
+      this.#done();
+    });
+  };
+
+  #failed(e: unknown, topic: string): void {
+    this.#log.error("Unexpected failure while dispatching", { topic, error: e });
+  }
+
+  #done = (): void => {
+    if (--this.#inFlight === 0) { for (const r of this.#idle.splice(0)) r(); }
   };
 
   async #handle(payload: Uint8Array, topic: string, qos: 0 | 1): Promise<void> {
@@ -1463,6 +1740,18 @@ export class Dispatcher {
     await (items.length === 1 ? run(items[0]!) : Promise.all(items.map(run)));
   }
 
+  /** A request sent as a value by an in-process client (see publishLocal): no JSON to read, but
+   * checked as any request is. */
+  #handleLocal(value: unknown, topic: string): Promise<void> | void {
+    let req: RequestEnvelope;
+    try {
+      req = checkRequest(value);
+    } catch (e) {
+      return this.#refuse(e, topic, this.#qos);
+    }
+    return this.#one(req, topic, this.#qos);
+  }
+
   /** Answer a malformed request with BadRequest when it says where, else log and drop it. */
   async #refuse(e: unknown, topic: string, qos: 0 | 1): Promise<void> {
     const bad = e instanceof BadRequest ? e : new BadRequest(String((e as Error)?.message ?? e), { cause: e });
@@ -1475,7 +1764,7 @@ export class Dispatcher {
   }
 
   /** Run one request and answer it (in a batch with other replies when the caller reads them). */
-  async #one(req: RequestEnvelope, topic: string, qos: 0 | 1): Promise<void> {
+  #one(req: RequestEnvelope, topic: string, qos: 0 | 1): Promise<void> | void {
     const { id, reply_to: replyTo } = req;
     if (replyTo !== undefined && !this.#replyTopicOk(replyTo)) {
       this.#log.warn(
@@ -1494,20 +1783,28 @@ export class Dispatcher {
     }
     this.#remember(id);
     let result: unknown;
-    let error: WireError | undefined;
     try {
       result = this.#invoke(req);
-      // A synchronous handler's result is used as is: no extra turn of the event loop.
-      if (result instanceof Promise) result = await result;
     } catch (e) {
-      error = errorToWire(e, this.#debug);
+      return this.#answer(req, qos, undefined, errorToWire(e, this.#debug));
     }
+    // A synchronous handler's result is used as is: no extra turn of the event loop.
+    if (!(result instanceof Promise)) return this.#answer(req, qos, result);
+    return result.then(
+      (r) => this.#answer(req, qos, r),
+      (e) => this.#answer(req, qos, undefined, errorToWire(e, this.#debug)),
+    );
+  }
+
+  /** Reply with the result or the error (a cast's error is logged). */
+  #answer(req: RequestEnvelope, qos: 0 | 1, result: unknown, error?: WireError): Promise<void> | void {
+    const { id, reply_to: replyTo } = req;
     if (replyTo === undefined) {
       if (error) this.#log.error(`Cast "${req.method}" failed: ${error.type}: ${error.message}`, { id });
       return;
     }
     const reply: ReplyEnvelope = error ? { v: 1, id, error } : { v: 1, id, result: result ?? null };
-    await this.#reply(replyTo, reply, qos, req.batch === true, req.method);
+    return this.#reply(replyTo, reply, qos, req.batch === true, req.method);
   }
 
   /** Run the method: its result, or a promise of it. Throws what the lookup or the method throws. */
@@ -1537,20 +1834,34 @@ export class Dispatcher {
 
   /** Publish a reply: in a batch with other replies to the same client when its request said
    * it reads them (`"batch": true`), else alone, so that any MQTT client can read it. */
-  async #reply(replyTo: string, reply: ReplyEnvelope, qos: 0 | 1, batch: boolean, method?: string): Promise<void> {
-    let bytes: Uint8Array;
+  #reply(replyTo: string, reply: ReplyEnvelope, qos: 0 | 1, batch: boolean, method?: string): Promise<void> | void {
+    const failed = (e: unknown) => this.#log.warn(`Could not send the reply to ${reply.id}`, { replyTo, error: e });
+    let sent: Promise<void>;
     try {
-      bytes = this.#codec.encodeReply(reply);
+      const message = this.#encodeReply(reply, method);
+      if (!(message instanceof Uint8Array)) {
+        // In-process: the hub holds the reply once publishLocal returns; nothing to wait for.
+        this.#transport.publishLocal!(replyTo, message, { qos }).catch(failed);
+        return;
+      }
+      sent = batch ? this.#outbox.send(replyTo, message, { qos }) : this.#transport.publish(replyTo, message, { qos });
+    } catch (e) {
+      failed(e);
+      return;
+    }
+    return sent.catch(failed);
+  }
+
+  /** The reply as bytes, or as a value for an in-process transport. */
+  #encodeReply(reply: ReplyEnvelope, method?: string): Uint8Array | LocalMessage {
+    const encode = (r: ReplyEnvelope) => this.#local ? localMessage(this.#codec, r) : this.#codec.encodeReply(r);
+    try {
+      return encode(reply);
     } catch (e) {
       // The result does not serialise (a cycle, a BigInt): tell the caller instead of hanging it.
       const wire = errorToWire(e, this.#debug);
       wire.message = `Cannot encode the result of ${quote(method)}: ${wire.message}`;
-      bytes = this.#codec.encodeReply({ v: 1, id: reply.id, error: wire });
-    }
-    try {
-      await (batch ? this.#outbox.send(replyTo, bytes, { qos }) : this.#transport.publish(replyTo, bytes, { qos }));
-    } catch (e) {
-      this.#log.warn(`Could not send the reply to ${reply.id}`, { replyTo, error: e });
+      return encode({ v: 1, id: reply.id, error: wire });
     }
   }
 
@@ -2153,9 +2464,10 @@ export class Service {
     this.#dispatcher = dispatcher;
     const handle = dispatcher.handle; // it counts its in-flight handlers; stop() waits for them
     const t = this.#topics;
-    this.#subs.push(await this.#transport.subscribe(t.forAddress(this.topic), handle, { group: this.topic }));
-    this.#hostSub = await this.#transport.subscribe(t.forAddress(`${this.topic}.${this.host}`), handle);
-    this.#subs.push(await this.#transport.subscribe(t.fanout(this.topic), handle));
+    const local = true; // the dispatcher reads requests sent as values (publishLocal)
+    this.#subs.push(await this.#transport.subscribe(t.forAddress(this.topic), handle, { group: this.topic, local }));
+    this.#hostSub = await this.#transport.subscribe(t.forAddress(`${this.topic}.${this.host}`), handle, { local });
+    this.#subs.push(await this.#transport.subscribe(t.fanout(this.topic), handle, { local }));
     this.#group.addTimer(() => this.#report(), { name: "report", interval: this.reportInterval, logger: this.logger });
     const ctx = RequestContext.admin();
     // The loop only starts the due tasks: a slow task must not hold back the next tick.

@@ -1,9 +1,11 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
+import { Buffer } from "node:buffer";
 import {
   BadRequest,
   errorToWire,
   jsonCodec,
+  jsonCopy,
   listPeriodicTasks,
   Manager,
   parseAddress,
@@ -115,6 +117,87 @@ describe("jsonCodec", () => {
     for (const bad of ["{}", '{"v":1}', '{"v":1,"id":"x","error":"oops"}', "nope", "[]"]) {
       assert.throws(() => jsonCodec.decodeReply(utf8(bad)), BadRequest, bad);
     }
+  });
+});
+
+describe("jsonCopy()", () => {
+  class Point {
+    x = 1;
+    y = undefined;
+    #hidden = 3;
+    get z() {
+      return this.#hidden;
+    }
+  }
+  // deno-lint-ignore no-sparse-arrays
+  const sparse = [1, , 3];
+  const withToJSON = { a: 1, toJSON: (key: string) => ({ key, nested: { toJSON: () => "inner" } }) };
+  const proto = JSON.parse('{"a":{"__proto__":{"polluted":1},"b":2},"__proto__":{"x":1}}');
+  const values: [string, unknown][] = [
+    ["primitives", [1, "s", true, null, 0, -0, 1.5e300, "\u2028", "\ud800 lone surrogate"]],
+    ["non-finite numbers", [NaN, Infinity, -Infinity]],
+    ["undefined, functions and symbols", { a: undefined, f() {}, s: Symbol("x"), arr: [undefined, () => 1, Symbol()] }],
+    ["a Date, a Map, a Set, a RegExp", { d: new Date(0), m: new Map([[1, 2]]), set: new Set([1]), r: /x/g }],
+    ["an invalid Date", { d: new Date(NaN) }],
+    ["boxed primitives", [new Number(3), new String("s"), new Boolean(false)]],
+    ["a class instance (own enumerable fields only)", new Point()],
+    ["typed arrays and a Buffer", { u: new Uint8Array([1, 2]), f: new Float64Array([0.5]), b: Buffer.from("hi") }],
+    ["toJSON with its key, not called again on what it returns", { k: withToJSON, list: [withToJSON] }],
+    ["a sparse array", sparse],
+    ["integer-like keys keep JSON's order", { b: 1, 2: "two", a: 2, 1: "one" }],
+    ["__proto__ keys are dropped at any depth", proto],
+    ["deep nesting", JSON.parse("[".repeat(200) + "]".repeat(200))],
+    [
+      "a shared (not cyclic) object",
+      (() => {
+        const o = { v: 1 };
+        return { a: o, b: [o, o] };
+      })(),
+    ],
+  ];
+  for (const [name, v] of values) {
+    it(`copies ${name} as JSON.parse(JSON.stringify(v)) does`, () => {
+      const expected = JSON.parse(JSON.stringify(v), (k, x) => k === "__proto__" ? undefined : x);
+      const got = jsonCopy(v);
+      assert.deepStrictEqual(got, expected);
+      assert.equal(JSON.stringify(got), JSON.stringify(expected), "same key order");
+    });
+  }
+
+  it("shares nothing mutable with its input", () => {
+    const v = { a: { b: [1, { c: 2 }] } };
+    const c = jsonCopy(v) as typeof v;
+    (c.a.b[1] as { c: number }).c = 99;
+    assert.equal((v.a.b[1] as { c: number }).c, 2);
+  });
+
+  it("throws TypeError on a BigInt and on a cycle, as JSON.stringify does", () => {
+    const cyclic: Record<string, unknown> = { a: 1 };
+    cyclic.self = { back: cyclic };
+    for (const bad of [{ n: 10n }, [1n], cyclic]) {
+      assert.throws(() => JSON.stringify(bad), TypeError);
+      assert.throws(() => jsonCopy(bad), TypeError);
+    }
+  });
+
+  it("jsonCodec.copy() of a request equals decoding its encoding, with the context rebuilt", () => {
+    const ctx = new RequestContext({ userId: "u", roles: ["admin"] });
+    const req = {
+      v: 1 as const,
+      id: "i",
+      method: "m",
+      args: { d: new Date(0), u: undefined },
+      context: ctx,
+      reply_to: "novalet/reply/x",
+      deadline: 5,
+    };
+    const copied = jsonCodec.copy!(req);
+    const decoded = jsonCodec.decodeRequest(jsonCodec.encodeRequest(req));
+    assert.ok(copied.context instanceof RequestContext && copied.context !== ctx);
+    assert.deepEqual(RequestContext.from(copied.context).toJSON(), RequestContext.from(decoded.context).toJSON());
+    assert.deepStrictEqual({ ...copied, context: null }, { ...decoded, context: null });
+    const reply = { v: 1 as const, id: "i", result: { at: new Date(0), n: NaN } };
+    assert.deepStrictEqual(jsonCodec.copy!(reply), jsonCodec.decodeReply(jsonCodec.encodeReply(reply)));
   });
 });
 

@@ -28,6 +28,48 @@ describe("MemoryTransport", () => {
     assert.equal(text(got[1]!), "abc");
   });
 
+  it("publishLocal() gives each value subscription its own copy, taken at publish; byte readers get bytes", async () => {
+    const value = { n: 1, list: [1] };
+    let copies = 0;
+    const message = {
+      copy: () => (copies++, structuredClone(value)),
+      bytes: () => utf8(JSON.stringify(value)),
+    };
+    const values: unknown[] = [];
+    const bytes: string[] = [];
+    await b.subscribe("local/x", (p, _t, meta) => void values.push(meta?.local ?? text(p)), { local: true });
+    await b.subscribe("local/+", (p, _t, meta) => void values.push(meta?.local ?? text(p)), { local: true });
+    await b.subscribe("local/#", (p, _t, meta) => void bytes.push(meta?.local === undefined ? text(p) : "a value!"));
+    await a.publishLocal("local/x", message);
+    value.n = 2; // the sender changes its object after publishing
+    await waitFor(() => values.length === 2 && bytes.length === 1, "three deliveries");
+    assert.equal(copies, 2, "copied once per value subscription, at publish");
+    assert.deepEqual(values, [{ n: 1, list: [1] }, { n: 1, list: [1] }]);
+    assert.notEqual(values[0], values[1]);
+    assert.deepEqual(bytes, ['{"n":1,"list":[1]}']);
+    await assert.rejects(a.publishLocal("local/#", message), TypeError);
+    await assert.rejects(a.publishLocal("nobody/here", message, { mandatory: true }), /nobody serves it/);
+  });
+
+  it("a value whose group member left before delivery goes to a member that takes values", async () => {
+    const hub2 = new MemoryHub({ logger: new MemoryLogger() });
+    const t = new MemoryTransport(hub2);
+    const got: string[] = [];
+    const leaving = await t.subscribe("g/x", () => void got.push("leaving"), { group: "g", local: true });
+    await t.subscribe("g/x", (p, _t, meta) => void got.push(meta?.local ? "value" : `bytes ${text(p)}`), {
+      group: "g",
+      local: true,
+    });
+    let copies = 0;
+    const message = { copy: () => ({ copy: ++copies }), bytes: () => utf8("B") };
+    const sent = t.publishLocal("g/x", message); // to "leaving" (round robin starts there)
+    void leaving.unsubscribe(); // takes effect at once, before the delivery's microtask
+    await sent;
+    await waitFor(() => got.length === 1, "the hand-over");
+    assert.deepEqual(got, ["value"]);
+    await t.close();
+  });
+
   it("inject({drop}) loses matching messages only, for `count` messages", async () => {
     const got: string[] = [];
     await b.subscribe("drop/#", (p) => void got.push(text(p)));

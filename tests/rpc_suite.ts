@@ -34,6 +34,8 @@ interface Seen {
   casts: unknown[];
   forbidden: string[];
   inits: string[];
+  /** The args objects the server got, kept to check that they are its own. */
+  mirrored: Record<string, unknown>[];
 }
 
 function makeCalc(seen: Seen) {
@@ -50,6 +52,10 @@ function makeCalc(seen: Seen) {
     whoami(ctx: RequestContext) {
       seen.hosts.push(this.host);
       return { host: this.host, ctx: ctx.toJSON() };
+    }
+    mirror(_ctx: RequestContext, args: Record<string, unknown>) {
+      seen.mirrored.push(args);
+      return { args, at: new Date(0), nan: NaN, gone: undefined, map: new Map([[1, 2]]), list: [undefined, () => 1] };
     }
     record(_ctx: RequestContext, args: unknown) {
       seen.casts.push({ host: this.host, args });
@@ -145,7 +151,7 @@ export function rpcSuite(
 
     async function setupWith(extra: Partial<ServiceOptions>, ...hosts: string[]): Promise<Rpc> {
       prefix = uniquePrefix("rpc");
-      seen = { hosts: [], casts: [], forbidden: [], inits: [] };
+      seen = { hosts: [], casts: [], forbidden: [], inits: [], mirrored: [] };
       log = new MemoryLogger();
       const Calc = makeCalc(seen);
       for (const host of hosts) {
@@ -535,6 +541,39 @@ export function rpcSuite(
       assert.equal(seen.casts.length, 1);
       assert.equal(replies.length, 1);
       assert.equal(seen.hosts.length, 2, "the duplicated call and the honest one");
+    });
+
+    it("args and results arrive as their JSON would carry them, and each side keeps its own copy", async () => {
+      const rpc = await setup("h1");
+      const args = { d: new Date(0), u: undefined, nested: { n: 1 }, nan: NaN, f: () => 1 };
+      const pending = rpc.call<Record<string, Record<string, unknown>>>(ctx, "calc", { method: "mirror", args });
+      args.nested.n = 2; // the caller changes its object after the call: the server must not see it
+      const r = await pending;
+      const epoch = "1970-01-01T00:00:00.000Z";
+      assert.deepStrictEqual(JSON.parse(JSON.stringify(r)), r, "plain JSON data");
+      assert.deepEqual(r, {
+        args: { d: epoch, nested: { n: 1 }, nan: null },
+        at: epoch,
+        nan: null,
+        map: {},
+        list: [null, null],
+      });
+      (r.args!.nested as { n: number }).n = 3; // nor does the server see what the caller does to the result
+      assert.deepEqual(seen.mirrored[0], { d: epoch, nested: { n: 1 }, nan: null });
+    });
+
+    it("args that cannot be encoded (a BigInt, a cycle) reject at once with TypeError and send nothing", async () => {
+      const rpc = await setup("h1");
+      const cyclic: Record<string, unknown> = { n: 1 };
+      cyclic.self = { back: cyclic };
+      await assert.rejects(rpc.call(ctx, "calc", { method: "record", args: { n: 1n } }), TypeError);
+      await assert.rejects(rpc.call(ctx, "calc.h1", { method: "record", args: cyclic }), TypeError);
+      await assert.rejects(rpc.cast(ctx, "calc", { method: "record", args: { n: 1n } }), TypeError);
+      await assert.rejects(rpc.fanoutCast(ctx, "calc", { method: "record", args: cyclic }), TypeError);
+      assert.equal(rpc.pending, 0);
+      assert.equal(await rpc.call(ctx, "calc", { method: "add", args: { a: 1, b: 2 } }), 3);
+      await sleep(20);
+      assert.deepEqual(seen.casts, [], "nothing was sent");
     });
 
     it("a result that cannot be serialised is a RemoteError, not a hang", async () => {
