@@ -29,6 +29,58 @@ function percentile(sorted: Float64Array, p: number): number {
   return sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * p))] ?? 0;
 }
 
+/** Operations and latencies of one implementation, over one or more timed runs. */
+class Meter {
+  // Latencies go into a fixed reservoir (every op counted, at most 200,000 kept), so a fast
+  // floor does not measure its own array growing.
+  keep = new Float64Array(200_000);
+  ops = 0;
+  seconds = 0;
+  peakRssMB = 0;
+
+  record(ms: number): void {
+    const slot = this.ops < this.keep.length ? this.ops : Math.floor(Math.random() * (this.ops + 1));
+    if (slot < this.keep.length) this.keep[slot] = ms;
+    this.ops++;
+  }
+
+  row(scenario: string, impl: string): Row {
+    const sorted = this.keep.subarray(0, Math.min(this.ops, this.keep.length)).sort();
+    return {
+      scenario,
+      impl,
+      ops: this.ops,
+      perSecond: Math.round(this.ops / this.seconds),
+      p50us: Math.round(percentile(sorted, 0.5) * 1000),
+      p99us: Math.round(percentile(sorted, 0.99) * 1000),
+      peakRssMB: this.peakRssMB,
+    };
+  }
+}
+
+async function warmUp(op: () => Promise<unknown>, concurrency: number, seconds: number): Promise<void> {
+  const end = performance.now() + seconds * 1000;
+  await Promise.all(Array.from({ length: concurrency }, async () => {
+    while (performance.now() < end) await op();
+  }));
+}
+
+/** Run `op` from `concurrency` workers for `seconds` into `meter`. */
+async function run(meter: Meter, op: () => Promise<unknown>, concurrency: number, seconds: number): Promise<void> {
+  takePeakRss();
+  const t0 = performance.now();
+  const end = t0 + seconds * 1000;
+  await Promise.all(Array.from({ length: concurrency }, async () => {
+    while (performance.now() < end) {
+      const s = performance.now();
+      await op();
+      meter.record(performance.now() - s);
+    }
+  }));
+  meter.seconds += (performance.now() - t0) / 1000;
+  meter.peakRssMB = Math.max(meter.peakRssMB, takePeakRss());
+}
+
 /**
  * Run `op` from `concurrency` workers for `seconds` (after a short warm-up); latency per op.
  */
@@ -38,38 +90,31 @@ export async function closedLoop(
   op: () => Promise<unknown>,
   opts: { concurrency: number; seconds: number; warmup?: number },
 ): Promise<Row> {
-  const warmEnd = performance.now() + (opts.warmup ?? 0.3) * 1000;
-  await Promise.all(Array.from({ length: opts.concurrency }, async () => {
-    while (performance.now() < warmEnd) await op();
-  }));
-  takePeakRss();
-  // Latencies go into a fixed reservoir (every op counted, at most 200,000 kept), so a fast
-  // floor does not measure its own array growing.
-  const keep = new Float64Array(200_000);
-  let ops = 0;
-  const t0 = performance.now();
-  const end = t0 + opts.seconds * 1000;
-  await Promise.all(Array.from({ length: opts.concurrency }, async () => {
-    while (performance.now() < end) {
-      const s = performance.now();
-      await op();
-      const d = performance.now() - s;
-      const slot = ops < keep.length ? ops : Math.floor(Math.random() * (ops + 1));
-      if (slot < keep.length) keep[slot] = d;
-      ops++;
-    }
-  }));
-  const elapsed = (performance.now() - t0) / 1000;
-  const sorted = keep.subarray(0, Math.min(ops, keep.length)).sort();
-  return {
-    scenario,
-    impl,
-    ops,
-    perSecond: Math.round(ops / elapsed),
-    p50us: Math.round(percentile(sorted, 0.5) * 1000),
-    p99us: Math.round(percentile(sorted, 0.99) * 1000),
-    peakRssMB: takePeakRss(),
-  };
+  await warmUp(op, opts.concurrency, opts.warmup ?? 0.3);
+  const meter = new Meter();
+  await run(meter, op, opts.concurrency, opts.seconds);
+  return meter.row(scenario, impl);
+}
+
+/**
+ * Compare implementations of one scenario fairly on a shared, noisy machine: after a warm-up
+ * each, they run in alternating slices (`rounds` slices of `seconds / rounds` each, the order
+ * reversed every round), so a slow spell of the machine hits all of them alike.
+ */
+export async function compare(
+  scenario: string,
+  impls: [impl: string, op: () => Promise<unknown>][],
+  opts: { concurrency: number; seconds: number; rounds?: number; warmup?: number },
+): Promise<Row[]> {
+  const rounds = opts.rounds ?? 6;
+  for (const [, op] of impls) await warmUp(op, opts.concurrency, opts.warmup ?? 0.3);
+  const meters = impls.map(() => new Meter());
+  for (let r = 0; r < rounds; r++) {
+    const order = impls.map((_, i) => i);
+    if (r % 2 === 1) order.reverse();
+    for (const i of order) await run(meters[i]!, impls[i]![1], opts.concurrency, opts.seconds / rounds);
+  }
+  return impls.map(([impl], i) => meters[i]!.row(scenario, impl));
 }
 
 /** Print the markdown table and the JSON line. */

@@ -14,7 +14,7 @@ import { RequestContext, Rpc } from "../mod.ts";
 import { EmbeddedBroker } from "../transports/broker.ts";
 import { MqttTransport } from "../transports/mqtt.ts";
 import { MOSQUITTO, Mosquitto } from "../tests/mosquitto.ts";
-import { closedLoop, report, type Row, takePeakRss } from "./harness.ts";
+import { compare, report, type Row, takePeakRss } from "./harness.ts";
 
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 2);
 const BURST = Number(process.env.BENCH_BURST ?? 5000);
@@ -81,11 +81,10 @@ const rows: Row[] = [];
 const s16k = "x".repeat(16 * 1024);
 const scenarios = [["add c=1", 1], ["add c=64", 64], ["echo 16 KiB c=16", 16]] as const;
 // The "cast c=N" rows cast to `tick` (counted apart), so the burst's count at the receiver is its own.
+// Each implementation runs SECONDS per row, in slices that alternate with the other's.
 
-// Raw mqtt.js: a correlation id in a JSON body, one reply topic per client.
-for (const qos of [0, 1] as const) {
-  const prefix = `bench-raw-${crypto.randomUUID().slice(0, 6)}`;
-  const stop = await server(["raw", url, prefix, String(qos)]);
+/** A raw mqtt.js client: a correlation id in a JSON body, one reply topic per client. */
+async function rawClient(prefix: string, qos: 0 | 1) {
   const client = await mqtt.connectAsync(url.split("?")[0]!, { protocolVersion: embedded ? 4 : 5 });
   (client.stream as { setNoDelay?: (b: boolean) => void }).setNoDelay?.(true);
   const replyTo = `${prefix}/reply/${crypto.randomUUID()}`;
@@ -102,63 +101,59 @@ for (const qos of [0, 1] as const) {
       waiting.set(id, resolve);
       client.publish(`${prefix}/req`, JSON.stringify({ id, reply_to: replyTo, ...body }), { qos });
     });
+  return { client, request };
+}
+
+// Raw mqtt.js and novalet side by side, each with its own server process, in alternating slices.
+for (const qos of [0, 1] as const) {
+  const rawPrefix = `bench-raw-${crypto.randomUUID().slice(0, 6)}`;
+  const nvPrefix = `bench-nv-${crypto.randomUUID().slice(0, 6)}`;
+  const stopRaw = await server(["raw", url, rawPrefix, String(qos)]);
+  const stopNv = await server(["novalet", url, nvPrefix]);
+  const raw = await rawClient(rawPrefix, qos);
+  const transport = await MqttTransport.connect({ url });
+  const rpc = new Rpc(transport, { prefix: nvPrefix, qos });
+  const ctx = new RequestContext();
+  const rawImpl = `raw mqtt.js QoS ${qos}`;
+  const nvImpl = `novalet QoS ${qos}`;
   for (const [name, c] of scenarios) {
-    const body = name.startsWith("echo") ? { s: s16k } : { a: 1, b: 2 };
+    const echo = name.startsWith("echo");
+    const args = echo ? { s: s16k } : { a: 1, b: 2 };
+    const method = echo ? "echo" : "add";
     rows.push(
-      await closedLoop(name, `raw mqtt.js QoS ${qos}`, () => request(body), { concurrency: c, seconds: SECONDS }),
+      ...await compare(name, [
+        [rawImpl, () => raw.request(args)],
+        [nvImpl, () => rpc.call(ctx, "bench", { method, args })],
+      ], { concurrency: c, seconds: SECONDS }),
     );
   }
   if (qos === 1) {
     // A cast is done once the broker has it (PUBACK): these rows are the hand-over rate.
     for (const c of [1, 64]) {
-      const cast = () => client.publishAsync(`${prefix}/tick`, "{}", { qos: 1 });
-      rows.push(await closedLoop(`cast c=${c}`, "raw mqtt.js QoS 1", cast, { concurrency: c, seconds: SECONDS }));
+      rows.push(
+        ...await compare(`cast c=${c}`, [
+          [rawImpl, () => raw.client.publishAsync(`${rawPrefix}/tick`, "{}", { qos: 1 })],
+          [nvImpl, () => rpc.cast(ctx, "bench", { method: "tick" })],
+        ], { concurrency: c, seconds: SECONDS }),
+      );
     }
     rows.push(
       await burst(
-        "raw mqtt.js QoS 1",
-        () => client.publishAsync(`${prefix}/cast`, "{}", { qos: 1 }),
-        async () => (await request({ op: "count" })) as number,
+        rawImpl,
+        () => raw.client.publishAsync(`${rawPrefix}/cast`, "{}", { qos: 1 }),
+        async () => (await raw.request({ op: "count" })) as number,
       ),
-    );
-  }
-  await client.endAsync();
-  await stop();
-}
-
-// novalet: the same scenarios through Rpc.call / Rpc.cast, QoS 0 and QoS 1.
-for (const qos of [0, 1] as const) {
-  const prefix = `bench-nv-${crypto.randomUUID().slice(0, 6)}`;
-  const stop = await server(["novalet", url, prefix]);
-  const transport = await MqttTransport.connect({ url });
-  const rpc = new Rpc(transport, { prefix, qos });
-  const ctx = new RequestContext();
-  for (const [name, c] of scenarios) {
-    const args = name.startsWith("echo") ? { s: s16k } : { a: 1, b: 2 };
-    const method = name.startsWith("echo") ? "echo" : "add";
-    rows.push(
-      await closedLoop(name, `novalet QoS ${qos}`, () => rpc.call(ctx, "bench", { method, args }), {
-        concurrency: c,
-        seconds: SECONDS,
-      }),
-    );
-  }
-  if (qos === 1) {
-    for (const c of [1, 64]) {
-      const cast = () => rpc.cast(ctx, "bench", { method: "tick" });
-      rows.push(await closedLoop(`cast c=${c}`, "novalet QoS 1", cast, { concurrency: c, seconds: SECONDS }));
-    }
-    rows.push(
       await burst(
-        "novalet QoS 1",
+        nvImpl,
         () => rpc.cast(ctx, "bench", { method: "count" }),
         () => rpc.call<number>(ctx, "bench", { method: "received" }),
       ),
     );
   }
+  await raw.client.endAsync();
   await rpc.close();
   await transport.close();
-  await stop();
+  await Promise.all([stopRaw(), stopNv()]);
 }
 await stopBroker();
 
