@@ -1349,22 +1349,33 @@ export class Rpc {
 
   /** Send `msg` to one server of `address` without waiting for a result. Resolves once the
    * transport took the message. */
-  async cast(ctx: RequestContext, address: string, msg: RpcMessage, opts: CallOptions = {}): Promise<void> {
-    if (this.#closed) throw new ClosedError(`Cannot cast to ${quote(address)}: the RPC client is closed`);
-    await this.#send(this.#topicFor(address), address, `"${address}.${msg?.method}"`, ctx, msg, opts);
+  cast(ctx: RequestContext, address: string, msg: RpcMessage, opts: CallOptions = {}): Promise<void> {
+    try {
+      if (this.#closed) throw new ClosedError(`Cannot cast to ${quote(address)}: the RPC client is closed`);
+      return this.#send(this.#topicFor(address), address, undefined, ctx, msg, opts);
+    } catch (e) {
+      return Promise.reject(e);
+    }
   }
 
   /** Send `msg` to every server of `topic`. Zero listeners is not an error. */
-  async fanoutCast(ctx: RequestContext, topic: string, msg: RpcMessage, opts: CallOptions = {}): Promise<void> {
-    if (this.#closed) throw new ClosedError(`Cannot fanout to ${quote(topic)}: the RPC client is closed`);
-    await this.#send(this.topics.fanout(topic), undefined, `fanout "${topic}.${msg?.method}"`, ctx, msg, opts);
+  fanoutCast(ctx: RequestContext, topic: string, msg: RpcMessage, opts: CallOptions = {}): Promise<void> {
+    try {
+      if (this.#closed) throw new ClosedError(`Cannot fanout to ${quote(topic)}: the RPC client is closed`);
+      return this.#send(this.topics.fanout(topic), undefined, topic, ctx, msg, opts);
+    } catch (e) {
+      return Promise.reject(e);
+    }
   }
 
-  /** Send a cast to `address`, or a fanout when `address` is undefined (never mandatory). */
-  async #send(
+  /**
+   * Send a cast to `address`, or a fanout to `fanout` (never mandatory). Throws at once when the
+   * message is malformed or does not encode; the promise says whether the transport took it.
+   */
+  #send(
     topic: string,
     address: string | undefined,
-    what: string,
+    fanout: string | undefined,
     ctx: RequestContext,
     msg: RpcMessage,
     opts: CallOptions,
@@ -1386,11 +1397,18 @@ export class Rpc {
       mandatory: address !== undefined,
       expiry,
     });
-    // The hand-over is bounded too: a transport that cannot reach its broker must not hang a cast.
+    const what = () => address !== undefined ? `"${address}.${msg.method}"` : `fanout "${fanout}.${msg.method}"`;
+    const failed = (e: unknown) => {
+      throw deliveryFailure(`cast ${what()}`, e);
+    };
+    // In-process, the transport has the message once publishLocal returns: nothing to bound.
+    if (this.#local) return sent.catch(failed);
+    // Else the hand-over is bounded: a transport that cannot reach its broker must not hang a cast.
     const limit = expiry ?? this.#timeout;
-    await new Promise<void>((resolve, reject) => {
+    return new Promise<void>((resolve, reject) => {
       const handover: Expiring = {
-        expire: () => reject(new DeliveryError(`Cannot cast ${what}: the transport did not take it within ${limit} s`)),
+        expire: () =>
+          reject(new DeliveryError(`Cannot cast ${what()}: the transport did not take it within ${limit} s`)),
       };
       this.#timeouts.add(handover, limit * 1000);
       sent.then(() => {
@@ -1398,7 +1416,7 @@ export class Rpc {
         resolve();
       }, (e) => {
         this.#timeouts.remove(handover);
-        reject(deliveryFailure(`cast ${what}`, e));
+        reject(deliveryFailure(`cast ${what()}`, e));
       });
     });
   }

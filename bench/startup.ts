@@ -1,11 +1,14 @@
 /**
  * Start-up and memory: time from process start to the first answered call and the RSS of an
- * idle service (memory transport and MQTT), and 1,000 services in one process on the memory
- * transport.
+ * idle service (memory transport and MQTT) under Node + tsx and under Deno, next to the runtime
+ * alone measured the same way; and 1,000 services in one process on the memory transport.
+ * RSS is read twice: 1 s after start (after a full GC), and after BENCH_STEADY s (40) of idling,
+ * once V8's memory reducer has given back what start-up used.
  *
  * Run: `npx tsx bench/startup.ts` (MQTT: MQTT_URL, else an own Mosquitto, else the embedded broker).
  */
 import { execFile } from "node:child_process";
+import { existsSync } from "node:fs";
 import process from "node:process";
 import { Manager, openRegistry, RequestContext, Service } from "../mod.ts";
 import { MemoryHub, MemoryTransport } from "../transports/memory.ts";
@@ -13,13 +16,25 @@ import { EmbeddedBroker } from "../transports/broker.ts";
 import { MOSQUITTO, Mosquitto } from "../tests/mosquitto.ts";
 
 const RUNS = Number(process.env.BENCH_RUNS ?? 3);
+/** Seconds a service stays idle for the steady RSS (V8's memory reducer runs after ~10-30 s). */
+const STEADY = Number(process.env.BENCH_STEADY ?? 40);
+const here = new URL(".", import.meta.url);
+const script = new URL("./startup_child.ts", here).pathname;
+const denoBin = new URL("../node_modules/.bin/deno", here).pathname;
 
-function child(url: string): Promise<{ firstCallMs: number; idleRssMB: number }> {
-  const script = new URL("./startup_child.ts", import.meta.url).pathname;
+type Runtime = [name: string, cmd: string, args: string[]];
+const runtimes: Runtime[] = [["node + tsx", process.execPath, ["--expose-gc", "--import", "tsx", script]]];
+if (existsSync(denoBin)) runtimes.push(["deno", denoBin, ["run", "-A", "--v8-flags=--expose-gc", script]]);
+
+/** Run the child; its JSON lines merged. */
+function child([, cmd, args]: Runtime, url: string, steady = 0): Promise<Record<string, number>> {
   return new Promise((resolve, reject) => {
-    execFile(process.execPath, ["--expose-gc", "--import", "tsx", script, url], (err, stdout) => {
+    execFile(cmd, [...args, url, String(steady)], { env: { ...process.env, NO_COLOR: "1" } }, (err, stdout) => {
       if (err) reject(err);
-      else resolve(JSON.parse(stdout.trim().split("\n").pop()!));
+      else {resolve(Object.assign(
+          {},
+          ...stdout.trim().split("\n").filter((l) => l.startsWith("{")).map((l) => JSON.parse(l)),
+        ));}
     });
   });
 }
@@ -39,13 +54,32 @@ if (!mqttUrl && MOSQUITTO) {
   stop = () => b.close();
 }
 
-const rows: { transport: string; firstCallMs: number; idleRssMB: number }[] = [];
-for (const [name, url] of [["memory", "memory://"], [`mqtt (${broker})`, mqttUrl]] as const) {
-  const runs: { firstCallMs: number; idleRssMB: number }[] = [];
-  for (let i = 0; i < RUNS; i++) runs.push(await child(url));
-  const med = (k: "firstCallMs" | "idleRssMB") =>
-    runs.map((r) => r[k]).sort((a, b) => a - b)[Math.floor(runs.length / 2)]!;
-  rows.push({ transport: name, firstCallMs: Math.round(med("firstCallMs")), idleRssMB: Math.round(med("idleRssMB")) });
+interface StartRow {
+  runtime: string;
+  transport: string;
+  firstCallMs: number | null;
+  idleRssMB: number;
+  steadyRssMB: number;
+}
+const cases = runtimes.flatMap((rt) =>
+  ([["nothing (the runtime alone)", "bare"], ["memory", "memory://"], [`mqtt (${broker})`, mqttUrl!]] as const).map((
+    [transport, url],
+  ) => ({ rt, transport, url }))
+);
+// The steady readings wait STEADY s in idle children, all at once; then the timed runs, one by one.
+const steady = await Promise.all(cases.map((c) => child(c.rt, c.url, STEADY)));
+const rows: StartRow[] = [];
+for (const [i, c] of cases.entries()) {
+  const runs: Record<string, number>[] = [];
+  for (let r = 0; r < RUNS; r++) runs.push(await child(c.rt, c.url));
+  const med = (k: string) => runs.map((r) => r[k]!).sort((a, b) => a - b)[Math.floor(runs.length / 2)]!;
+  rows.push({
+    runtime: c.rt[0],
+    transport: c.transport,
+    firstCallMs: c.url === "bare" ? null : Math.round(med("firstCallMs")),
+    idleRssMB: Math.round(med("idleRssMB")),
+    steadyRssMB: Math.round(steady[i]!.steadyRssMB!),
+  });
 }
 await stop();
 
@@ -84,10 +118,17 @@ const perService = Math.round((process.memoryUsage.rss() - before) / 1000 / 1024
 for (const s of services) await s.stop();
 await registry.close();
 
-console.log(`Start-up and memory (node ${process.version}, median of ${RUNS} runs)\n`);
-console.log("| transport | process start to first answered call, ms | idle service RSS, MB |");
-console.log("|---|---:|---:|");
-for (const r of rows) console.log(`| ${r.transport} | ${r.firstCallMs} | ${r.idleRssMB} |`);
+console.log(
+  `Start-up and memory (node ${process.version}, median of ${RUNS} runs; steady: one run idle ${STEADY} s)\n`,
+);
+console.log(
+  "| runtime | service | process start to first answered call, ms | RSS 1 s after start, MB | RSS idle ${STEADY} s, MB |"
+    .replace("${STEADY}", String(STEADY)),
+);
+console.log("|---|---|---:|---:|---:|");
+for (const r of rows) {
+  console.log(`| ${r.runtime} | ${r.transport} | ${r.firstCallMs ?? "-"} | ${r.idleRssMB} | ${r.steadyRssMB} |`);
+}
 console.log(
   `\n1,000 services in one process (memory transport): started in ${Math.round(startMs)} ms, ` +
     `each answered a call: ${allAnswered}, RSS ${rss1000} MB (~${perService} KB per service)`,
@@ -95,6 +136,7 @@ console.log(
 console.log(
   JSON.stringify({
     bench: "startup",
+    steadySeconds: STEADY,
     rows,
     thousand: { startMs: Math.round(startMs), allAnswered, rssMB: rss1000, perServiceKB: perService },
   }),
