@@ -977,9 +977,9 @@ class Outbox {
       q.items.push({ bytes, opts, resolve, reject });
       if (!this.#scheduled) {
         this.#scheduled = true;
-        // A tick, not a microtask: it runs before the network library flushes what it wrote in
-        // this turn (an MQTT PUBACK, say), so both leave in one write.
-        process.nextTick(this.#flush);
+        // A microtask, not a tick: mqtt.js handles each received packet in a tick of its own, so
+        // a tick would flush after every packet and a burst would never share a message.
+        RESOLVED.then(this.#flush);
       }
     });
   }

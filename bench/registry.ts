@@ -10,6 +10,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import process from "node:process";
+import pg from "pg";
 import { openSqlRegistry, type SqlRegistry } from "../registry/sql.ts";
 
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 1.5);
@@ -69,6 +70,19 @@ async function measure(backend: string, r: SqlRegistry, services: number): Promi
 const dir = mkdtempSync(join(tmpdir(), "novalet-bench-"));
 const rows: Row[] = [];
 const notes: string[] = [];
+/** Drop a schema of this run, if the server can be reached at all. */
+async function dropSchema(schema: string): Promise<void> {
+  const client = new pg.Client({ connectionString: PG_URL, connectionTimeoutMillis: 2000 });
+  try {
+    await client.connect();
+    await client.query(`drop schema if exists ${schema} cascade`);
+  } catch {
+    /* no server: nothing was created */
+  } finally {
+    await client.end().catch(() => {});
+  }
+}
+
 try {
   for (const n of SIZES) {
     const mem = await openSqlRegistry("sqljs::memory:");
@@ -85,6 +99,7 @@ try {
       pg = await openSqlRegistry(PG_URL, { schema });
     } catch (e) {
       if (n === SIZES[0]) notes.push(`PostgreSQL skipped: ${(e as Error).message}`);
+      await dropSchema(schema); // open may have failed after creating it
     }
     if (pg) {
       try {

@@ -121,6 +121,11 @@ export interface SqlRegistryOptions {
   flavour: Flavour;
   /** Called once by `close()` after the database is destroyed (releases a file lock). */
   onClose?: () => void | Promise<void>;
+  /**
+   * PostgreSQL: the schema that holds the registry and kysely's migration tables. Without it
+   * kysely takes migration tables found in any schema for its own and then fails to use them.
+   */
+  schema?: string;
 }
 
 /** The {@link Registry} over any kysely database of the {@link Schema}. */
@@ -136,7 +141,11 @@ export class SqlRegistry implements Registry {
 
   /** Bring the schema up to date (kysely migrations) and return the registry. */
   static async create(db: Kysely<Schema>, opts: SqlRegistryOptions): Promise<SqlRegistry> {
-    const { error, results } = await new Migrator({ db, provider: provider(opts.flavour) }).migrateToLatest();
+    const { error, results } = await new Migrator({
+      db,
+      provider: provider(opts.flavour),
+      migrationTableSchema: opts.schema,
+    }).migrateToLatest();
     if (error) {
       const failed = results?.find((r) => r.status === "Error")?.migrationName;
       throw new Error(
@@ -324,7 +333,10 @@ async function openPostgres(url: string, opts: OpenRegistryOptions): Promise<Sql
   const db = new Kysely<Schema>({ dialect: new PostgresDialect({ pool }) });
   try {
     if (schema) await sql`create schema if not exists ${sql.id(schema)}`.execute(db);
-    return await SqlRegistry.create(db, { flavour: "postgres" });
+    // The schema in use (the search_path's first) is named to kysely, so that migration tables
+    // of another schema in the same database are never mistaken for ours.
+    const current = schema ?? (await sql<{ s: string }>`select current_schema() as s`.execute(db)).rows[0]?.s;
+    return await SqlRegistry.create(db, { flavour: "postgres", schema: current });
   } catch (e) {
     await db.destroy().catch(() => {});
     throw new Error(`Cannot open registry ${quote(redactUrl(url))}: ${(e as Error).message}`, { cause: e });

@@ -51,6 +51,32 @@ if (PG_URL) {
       },
     });
   });
+  describe("PostgreSQL schemas", () => {
+    it("registries in two schemas of one database migrate and stay apart", async () => {
+      const [a, b] = ["a", "b"].map((x) => `nvt_${x}_${crypto.randomUUID().replaceAll("-", "").slice(0, 10)}`);
+      const opened: Awaited<ReturnType<typeof openSqlRegistry>>[] = [];
+      try {
+        const ra = await openSqlRegistry(PG_URL, { schema: a });
+        opened.push(ra);
+        // b is made while a (with kysely's migration tables) exists: they must not be taken for b's.
+        const rb = await openSqlRegistry(`${PG_URL}?schema=${b}`);
+        opened.push(rb);
+        await ra.register({ host: "h", binary: "nova-a", topic: "a" });
+        await rb.register({ host: "h", binary: "nova-b", topic: "b" });
+        assert.deepEqual((await ra.list()).map((r) => r.binary), ["nova-a"]);
+        assert.deepEqual((await rb.list()).map((r) => r.binary), ["nova-b"]);
+      } finally {
+        for (const r of opened) await r.close();
+        const client = new pg.Client({ connectionString: PG_URL });
+        await client.connect();
+        try {
+          for (const schema of [a, b]) await client.query(`drop schema if exists ${schema} cascade`);
+        } finally {
+          await client.end();
+        }
+      }
+    });
+  });
 } else {
   describe("Registry conformance: PostgreSQL", () => {
     it("runs when PG_URL is set", {
