@@ -1130,9 +1130,9 @@ interface TimeoutList {
 /**
  * Timeouts of calls (and of casts' hand-over) without a Node timer each: entries of one length
  * expire in the order they were added, so each length is a FIFO list with one timer for its
- * head, and a reply removes its entry in O(1). (setTimeout + clearTimeout per call cost more than
- * the rest of an in-process call's bookkeeping together.) While an entry waits, a timer is
- * armed: a pending call keeps the process alive until its timeout, as a timer per call would.
+ * head, and a reply removes its entry in O(1). (A setTimeout + clearTimeout per call was ~6% of
+ * an in-process call.) While an entry waits, a timer is armed: a pending call keeps the process
+ * alive until its timeout, as a timer per call would.
  */
 class Timeouts {
   #lists = new Map<number, TimeoutList>();
@@ -1756,7 +1756,6 @@ export class Dispatcher {
     return new Promise((r) => this.#idle.push(r));
   }
 
-  /** Handle one message; never throws. */
   /**
    * Handle one message; never throws. The promise (when one is returned) settles once the reply
    * is handed over. A synchronous method over an in-process transport costs no promise at all.

@@ -1,7 +1,9 @@
-import type { Transport } from "../mod.ts";
+import { describe, it } from "node:test";
+import assert from "node:assert/strict";
+import { RequestContext, Rpc, type Transport } from "../mod.ts";
 import { MemoryHub, MemoryTransport } from "../transports/memory.ts";
 import { rpcSuite } from "./rpc_suite.ts";
-import { MemoryLogger } from "./helpers.ts";
+import { MemoryLogger, text, waitFor } from "./helpers.ts";
 
 // Envelopes travel as values (publishLocal): copied with JSON semantics, no text in between.
 rpcSuite("memory", () => {
@@ -22,4 +24,28 @@ function bytesOnly(t: MemoryTransport): Transport {
 rpcSuite("memory, as bytes", () => {
   const hub = new MemoryHub({ logger: new MemoryLogger() });
   return Promise.resolve({ open: () => Promise.resolve(bytesOnly(new MemoryTransport(hub))) });
+});
+
+describe("request ids", () => {
+  it("are UUIDs of version 8, in the order a client sent them, and distinct across clients", async () => {
+    const hub = new MemoryHub({ logger: new MemoryLogger() });
+    const sniffer = new MemoryTransport(hub);
+    const ids: string[] = [];
+    // A byte reader: it gets the JSON of what the clients send as values.
+    await sniffer.subscribe("novalet/rpc/#", (p) => void ids.push(JSON.parse(text(p)).id));
+    const [a, b] = [new Rpc(new MemoryTransport(hub)), new Rpc(new MemoryTransport(hub))];
+    const ctx = new RequestContext();
+    for (let i = 0; i < 3; i++) {
+      await a.cast(ctx, "nobody", { method: "m" }).catch(() => {});
+      await b.cast(ctx, "nobody", { method: "m" }).catch(() => {});
+    }
+    await waitFor(() => ids.length === 6, "six requests");
+    for (const id of ids) assert.match(id, /^[0-9a-f]{8}-[0-9a-f]{4}-8[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+    const fromA = ids.filter((_, i) => i % 2 === 0);
+    const fromB = ids.filter((_, i) => i % 2 === 1);
+    assert.deepEqual([...fromA].sort(), fromA, "in order within a client");
+    assert.equal(new Set(ids).size, 6);
+    assert.notEqual(fromA[0]!.slice(0, 23), fromB[0]!.slice(0, 23), "clients draw their own random part");
+    await Promise.all([a.close(), b.close(), sniffer.close()]);
+  });
 });
