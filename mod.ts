@@ -883,9 +883,10 @@ export const jsonCodec: Codec = {
     if (!("method" in envelope)) {
       // A reply, field by field as well (this is the hot path of in-process calls).
       const r = envelope as ReplyEnvelope;
+      // (encodeReply stringifies the whole reply: toJSON() gets the key "result" or "error")
       const out = { v: 1, id: jsonCopy(r.id) } as Record<string, unknown>;
-      if ("error" in r) out.error = jsonCopy(r.error);
-      else if ((r as { result?: unknown }).result !== undefined) out.result = jsonCopy(r.result);
+      if ("error" in r) out.error = copyJson(r.error, "error", undefined);
+      else if ((r as { result?: unknown }).result !== undefined) out.result = copyJson(r.result, "result", undefined);
       return out as E;
     }
     // Field by field, as encodeRequest writes them: the context without JSON.

@@ -196,8 +196,12 @@ describe("jsonCopy()", () => {
     assert.ok(copied.context instanceof RequestContext && copied.context !== ctx);
     assert.deepEqual(RequestContext.from(copied.context).toJSON(), RequestContext.from(decoded.context).toJSON());
     assert.deepStrictEqual({ ...copied, context: null }, { ...decoded, context: null });
-    const reply = { v: 1 as const, id: "i", result: { at: new Date(0), n: NaN } };
+    const keyed = { toJSON: (key: string) => `key ${key}` }; // toJSON sees where it stands
+    const reply = { v: 1 as const, id: "i", result: { at: new Date(0), n: NaN, keyed } };
     assert.deepStrictEqual(jsonCodec.copy!(reply), jsonCodec.decodeReply(jsonCodec.encodeReply(reply)));
+    const whole = { v: 1 as const, id: "i", result: keyed };
+    assert.deepStrictEqual(jsonCodec.copy!(whole), jsonCodec.decodeReply(jsonCodec.encodeReply(whole)));
+    assert.equal((jsonCodec.copy!(whole) as { result: unknown }).result, "key result");
   });
 });
 

@@ -192,6 +192,8 @@ export class MemoryHub {
     }
     for (let i = 0; i < times; i++) {
       for (const sub of targets) {
+        // Sender and receiver never share the bytes. Buffer.from copies into a pooled slab (~80 ns
+        // against ~400 ns for a fresh ArrayBuffer per message).
         const d: Delivery = { sub, payload: EMPTY, topic };
         if (payload instanceof Uint8Array) d.payload = Buffer.from(payload);
         else {
@@ -199,8 +201,6 @@ export class MemoryHub {
           // Bytes too when a member of the group reads bytes: it may get this one (see #deliver).
           if (!sub.local || sub.g?.members.some((m) => !m.local)) d.payload = Buffer.from(payload.bytes());
         }
-        // Sender and receiver never share the bytes. Buffer.from copies into a pooled slab (~80 ns
-        // against ~400 ns for a fresh ArrayBuffer per message).
         if (delayMs >= 0) setTimeout(() => this.#deliver(d), delayMs);
         else if (this.#queue.push(d) === 1) RESOLVED.then(this.#drain); // 3x cheaper than queueMicrotask
       }
