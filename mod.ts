@@ -1313,7 +1313,7 @@ export class Rpc {
 
   /** A request as bytes, or as a value for an in-process transport. @throws where encoding does. */
   #encode(req: RequestEnvelope): Uint8Array | LocalMessage {
-    return this.#local ? localMessage(this.#codec, req) : this.#codec.encodeRequest(req);
+    return this.#local ? new LocalEnvelope(this.#codec, req) : this.#codec.encodeRequest(req);
   }
 
   /**
@@ -1508,10 +1508,6 @@ class LocalEnvelope implements LocalMessage {
     const s = this.#snapshot;
     return this.#bytes ??= "method" in s ? this.#codec.encodeRequest(s) : this.#codec.encodeReply(s);
   }
-}
-
-function localMessage(codec: Codec, envelope: RequestEnvelope | ReplyEnvelope): LocalMessage {
-  return new LocalEnvelope(codec, envelope);
 }
 
 function deliveryFailure(what: string, e: unknown): Error {
@@ -1927,13 +1923,13 @@ export class Dispatcher {
   /** The reply as bytes, or as a value for an in-process transport. */
   #encodeReply(reply: ReplyEnvelope, method?: string): Uint8Array | LocalMessage {
     try {
-      return this.#local ? localMessage(this.#codec, reply) : this.#codec.encodeReply(reply);
+      return this.#local ? new LocalEnvelope(this.#codec, reply) : this.#codec.encodeReply(reply);
     } catch (e) {
       // The result does not serialise (a cycle, a BigInt): tell the caller instead of hanging it.
       const wire = errorToWire(e, this.#debug);
       wire.message = `Cannot encode the result of ${quote(method)}: ${wire.message}`;
       const error: ReplyEnvelope = { v: 1, id: reply.id, error: wire };
-      return this.#local ? localMessage(this.#codec, error) : this.#codec.encodeReply(error);
+      return this.#local ? new LocalEnvelope(this.#codec, error) : this.#codec.encodeReply(error);
     }
   }
 

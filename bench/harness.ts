@@ -82,21 +82,6 @@ async function run(meter: Meter, op: () => Promise<unknown>, concurrency: number
 }
 
 /**
- * Run `op` from `concurrency` workers for `seconds` (after a short warm-up); latency per op.
- */
-export async function closedLoop(
-  scenario: string,
-  impl: string,
-  op: () => Promise<unknown>,
-  opts: { concurrency: number; seconds: number; warmup?: number },
-): Promise<Row> {
-  await warmUp(op, opts.concurrency, opts.warmup ?? 0.3);
-  const meter = new Meter();
-  await run(meter, op, opts.concurrency, opts.seconds);
-  return meter.row(scenario, impl);
-}
-
-/**
  * Compare implementations of one scenario fairly on a shared, noisy machine: after a warm-up
  * each, they run in alternating slices (`rounds` slices of `seconds / rounds` each, the order
  * reversed every round), so a slow spell of the machine hits all of them alike.

@@ -105,8 +105,8 @@ try {
       try {
         rows.push(await measure("PostgreSQL", pg, n));
       } finally {
-        await pg.db.schema.dropSchema(schema).ifExists().cascade().execute().catch(() => {});
         await pg.close();
+        await dropSchema(schema);
       }
     }
   }

@@ -32,6 +32,17 @@ registryConformance("sql.js on a file", () => {
 });
 
 const PG_URL = process.env.PG_URL;
+
+/** Drop the schemas a test made on PostgreSQL. */
+async function dropSchemas(url: string, ...schemas: string[]): Promise<void> {
+  const client = new pg.Client({ connectionString: url });
+  await client.connect();
+  try {
+    for (const schema of schemas) await client.query(`drop schema if exists ${schema} cascade`);
+  } finally {
+    await client.end();
+  }
+}
 if (PG_URL) {
   // CI sets PG_URL: an unreachable server then fails these tests, it never skips them.
   registryConformance("PostgreSQL", () => {
@@ -40,20 +51,14 @@ if (PG_URL) {
       open: () => openSqlRegistry(PG_URL, { schema }),
       durable: true,
       shared: true,
-      async cleanup() {
-        const client = new pg.Client({ connectionString: PG_URL });
-        await client.connect();
-        try {
-          await client.query(`drop schema if exists ${schema} cascade`);
-        } finally {
-          await client.end();
-        }
-      },
+      cleanup: () => dropSchemas(PG_URL, schema),
     });
   });
   describe("PostgreSQL schemas", () => {
     it("registries in two schemas of one database migrate and stay apart", async () => {
-      const [a, b] = ["a", "b"].map((x) => `nvt_${x}_${crypto.randomUUID().replaceAll("-", "").slice(0, 10)}`);
+      const name = (x: string) => `nvt_${x}_${crypto.randomUUID().replaceAll("-", "").slice(0, 10)}`;
+      const a = name("a");
+      const b = name("b");
       const opened: Awaited<ReturnType<typeof openSqlRegistry>>[] = [];
       try {
         const ra = await openSqlRegistry(PG_URL, { schema: a });
@@ -67,13 +72,7 @@ if (PG_URL) {
         assert.deepEqual((await rb.list()).map((r) => r.binary), ["nova-b"]);
       } finally {
         for (const r of opened) await r.close();
-        const client = new pg.Client({ connectionString: PG_URL });
-        await client.connect();
-        try {
-          for (const schema of [a, b]) await client.query(`drop schema if exists ${schema} cascade`);
-        } finally {
-          await client.end();
-        }
+        await dropSchemas(PG_URL, a, b);
       }
     });
   });

@@ -270,43 +270,38 @@ export class MemoryTransport implements Transport {
   }
 
   publish(topic: string, payload: Uint8Array, opts: PublishOptions = {}): Promise<void> {
-    if (this.#closed) return Promise.reject(new ClosedError(`Cannot publish to ${topic}: the transport is closed`));
-    try {
-      validateTopic(topic);
-      if (!(payload instanceof Uint8Array)) throw new TypeError(`Cannot publish to ${topic}: payload must be bytes`);
-    } catch (e) {
-      return Promise.reject(e);
-    }
-    return this.#publish(topic, payload, opts);
+    return this.#publish(topic, payload, opts, false);
   }
 
   /** Send a message as a value to the subscriptions that take values, as bytes to the others. */
   publishLocal(topic: string, message: LocalMessage, opts: PublishOptions = {}): Promise<void> {
-    if (this.#closed) return Promise.reject(new ClosedError(`Cannot publish to ${topic}: the transport is closed`));
-    if (!this.#goodTopics.has(topic)) {
-      try {
-        validateTopic(topic);
-      } catch (e) {
-        return Promise.reject(e);
-      }
-      // RPC sends to a few topics again and again: check each once.
-      if (this.#goodTopics.size >= 1024) this.#goodTopics.clear();
-      this.#goodTopics.add(topic);
-    }
-    return this.#publish(topic, message, opts);
+    return this.#publish(topic, message, opts, true);
   }
 
-  #publish(topic: string, payload: Uint8Array | LocalMessage, opts: PublishOptions): Promise<void> {
+  #publish(topic: string, payload: Uint8Array | LocalMessage, opts: PublishOptions, local: boolean): Promise<void> {
+    if (this.#closed) return Promise.reject(new ClosedError(`Cannot publish to ${topic}: the transport is closed`));
     let n: number;
     try {
-      n = this.hub.publish(topic, payload);
+      this.#checkTopic(topic);
+      if (!local && !(payload instanceof Uint8Array)) {
+        throw new TypeError(`Cannot publish to ${topic}: payload must be bytes`);
+      }
+      n = this.hub.publish(topic, payload); // throws when a local message cannot be copied or encoded
     } catch (e) {
-      return Promise.reject(e); // a local message that cannot be copied or encoded
+      return Promise.reject(e);
     }
     if (n === 0 && opts.mandatory) {
       return Promise.reject(new DeliveryError(`No subscriber for "${topic}": nobody serves it`));
     }
     return RESOLVED;
+  }
+
+  /** validateTopic(), once per topic: RPC sends to a few topics again and again. */
+  #checkTopic(topic: string): void {
+    if (this.#goodTopics.has(topic)) return;
+    validateTopic(topic);
+    if (this.#goodTopics.size >= 1024) this.#goodTopics.clear();
+    this.#goodTopics.add(topic);
   }
 
   subscribe(filter: string, handler: MessageHandler, opts: SubscribeOptions = {}): Promise<Subscription> {
