@@ -1,7 +1,9 @@
 /**
  * Start-up and memory: time from process start to the first answered call and the RSS of an
- * idle service (memory transport and MQTT) under Node + tsx and under Deno, next to the runtime
- * alone measured the same way; and 1,000 services in one process on the memory transport.
+ * idle service (memory transport and MQTT) under Node + tsx, under Node from a bundle made by
+ * build.ts (the service and novalet as plain JavaScript, as one would ship it to a device) and
+ * under Deno, each next to the runtime alone measured the same way; and 1,000 services in one
+ * process on the memory transport.
  * RSS is read twice: 1 s after start (after a full GC), and after BENCH_STEADY s (40) of idling,
  * once V8's memory reducer has given back what start-up used.
  *
@@ -14,6 +16,7 @@ import { Manager, openRegistry, RequestContext, Service } from "../mod.ts";
 import { MemoryHub, MemoryTransport } from "../transports/memory.ts";
 import { EmbeddedBroker } from "../transports/broker.ts";
 import { MOSQUITTO, Mosquitto } from "../tests/mosquitto.ts";
+import { buildDist } from "../build.ts";
 
 const RUNS = Number(process.env.BENCH_RUNS ?? 3);
 /** Seconds a service stays idle for the steady RSS (V8's memory reducer runs after ~10-30 s). */
@@ -24,6 +27,15 @@ const denoBin = new URL("../node_modules/.bin/deno", here).pathname;
 
 type Runtime = [name: string, cmd: string, args: string[]];
 const runtimes: Runtime[] = [["node + tsx", process.execPath, ["--expose-gc", "--import", "tsx", script]]];
+// The child built with novalet into plain JavaScript (under node_modules, so that the external
+// sql.js resolves as it would in an app).
+const bundleDir = new URL("../node_modules/.cache/novalet-bench-dist", here).pathname;
+await buildDist(bundleDir, ["bench/startup_child.ts"]);
+const bundled = `${bundleDir}/bench/startup_child.js`;
+runtimes.push(["node, bundled (build.ts)", process.execPath, ["--expose-gc", bundled]]);
+// sql.js's WebAssembly compiled by V8's baseline compiler only: no optimising tier-up, whose
+// code and compile memory stay resident. A registry writes once per report interval.
+runtimes.push(["node --liftoff-only, bundled", process.execPath, ["--expose-gc", "--liftoff-only", bundled]]);
 if (existsSync(denoBin)) runtimes.push(["deno", denoBin, ["run", "-A", "--v8-flags=--expose-gc", script]]);
 
 /** Run the child; its JSON lines merged. */
