@@ -397,15 +397,27 @@ export interface Transport {
 
 /** Does the MQTT topic filter match the topic? (`sport/+/player1`, `sport/#`). */
 export function topicMatches(filter: string, topic: string): boolean {
-  const f = filter.split("/");
-  const t = topic.split("/");
-  for (let i = 0; i < f.length; i++) {
-    const part = f[i];
-    if (part === "#") return true;
-    if (i >= t.length) return false;
-    if (part !== "+" && part !== t[i]) return false;
+  if (filter === topic) return true;
+  // Level by level without splitting: this runs for every message a client receives.
+  let f = 0; // start of the filter's current level
+  let t = 0; // start of the topic's current level (past its end once the topic has no more)
+  for (;;) {
+    let fEnd = filter.indexOf("/", f);
+    if (fEnd === -1) fEnd = filter.length;
+    const wildcard = fEnd - f === 1 ? filter.charCodeAt(f) : 0;
+    if (wildcard === 35 /* # */) return true; // this level, all below, and the parent itself
+    if (t > topic.length) return false; // the filter has more levels than the topic
+    let tEnd = topic.indexOf("/", t);
+    if (tEnd === -1) tEnd = topic.length;
+    if (wildcard !== 43 /* + */) {
+      const len = fEnd - f;
+      if (len !== tEnd - t) return false;
+      for (let i = 0; i < len; i++) if (filter.charCodeAt(f + i) !== topic.charCodeAt(t + i)) return false;
+    }
+    if (fEnd === filter.length) return tEnd === topic.length;
+    f = fEnd + 1;
+    t = tEnd + 1;
   }
-  return f.length === t.length;
 }
 
 /** Throws a TypeError unless `filter` is a valid MQTT filter (`#` last, wildcards alone in a level). */
@@ -1782,26 +1794,29 @@ export class Dispatcher {
     if (--this.#inFlight === 0) { for (const r of this.#idle.splice(0)) r(); }
   };
 
-  async #handle(payload: Uint8Array, topic: string, qos: 0 | 1): Promise<void> {
+  /** A message as bytes: one request or a batch. No promise unless a handler makes one. */
+  #handle(payload: Uint8Array, topic: string, qos: 0 | 1): Promise<void> | void {
     if (payload.byteLength > this.#maxBytes) {
       this.#log.warn(`Dropped a request of ${payload.byteLength} bytes: over maxMessageBytes ${this.#maxBytes}`, {
         topic,
       });
       return;
     }
-    let decoded: { batch: boolean; items: (RequestEnvelope | BadRequest)[] };
+    let items: (RequestEnvelope | BadRequest)[];
     try {
-      decoded = this.#codec.decodeRequests
-        ? this.#codec.decodeRequests(payload)
-        : { batch: false, items: [this.#codec.decodeRequest(payload)] };
+      items = this.#codec.decodeRequests
+        ? this.#codec.decodeRequests(payload).items
+        : [this.#codec.decodeRequest(payload)];
     } catch (e) {
-      await this.#refuse(e, topic, qos);
-      return;
+      return this.#refuse(e, topic, qos);
     }
-    const run = (item: RequestEnvelope | BadRequest) =>
-      item instanceof BadRequest ? this.#refuse(item, topic, qos) : this.#one(item, topic, qos);
-    const { items } = decoded;
-    await (items.length === 1 ? run(items[0]!) : Promise.all(items.map(run)));
+    if (items.length === 1) return this.#run(items[0]!, topic, qos);
+    const running = items.map((item) => this.#run(item, topic, qos)).filter((r) => r instanceof Promise);
+    if (running.length > 0) return Promise.all(running).then(() => {});
+  }
+
+  #run(item: RequestEnvelope | BadRequest, topic: string, qos: 0 | 1): Promise<void> | void {
+    return item instanceof BadRequest ? this.#refuse(item, topic, qos) : this.#one(item, topic, qos);
   }
 
   /** A request sent as a value by an in-process client (see publishLocal): no JSON to read, but

@@ -37,6 +37,43 @@ describe("topicMatches()", () => {
       assert.equal(topicMatches(filter, topic), expected);
     });
   }
+
+  it("agrees with the level-by-level definition on every filter and topic of up to 3 levels", () => {
+    // The definition, written the obvious way: split into levels, "+" any one, "#" the rest.
+    const reference = (filter: string, topic: string): boolean => {
+      const f = filter.split("/");
+      const t = topic.split("/");
+      for (let i = 0; i < f.length; i++) {
+        if (f[i] === "#") return true;
+        if (i >= t.length || (f[i] !== "+" && f[i] !== t[i])) return false;
+      }
+      return f.length === t.length;
+    };
+    const levels = ["", "a", "b", "ab"];
+    const topics: string[] = [];
+    const grow = (prefix: string[], depth: number) => {
+      if (prefix.length > 0) topics.push(prefix.join("/"));
+      if (depth > 0) { for (const l of levels) grow([...prefix, l], depth - 1); }
+    };
+    grow([], 3);
+    const filters = new Set<string>();
+    for (const t of topics) {
+      const parts = t.split("/");
+      for (let mask = 0; mask < 1 << parts.length; mask++) {
+        const f = parts.map((p, i) => (mask >> i) & 1 ? "+" : p);
+        filters.add(f.join("/"));
+        filters.add([...f.slice(0, -1), "#"].join("/"));
+      }
+    }
+    let checked = 0;
+    for (const f of filters) {
+      for (const t of topics) {
+        assert.equal(topicMatches(f, t), reference(f, t), `topicMatches(${JSON.stringify(f)}, ${JSON.stringify(t)})`);
+        checked++;
+      }
+    }
+    assert.ok(checked > 10_000, `checked ${checked} pairs`);
+  });
 });
 
 describe("addresses", () => {

@@ -21,6 +21,7 @@ import {
   getLogger,
   type Logger,
   type MessageHandler,
+  type MessageMeta,
   type PublishOptions,
   quote,
   redactUrl,
@@ -126,6 +127,10 @@ function parseUrl(url: string): { url: string; opts: Partial<MqttTransportOption
 }
 
 /** A {@link Transport} over an MQTT broker. */
+/** What handlers learn about a message: shared, never changed. */
+const AT_QOS_0: MessageMeta = Object.freeze({ qos: 0 });
+const AT_QOS_1: MessageMeta = Object.freeze({ qos: 1 });
+
 export class MqttTransport implements Transport {
   readonly client: MqttClient;
   readonly clientId: string;
@@ -396,35 +401,42 @@ export class MqttTransport implements Transport {
     }
   }
 
-  /** The subscriptions a message is for: by subscription identifier (v5), else by filter. */
-  #targets(packet: IPublishPacket): BrokerSub[] {
+  /**
+   * The subscriptions with handlers that a message is for: by subscription identifier (v5), else
+   * by filter. One subscription comes without an array: that is nearly every message.
+   */
+  #targets(packet: IPublishPacket): BrokerSub | BrokerSub[] | undefined {
     const topic = packet.topic;
     const ids = packet.properties?.subscriptionIdentifier;
-    if (ids !== undefined) {
-      const out: BrokerSub[] = [];
-      for (const id of Array.isArray(ids) ? ids : [ids]) {
-        const s = this.#byId.get(id);
-        if (s && topicMatches(s.filter, topic)) out.push(s);
-      }
+    if (typeof ids === "number") {
+      const s = this.#byId.get(ids);
+      if (s !== undefined && s.handlers.length > 0 && topicMatches(s.filter, topic)) return s;
+    } else if (ids !== undefined) {
+      const out = ids.map((id) => this.#byId.get(id)).filter((s): s is BrokerSub =>
+        s !== undefined && s.handlers.length > 0 && topicMatches(s.filter, topic)
+      );
       if (out.length) return out;
     }
-    return [...this.#subs.values()].filter((s) => topicMatches(s.filter, topic));
+    const out = [...this.#subs.values()].filter((s) => s.handlers.length > 0 && topicMatches(s.filter, topic));
+    return out.length === 0 ? undefined : out.length === 1 ? out[0] : out;
   }
 
   /** Hand a message to its handlers; false when none takes it. */
   #offer(packet: IPublishPacket): boolean {
-    const targets = this.#targets(packet).filter((s) => s.handlers.length > 0);
-    if (targets.length === 0) return false;
+    const targets = this.#targets(packet);
+    if (targets === undefined) return false;
     const payload = packet.payload as Buffer;
     const bytes = new Uint8Array(payload.buffer, payload.byteOffset, payload.byteLength);
-    const meta = { qos: packet.qos === 0 ? 0 as const : 1 as const };
-    const run = (h: MessageHandler) => runHandler(h, bytes, packet.topic, this.#log, meta);
-    for (const s of targets) {
-      if (s.group !== undefined) run(s.handlers[s.next++ % s.handlers.length]!);
-      else for (const h of s.handlers) run(h);
-    }
+    const meta = packet.qos === 0 ? AT_QOS_0 : AT_QOS_1;
+    if (!Array.isArray(targets)) this.#deliver(targets, bytes, packet.topic, meta);
+    else for (const s of targets) this.#deliver(s, bytes, packet.topic, meta);
     // Taken, not finished: acknowledging at the end of a slow handler would stall the line.
     return true;
+  }
+
+  #deliver(s: BrokerSub, bytes: Uint8Array, topic: string, meta: MessageMeta): void {
+    if (s.group !== undefined) runHandler(s.handlers[s.next++ % s.handlers.length]!, bytes, topic, this.#log, meta);
+    else for (const h of s.handlers) runHandler(h, bytes, topic, this.#log, meta);
   }
 
   /** Offer the held messages again (a handler was added) and acknowledge those taken now. */
