@@ -126,11 +126,16 @@ function parseUrl(url: string): { url: string; opts: Partial<MqttTransportOption
   return { url: u.toString(), opts };
 }
 
-/** A {@link Transport} over an MQTT broker. */
 /** What handlers learn about a message: shared, never changed. */
 const AT_QOS_0: MessageMeta = Object.freeze({ qos: 0 });
 const AT_QOS_1: MessageMeta = Object.freeze({ qos: 1 });
 
+function withHandlers(subs: BrokerSub[]): BrokerSub | BrokerSub[] | undefined {
+  const out = subs.filter((s) => s.handlers.length > 0);
+  return out.length === 0 ? undefined : out.length === 1 ? out[0] : out;
+}
+
+/** A {@link Transport} over an MQTT broker. */
 export class MqttTransport implements Transport {
   readonly client: MqttClient;
   readonly clientId: string;
@@ -402,23 +407,24 @@ export class MqttTransport implements Transport {
   }
 
   /**
-   * The subscriptions with handlers that a message is for: by subscription identifier (v5), else
-   * by filter. One subscription comes without an array: that is nearly every message.
+   * The subscriptions with handlers that a message is for: those its subscription identifiers
+   * name (v5), else those whose filter matches. One subscription comes without an array: that
+   * is nearly every message. A message for a subscription without handlers now is not taken,
+   * even when another filter would match: the broker sends that one its own copy.
    */
   #targets(packet: IPublishPacket): BrokerSub | BrokerSub[] | undefined {
     const topic = packet.topic;
     const ids = packet.properties?.subscriptionIdentifier;
     if (typeof ids === "number") {
       const s = this.#byId.get(ids);
-      if (s !== undefined && s.handlers.length > 0 && topicMatches(s.filter, topic)) return s;
+      if (s !== undefined && topicMatches(s.filter, topic)) return s.handlers.length > 0 ? s : undefined;
     } else if (ids !== undefined) {
-      const out = ids.map((id) => this.#byId.get(id)).filter((s): s is BrokerSub =>
-        s !== undefined && s.handlers.length > 0 && topicMatches(s.filter, topic)
+      const named = ids.map((id) => this.#byId.get(id)).filter((s): s is BrokerSub =>
+        s !== undefined && topicMatches(s.filter, topic)
       );
-      if (out.length) return out;
+      if (named.length) return withHandlers(named);
     }
-    const out = [...this.#subs.values()].filter((s) => s.handlers.length > 0 && topicMatches(s.filter, topic));
-    return out.length === 0 ? undefined : out.length === 1 ? out[0] : out;
+    return withHandlers([...this.#subs.values()].filter((s) => topicMatches(s.filter, topic)));
   }
 
   /** Hand a message to its handlers; false when none takes it. */
