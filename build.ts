@@ -19,7 +19,6 @@ import { build } from "esbuild";
 
 export const ENTRIES = [
   "mod.ts",
-  "cli.ts",
   "transports/memory.ts",
   "transports/mqtt.ts",
   "transports/broker.ts",

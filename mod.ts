@@ -757,6 +757,15 @@ function checkRequest(raw: unknown): RequestEnvelope {
   return req;
 }
 
+/** checkRequest(), with the BadRequest returned in place of the request (one of a batch, say). */
+function requestOrBad(raw: unknown): RequestEnvelope | BadRequest {
+  try {
+    return checkRequest(raw);
+  } catch (e) {
+    return e as BadRequest; // checkRequest throws nothing else
+  }
+}
+
 function checkReply(raw: unknown): ReplyEnvelope {
   if (!isPlainObject(raw) || raw.v !== 1 || typeof raw.id !== "string") {
     throw new BadRequest(`Malformed reply: ${quote(raw)} lacks "v":1 or a string "id"`);
@@ -872,13 +881,7 @@ export const jsonCodec: Codec = {
     if (raw.length === 0) throw new BadRequest("Malformed request: an empty batch");
     return {
       batch: true,
-      items: raw.map((r) => {
-        try {
-          return checkRequest(r);
-        } catch (e) {
-          return e as BadRequest;
-        }
-      }),
+      items: raw.map(requestOrBad),
     };
   },
   encodeReply(reply) {
@@ -1296,7 +1299,7 @@ export class Rpc {
     if (this.#batchReplies) req.batch = true;
     let encoded: Uint8Array | LocalMessage;
     try {
-      encoded = this.#encode(req);
+      encoded = encodeFor(this.#codec, this.#local, req);
     } catch (e) {
       return Promise.reject(e); // the args do not encode (a BigInt, a cycle)
     }
@@ -1321,11 +1324,6 @@ export class Rpc {
       (e) => this.#settle(id)?.reject(deliveryFailure(`call "${address}.${method}"`, e)),
     );
     return result;
-  }
-
-  /** A request as bytes, or as a value for an in-process transport. @throws where encoding does. */
-  #encode(req: RequestEnvelope): Uint8Array | LocalMessage {
-    return this.#local ? new LocalEnvelope(this.#codec, req) : this.#codec.encodeRequest(req);
   }
 
   /**
@@ -1404,7 +1402,7 @@ export class Rpc {
     if (opts.version !== undefined) req.version = opts.version;
     const expiry = opts.timeout === undefined ? undefined : checkTimeout(opts.timeout, "timeout");
     if (expiry !== undefined) req.deadline = Date.now() + expiry * 1000;
-    const encoded = this.#encode(req); // throws when the args do not encode
+    const encoded = encodeFor(this.#codec, this.#local, req); // throws when the args do not encode
     const sent = this.#publish(address, topic, encoded, {
       qos: opts.qos ?? this.#qos,
       mandatory: address !== undefined,
@@ -1517,9 +1515,17 @@ class LocalEnvelope implements LocalMessage {
     return this.#snapshot;
   }
   bytes(): Uint8Array {
-    const s = this.#snapshot;
-    return this.#bytes ??= "method" in s ? this.#codec.encodeRequest(s) : this.#codec.encodeReply(s);
+    return this.#bytes ??= encodeBytes(this.#codec, this.#snapshot);
   }
+}
+
+function encodeBytes(codec: Codec, envelope: RequestEnvelope | ReplyEnvelope): Uint8Array {
+  return "method" in envelope ? codec.encodeRequest(envelope) : codec.encodeReply(envelope);
+}
+
+/** An envelope as bytes, or as a value for an in-process transport. @throws where encoding does. */
+function encodeFor(codec: Codec, local: boolean, envelope: RequestEnvelope | ReplyEnvelope): Uint8Array | LocalMessage {
+  return local ? new LocalEnvelope(codec, envelope) : encodeBytes(codec, envelope);
 }
 
 function deliveryFailure(what: string, e: unknown): Error {
@@ -1822,13 +1828,7 @@ export class Dispatcher {
   /** A request sent as a value by an in-process client (see publishLocal): no JSON to read, but
    * checked as any request is. */
   #handleLocal(value: unknown, topic: string): Promise<void> | void {
-    let req: RequestEnvelope;
-    try {
-      req = checkRequest(value);
-    } catch (e) {
-      return this.#refuse(e, topic, this.#qos);
-    }
-    return this.#one(req, topic, this.#qos);
+    return this.#run(requestOrBad(value), topic, this.#qos);
   }
 
   /** Answer a malformed request with BadRequest when it says where, else log and drop it. */
@@ -1938,13 +1938,13 @@ export class Dispatcher {
   /** The reply as bytes, or as a value for an in-process transport. */
   #encodeReply(reply: ReplyEnvelope, method?: string): Uint8Array | LocalMessage {
     try {
-      return this.#local ? new LocalEnvelope(this.#codec, reply) : this.#codec.encodeReply(reply);
+      return encodeFor(this.#codec, this.#local, reply);
     } catch (e) {
       // The result does not serialise (a cycle, a BigInt): tell the caller instead of hanging it.
       const wire = errorToWire(e, this.#debug);
       wire.message = `Cannot encode the result of ${quote(method)}: ${wire.message}`;
       const error: ReplyEnvelope = { v: 1, id: reply.id, error: wire };
-      return this.#local ? new LocalEnvelope(this.#codec, error) : this.#codec.encodeReply(error);
+      return encodeFor(this.#codec, this.#local, error);
     }
   }
 

@@ -94,18 +94,18 @@ try {
     await file.close();
 
     const schema = `bench_${process.pid}_${n}`;
-    let pg: SqlRegistry | undefined;
+    let onPg: SqlRegistry | undefined;
     try {
-      pg = await openSqlRegistry(PG_URL, { schema });
+      onPg = await openSqlRegistry(PG_URL, { schema });
     } catch (e) {
       if (n === SIZES[0]) notes.push(`PostgreSQL skipped: ${(e as Error).message}`);
       await dropSchema(schema); // open may have failed after creating it
     }
-    if (pg) {
+    if (onPg) {
       try {
-        rows.push(await measure("PostgreSQL", pg, n));
+        rows.push(await measure("PostgreSQL", onPg, n));
       } finally {
-        await pg.close();
+        await onPg.close();
         await dropSchema(schema);
       }
     }

@@ -35,6 +35,7 @@ import {
 } from "../mod.ts";
 
 const noop = (): void => {};
+
 /** Options of {@link MqttTransport.connect}. */
 export interface MqttTransportOptions {
   /** `mqtt://host:1883`, `mqtts://host:8883`, `ws://...`. Query parameters: see the README. */
