@@ -36,6 +36,14 @@ runtimes.push(["node, bundled (build.ts)", process.execPath, ["--expose-gc", bun
 // sql.js's WebAssembly compiled by V8's baseline compiler only: no optimising tier-up, whose
 // code and compile memory stay resident. A registry writes once per report interval.
 runtimes.push(["node --liftoff-only, bundled", process.execPath, ["--expose-gc", "--liftoff-only", bundled]]);
+// And no optimising JavaScript compiler either (Ignition and Sparkplug only): the code TurboFan
+// makes for start-up's hot paths, and its compile memory, stay resident too. The price is
+// throughput (~4x fewer in-process calls/s): a setting for small devices that answer now and then.
+runtimes.push([
+  "node --liftoff-only --no-opt, bundled",
+  process.execPath,
+  ["--expose-gc", "--liftoff-only", "--no-opt", bundled],
+]);
 if (existsSync(denoBin)) runtimes.push(["deno", denoBin, ["run", "-A", "--v8-flags=--expose-gc", script]]);
 
 /** Run the child; its JSON lines merged. */

@@ -243,6 +243,27 @@ describe("jsonCopy()", () => {
 });
 
 describe("RequestContext", () => {
+  it("a request carries only the context fields that differ from their defaults; the server gets them all back", () => {
+    const wire = (context: RequestContext) =>
+      JSON.parse(
+        new TextDecoder().decode(jsonCodec.encodeRequest({ v: 1, id: "i", method: "m", args: {}, context })),
+      ).context;
+    const anonymous = new RequestContext({ requestId: "req-1", timestamp: "2026-01-01T00:00:00.000Z" });
+    assert.deepEqual(wire(anonymous), { request_id: "req-1", timestamp: "2026-01-01T00:00:00.000Z" });
+    assert.deepEqual(RequestContext.from(wire(anonymous)), anonymous);
+    const full = new RequestContext({ userId: "u", projectId: "p", isAdmin: true, roles: ["r"], requestId: "req-2" });
+    assert.deepEqual(wire(full), full.toJSON());
+    assert.deepEqual(RequestContext.from(wire(full)), full);
+    // toJSON() itself stays complete: logs and foreign code see every field.
+    assert.deepEqual(Object.keys(anonymous.toJSON()), [
+      "user_id",
+      "project_id",
+      "request_id",
+      "is_admin",
+      "roles",
+      "timestamp",
+    ]);
+  });
   it("RequestContext.from(JSON round trip) equals the original", () => {
     const c = new RequestContext({ userId: "u", projectId: "p", isAdmin: true, roles: ["r"] });
     assert.deepEqual(RequestContext.from(JSON.parse(JSON.stringify(c))), c);
