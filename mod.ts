@@ -1829,7 +1829,7 @@ export class Dispatcher {
   }
 
   #done = (): void => {
-    if (--this.#inFlight === 0) { for (const r of this.#idle.splice(0)) r(); }
+    if (--this.#inFlight === 0 && this.#idle.length > 0) { for (const r of this.#idle.splice(0)) r(); }
   };
 
   /** A message as bytes: one request or a batch. No promise unless a handler makes one. */
@@ -1888,11 +1888,10 @@ export class Dispatcher {
       this.#log.warn(`Dropped "${req.method}": its deadline passed ${Date.now() - req.deadline} ms ago`, { id });
       return;
     }
-    if (this.#seen.has(id)) {
+    if (!this.#remember(id)) {
       this.#log.debug(`Dropped a duplicate of request ${id} ("${req.method}")`, { id });
       return;
     }
-    this.#remember(id);
     let result: unknown;
     try {
       result = this.#invoke(req);
@@ -1989,14 +1988,20 @@ export class Dispatcher {
     return true;
   }
 
-  /** Remember the last `dedupSize` ids in a ring: O(1) each. (Deleting a Set's first entry again
-   * and again is not: V8 then skips over ever more deleted slots to find the next first.) */
-  #remember(id: string): void {
+  /**
+   * Remember `id` among the last `dedupSize` ids; false when it is there already (a duplicate).
+   * One lookup: add() and a look at the size. The ring makes forgetting the oldest O(1) (deleting
+   * a Set's first entry again and again is not: V8 then skips over ever more deleted slots).
+   */
+  #remember(id: string): boolean {
+    const seen = this.#seen;
+    const size = seen.size;
+    if (seen.add(id).size === size) return false;
     const old = this.#ring[this.#ringAt];
-    if (old !== undefined) this.#seen.delete(old);
+    if (old !== undefined) seen.delete(old);
     this.#ring[this.#ringAt] = id;
-    this.#ringAt = (this.#ringAt + 1) % this.#ring.length;
-    this.#seen.add(id);
+    this.#ringAt = this.#ringAt + 1 === this.#ring.length ? 0 : this.#ringAt + 1;
+    return true;
   }
 }
 

@@ -158,6 +158,42 @@ describe("MQTT transport: sessions, limits and restarts", () => {
     assert.equal(back.blob.length, blob.length);
   });
 
+  it("a QoS 1 request's PUBACK and its reply leave the server in one socket write", async () => {
+    const prefix = uniquePrefix("onewrite");
+    const transport = await connect({ qos: 1 });
+    const svc = Service.create({
+      host: "h",
+      topic: "echo",
+      manager: Recorder,
+      transport,
+      prefix,
+      logger: new MemoryLogger(),
+      registry: track(await openSqlRegistry("sqljs::memory:")),
+    });
+    await svc.start();
+    track({ close: () => svc.stop() });
+    const rpc = track(new Rpc(await connect(), { prefix, qos: 1 }));
+    await rpc.call(ctx, "echo", { method: "echo", args: { n: 0 } }); // the reply subscription is made
+    // Count what reaches the socket: write() for one buffered chunk, writev() for several.
+    const socket = transport.client.stream as unknown as { _write: Function; _writev: Function };
+    let writes = 0;
+    const { _write, _writev } = socket;
+    socket._write = function (this: unknown, ...a: unknown[]) {
+      writes++;
+      return _write.apply(this, a);
+    };
+    socket._writev = function (this: unknown, ...a: unknown[]) {
+      writes++;
+      return _writev.apply(this, a);
+    };
+    for (let n = 1; n <= 5; n++) {
+      assert.deepEqual(await rpc.call(ctx, "echo", { method: "echo", args: { n } }), { n });
+    }
+    socket._write = _write;
+    socket._writev = _writev;
+    assert.equal(writes, 5, "one write per call: the PUBACK waits for the reply of the same turn");
+  });
+
   it("a payload over maxPayloadBytes is refused with an error naming the size and the limit", async () => {
     const t = await connect({ maxPayloadBytes: 1024 });
     await assert.rejects(
