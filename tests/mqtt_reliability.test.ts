@@ -175,7 +175,8 @@ describe("MQTT transport: sessions, limits and restarts", () => {
     const rpc = track(new Rpc(await connect(), { prefix, qos: 1 }));
     await rpc.call(ctx, "echo", { method: "echo", args: { n: 0 } }); // the reply subscription is made
     // Count what reaches the socket: write() for one buffered chunk, writev() for several.
-    const socket = transport.client.stream as unknown as { _write: Function; _writev: Function };
+    type Fn = (...a: unknown[]) => unknown;
+    const socket = transport.client.stream as unknown as { _write: Fn; _writev: Fn };
     let writes = 0;
     const { _write, _writev } = socket;
     socket._write = function (this: unknown, ...a: unknown[]) {
