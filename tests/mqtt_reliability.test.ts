@@ -195,6 +195,26 @@ describe("MQTT transport: sessions, limits and restarts", () => {
     assert.equal(writes, 5, "one write per call: the PUBACK waits for the reply of the same turn");
   });
 
+  it("a busy connection pings every keepalive and stays up", async () => {
+    const t = await connect({ keepalive: 1, qos: 1 });
+    const topic = `${uniquePrefix("ka")}/x`;
+    let received = 0;
+    await t.subscribe(topic, () => void received++);
+    let pings = 0;
+    let closed = 0;
+    t.client.on("packetsend", (p) => p.cmd === "pingreq" && pings++);
+    t.client.on("close", () => closed++);
+    const end = Date.now() + 2600;
+    let sent = 0;
+    while (Date.now() < end) {
+      await t.publish(topic, new Uint8Array([1]));
+      sent++;
+    }
+    await waitFor(() => received === sent, "every message back");
+    assert.ok(pings >= 1, `a ping while busy (got ${pings})`);
+    assert.equal(closed, 0, "the connection stayed up");
+  });
+
   it("a payload over maxPayloadBytes is refused with an error naming the size and the limit", async () => {
     const t = await connect({ maxPayloadBytes: 1024 });
     await assert.rejects(

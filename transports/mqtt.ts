@@ -224,6 +224,10 @@ export class MqttTransport implements Transport {
       protocolVersion,
       clean: sessionExpiry <= 0,
       keepalive: opts.keepalive ?? 30,
+      // A ping every keepalive instead of the keepalive timer cleared and set again for every
+      // acknowledgement received (mqtt.js's default): a QoS 1 call costs one less timer pair on
+      // each side. The broker needs a packet per keepalive; the ping is one.
+      reschedulePings: false,
       reconnectPeriod: reconnectMin,
       connectTimeout: (opts.connectTimeout ?? 10) * 1000,
       resubscribe: false, // we subscribe again ourselves, with our subscription identifiers
