@@ -978,11 +978,15 @@ export function errorToWire(err: unknown, debug = false): WireError {
 // RPC client
 // ---------------------------------------------------------------------------------------------
 
+/** Told once a message was handed over (`error` undefined) or could not be; `label` is the
+ * sender's (a reply's id, for its log line). One function for many messages: no closure each. */
+type Sent = (error: Error | undefined, topic: string, label?: string) => void;
+
 interface Outgoing {
   bytes: Uint8Array;
   opts: PublishOptions;
-  resolve(): void;
-  reject(e: unknown): void;
+  done?: Sent;
+  label?: string;
 }
 
 /**
@@ -1006,23 +1010,26 @@ class Outbox {
     this.#codec = codec;
   }
 
-  send(topic: string, bytes: Uint8Array, opts: PublishOptions): Promise<void> {
+  /** Queue `bytes` for `topic`; `done` is told when the transport took it (or failed to). */
+  send(topic: string, bytes: Uint8Array, opts: PublishOptions, done?: Sent, label?: string): void {
     const key = `${opts.qos ?? ""}${opts.mandatory ? "m" : ""}\0${topic}`;
     let q = this.#queues.get(key);
+    const item: Outgoing = { bytes, opts, done, label };
     // A large message leaves at once, unless smaller ones wait before it: order is kept.
-    if (!this.#codec.encodeBatch || (bytes.byteLength > Outbox.alone && !q)) {
-      return this.#transport.publish(topic, bytes, opts);
+    if (!this.#codec.encodeBatch || (bytes.byteLength > Outbox.alone && !q)) return this.#publish(topic, [item]);
+    if (!q) this.#queues.set(key, q = { topic, items: [] });
+    q.items.push(item);
+    if (!this.#scheduled) {
+      this.#scheduled = true;
+      // A microtask, not a tick: mqtt.js handles each received packet in a tick of its own, so
+      // a tick would flush after every packet and a burst would never share a message.
+      RESOLVED.then(this.#flush);
     }
-    return new Promise((resolve, reject) => {
-      if (!q) this.#queues.set(key, q = { topic, items: [] });
-      q.items.push({ bytes, opts, resolve, reject });
-      if (!this.#scheduled) {
-        this.#scheduled = true;
-        // A microtask, not a tick: mqtt.js handles each received packet in a tick of its own, so
-        // a tick would flush after every packet and a burst would never share a message.
-        RESOLVED.then(this.#flush);
-      }
-    });
+  }
+
+  /** send(), as a promise. */
+  sendAsync(topic: string, bytes: Uint8Array, opts: PublishOptions): Promise<void> {
+    return new Promise((resolve, reject) => this.send(topic, bytes, opts, (e) => e ? reject(e) : resolve()));
   }
 
   #flush = (): void => {
@@ -1059,8 +1066,16 @@ class Outbox {
     } catch (e) {
       sent = Promise.reject(e); // a transport that throws instead of rejecting
     }
-    sent.then(() => chunk.forEach((c) => c.resolve()), (e) => chunk.forEach((c) => c.reject(e)));
+    sent.then(() => settle(chunk, topic, undefined), (e) => settle(chunk, topic, asError(e)));
   }
+}
+
+function settle(chunk: Outgoing[], topic: string, error: Error | undefined): void {
+  for (const c of chunk) c.done?.(error, topic, c.label);
+}
+
+function asError(e: unknown): Error {
+  return e instanceof Error ? e : new DeliveryError(String(e));
 }
 
 /** A message to a manager: `method(ctx, args)`. */
@@ -1365,7 +1380,7 @@ export class Rpc {
     try {
       if (!(encoded instanceof Uint8Array)) return this.#transport.publishLocal!(topic, encoded, opts);
       return address !== undefined && (this.#batchShared || address.includes("."))
-        ? this.#outbox.send(topic, encoded, opts)
+        ? this.#outbox.sendAsync(topic, encoded, opts)
         : this.#transport.publish(topic, encoded, opts);
     } catch (e) {
       return Promise.reject(e); // a transport that throws instead of rejecting
@@ -1792,48 +1807,44 @@ export class Dispatcher {
     return [...this.#table.keys()];
   }
 
-  /** Handlers running now. */
+  /** Requests being handled now: from their arrival until their reply is handed over. */
   get inFlight(): number {
     return this.#inFlight;
   }
 
-  /** Resolves when no handler runs. */
+  /** Resolves when no request is being handled. */
   drained(): Promise<void> {
     if (this.#inFlight === 0) return Promise.resolve();
     return new Promise((r) => this.#idle.push(r));
   }
 
   /**
-   * Handle one message; never throws. The promise (when one is returned) settles once the reply
-   * is handed over. A synchronous method over an in-process transport costs no promise at all.
+   * Handle one message (a request or a batch of them); never throws. Each request counts in
+   * `inFlight` until its reply is handed over: no promise per message, none at all for a
+   * synchronous method.
    */
-  handle = (payload: Uint8Array, topic: string, meta?: MessageMeta): Promise<void> | void => {
-    this.#inFlight++;
-    let running: Promise<void> | void = undefined;
+  handle = (payload: Uint8Array, topic: string, meta?: MessageMeta): void => {
+    this.#inFlight++; // the message itself, while its requests are read
     try {
-      running = meta?.local !== undefined
-        ? this.#handleLocal(meta.local, topic)
-        : this.#handle(payload, topic, meta?.qos === 0 ? 0 : this.#qos);
+      if (meta?.local !== undefined) this.#run(requestOrBad(meta.local), topic, this.#qos);
+      else this.#handle(payload, topic, meta?.qos === 0 ? 0 : this.#qos);
     } catch (e) {
       this.#failed(e, topic);
     }
-    if (!(running instanceof Promise)) return this.#done();
-    return running.then(this.#done, (e) => {
-      this.#failed(e, topic);
-      this.#done();
-    });
+    this.#done();
   };
 
   #failed(e: unknown, topic: string): void {
     this.#log.error("Unexpected failure while dispatching", { topic, error: e });
   }
 
+  /** One request (or message) less in flight. */
   #done = (): void => {
     if (--this.#inFlight === 0 && this.#idle.length > 0) { for (const r of this.#idle.splice(0)) r(); }
   };
 
-  /** A message as bytes: one request or a batch. No promise unless a handler makes one. */
-  #handle(payload: Uint8Array, topic: string, qos: 0 | 1): Promise<void> | void {
+  /** A message as bytes: one request or a batch. */
+  #handle(payload: Uint8Array, topic: string, qos: 0 | 1): void {
     if (payload.byteLength > this.#maxBytes) {
       this.#log.warn(`Dropped a request of ${payload.byteLength} bytes: over maxMessageBytes ${this.#maxBytes}`, {
         topic,
@@ -1846,51 +1857,53 @@ export class Dispatcher {
         ? this.#codec.decodeRequests(payload).items
         : [this.#codec.decodeRequest(payload)];
     } catch (e) {
+      this.#inFlight++;
       return this.#refuse(e, topic, qos);
     }
-    if (items.length === 1) return this.#run(items[0]!, topic, qos);
-    const running = items.map((item) => this.#run(item, topic, qos)).filter((r) => r instanceof Promise);
-    if (running.length > 0) return Promise.all(running).then(() => {});
+    for (const item of items) this.#run(item, topic, qos);
   }
 
-  #run(item: RequestEnvelope | BadRequest, topic: string, qos: 0 | 1): Promise<void> | void {
-    return item instanceof BadRequest ? this.#refuse(item, topic, qos) : this.#one(item, topic, qos);
-  }
-
-  /** A request sent as a value by an in-process client (see publishLocal): no JSON to read, but
-   * checked as any request is. */
-  #handleLocal(value: unknown, topic: string): Promise<void> | void {
-    return this.#run(requestOrBad(value), topic, this.#qos);
+  /** One request, counted in flight until #done (on every path, exactly once). */
+  #run(item: RequestEnvelope | BadRequest, topic: string, qos: 0 | 1): void {
+    this.#inFlight++;
+    try {
+      if (item instanceof BadRequest) this.#refuse(item, topic, qos);
+      else this.#one(item, topic, qos);
+    } catch (e) {
+      this.#failed(e, topic); // a bug of ours: #one and #refuse answer what they catch
+      this.#done();
+    }
   }
 
   /** Answer a malformed request with BadRequest when it says where, else log and drop it. */
-  async #refuse(e: unknown, topic: string, qos: 0 | 1): Promise<void> {
+  #refuse(e: unknown, topic: string, qos: 0 | 1): void {
     const bad = e instanceof BadRequest ? e : new BadRequest(String((e as Error)?.message ?? e), { cause: e });
     if (bad.id !== undefined && bad.replyTo !== undefined && this.#replyTopicOk(bad.replyTo)) {
       this.#log.warn(bad.message, { topic, id: bad.id });
-      await this.#reply(bad.replyTo, { v: 1, id: bad.id, error: errorToWire(bad) }, qos, false);
+      this.#reply(bad.replyTo, { v: 1, id: bad.id, error: errorToWire(bad) }, qos, false);
     } else {
       this.#log.warn(`${bad.message}; dropped (no reply address)`, { topic });
+      this.#done();
     }
   }
 
   /** Run one request and answer it (in a batch with other replies when the caller reads them). */
-  #one(req: RequestEnvelope, topic: string, qos: 0 | 1): Promise<void> | void {
+  #one(req: RequestEnvelope, topic: string, qos: 0 | 1): void {
     const { id, reply_to: replyTo } = req;
     if (replyTo !== undefined && !this.#replyTopicOk(replyTo)) {
       this.#log.warn(
         `BadRequest: reply_to ${quote(replyTo)} is not under "${this.#topics.replyRoot}"; not executed, not answered`,
         { topic, id, method: req.method },
       );
-      return;
+      return this.#done();
     }
     if (req.deadline !== undefined && Date.now() > req.deadline) {
       this.#log.warn(`Dropped "${req.method}": its deadline passed ${Date.now() - req.deadline} ms ago`, { id });
-      return;
+      return this.#done();
     }
     if (!this.#remember(id)) {
       this.#log.debug(`Dropped a duplicate of request ${id} ("${req.method}")`, { id });
-      return;
+      return this.#done();
     }
     let result: unknown;
     try {
@@ -1900,21 +1913,24 @@ export class Dispatcher {
     }
     // A synchronous handler's result is used as is: no extra turn of the event loop.
     if (!(result instanceof Promise)) return this.#answer(req, qos, result);
-    return result.then(
+    result.then(
       (r) => this.#answer(req, qos, r),
       (e) => this.#answer(req, qos, undefined, errorToWire(e, this.#debug)),
-    );
+    ).catch((e) => { // a bug of ours, as in #run
+      this.#failed(e, topic);
+      this.#done();
+    });
   }
 
   /** Reply with the result or the error (a cast's error is logged). */
-  #answer(req: RequestEnvelope, qos: 0 | 1, result: unknown, error?: WireError): Promise<void> | void {
+  #answer(req: RequestEnvelope, qos: 0 | 1, result: unknown, error?: WireError): void {
     const { id, reply_to: replyTo } = req;
     if (replyTo === undefined) {
       if (error) this.#log.error(`Cast "${req.method}" failed: ${error.type}: ${error.message}`, { id });
-      return;
+      return this.#done();
     }
     const reply: ReplyEnvelope = error ? { v: 1, id, error } : { v: 1, id, result: result ?? null };
-    return this.#reply(replyTo, reply, qos, req.batch === true, req.method);
+    this.#reply(replyTo, reply, qos, req.batch === true, req.method);
   }
 
   /** Run the method: its result, or a promise of it. Throws what the lookup or the method throws. */
@@ -1942,28 +1958,31 @@ export class Dispatcher {
   }
 
   /** Publish a reply: in a batch with other replies to the same client when its request said
-   * it reads them (`"batch": true`), else alone, so that any MQTT client can read it. */
-  #reply(replyTo: string, reply: ReplyEnvelope, qos: 0 | 1, batch: boolean, method?: string): Promise<void> | void {
-    let sent: Promise<void>;
+   * it reads them (`"batch": true`), else alone, so that any MQTT client can read it. Its request
+   * is #done once the reply is handed over (or could not be). */
+  #reply(replyTo: string, reply: ReplyEnvelope, qos: 0 | 1, batch: boolean, method?: string): void {
+    let message: Uint8Array | LocalMessage;
     try {
-      const message = this.#encodeReply(reply, method);
-      if (message instanceof Uint8Array) {
-        sent = batch
-          ? this.#outbox.send(replyTo, message, { qos })
-          : this.#transport.publish(replyTo, message, { qos });
-      } else {
+      message = this.#encodeReply(reply, method);
+      if (!(message instanceof Uint8Array)) {
         // In-process: the hub holds the reply once publishLocal returns; nothing to wait for.
-        this.#transport.publishLocal!(replyTo, message, { qos }).catch((e) => this.#replyFailed(reply, replyTo, e));
-        return;
+        this.#transport.publishLocal!(replyTo, message, { qos }).catch((e) => this.#replyFailed(e, replyTo, reply.id));
+        return this.#done();
       }
+      if (batch) return this.#outbox.send(replyTo, message, { qos }, this.#replySent, reply.id);
+      this.#transport.publish(replyTo, message, { qos }).then(this.#done, (e) => this.#replySent(e, replyTo, reply.id));
     } catch (e) {
-      return this.#replyFailed(reply, replyTo, e);
+      this.#replySent(asError(e), replyTo, reply.id);
     }
-    return sent.catch((e) => this.#replyFailed(reply, replyTo, e));
   }
 
-  #replyFailed(reply: ReplyEnvelope, replyTo: string, e: unknown): void {
-    this.#log.warn(`Could not send the reply to ${reply.id}`, { replyTo, error: e });
+  #replySent = (e: Error | undefined, replyTo: string, id?: string): void => {
+    if (e !== undefined) this.#replyFailed(e, replyTo, id);
+    this.#done();
+  };
+
+  #replyFailed(e: unknown, replyTo: string, id?: string): void {
+    this.#log.warn(`Could not send the reply to ${id}`, { replyTo, error: e });
   }
 
   /** The reply as bytes, or as a value for an in-process transport. */
