@@ -26,6 +26,8 @@ export const CASES = {
   fanout: "without a group, every matching subscription gets every message",
   group: "a group gives each message to exactly one member, spread across members",
   groupAndPlain: "a group and a plain subscription on one filter both receive",
+  overlap:
+    "overlapping subscriptions on one connection each get each message once, also one made while messages flow",
   unsubscribe: "unsubscribe() stops delivery to that subscription only",
   order: "messages of one publisher arrive in the order published",
   bytes: "payload bytes arrive intact: empty, binary and 1 MiB",
@@ -144,6 +146,35 @@ export function transportConformance(
       const plain = await collect(c, `${p}/gp`);
       for (let i = 0; i < 10; i++) await a.publish(`${p}/gp`, utf8(String(i)), { qos: 1 });
       await waitFor(() => plain.got.length === 10 && g1.got.length + g2.got.length === 10, "both kinds");
+    });
+
+    test("overlap", async () => {
+      const [a, b] = [await connect(), await connect()];
+      const exact = await collect(b, `${p}/o/x`);
+      let n = 0;
+      let flowing = true;
+      const flow = (async () => {
+        while (flowing) {
+          await a.publish(`${p}/o/x`, utf8(String(n++)), { qos: 1 });
+          await sleep(1); // let the other side (and an in-process hub) run
+        }
+      })();
+      await waitFor(() => exact.got.length >= 5, "messages on the first subscription");
+      const wild = await collect(b, `${p}/o/+`);
+      const hash = await collect(b, `${p}/#`);
+      const from = n; // published once both are subscribed: they must get it
+      await waitFor(() => hash.got.length >= 5, "messages on the later subscriptions");
+      flowing = false;
+      await flow;
+      await waitFor(() => exact.got.length >= n && hash.got.some((g) => g.body === String(n - 1)), "the last message");
+      await sleep(50);
+      const bodies = (r: { got: { body: string }[] }) => r.got.map((g) => Number(g.body));
+      assert.deepEqual(bodies(exact), Array.from({ length: n }, (_, i) => i), "the first: every message, once, in order");
+      for (const [name, r] of [["o/+", wild], ["#", hash]] as const) {
+        const got = bodies(r);
+        assert.equal(new Set(got).size, got.length, `${name}: no message twice`);
+        for (let i = from; i < n; i++) assert.ok(got.includes(i), `${name}: message ${i} (published after it subscribed)`);
+      }
     });
 
     test("unsubscribe", async () => {
