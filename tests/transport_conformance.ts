@@ -26,8 +26,7 @@ export const CASES = {
   fanout: "without a group, every matching subscription gets every message",
   group: "a group gives each message to exactly one member, spread across members",
   groupAndPlain: "a group and a plain subscription on one filter both receive",
-  overlap:
-    "overlapping subscriptions on one connection each get each message once, also one made while messages flow",
+  overlap: "overlapping subscriptions on one connection each get each message once, also one made while messages flow",
   unsubscribe: "unsubscribe() stops delivery to that subscription only",
   order: "messages of one publisher arrive in the order published",
   bytes: "payload bytes arrive intact: empty, binary and 1 MiB",
@@ -169,11 +168,17 @@ export function transportConformance(
       await waitFor(() => exact.got.length >= n && hash.got.some((g) => g.body === String(n - 1)), "the last message");
       await sleep(50);
       const bodies = (r: { got: { body: string }[] }) => r.got.map((g) => Number(g.body));
-      assert.deepEqual(bodies(exact), Array.from({ length: n }, (_, i) => i), "the first: every message, once, in order");
+      assert.deepEqual(
+        bodies(exact),
+        Array.from({ length: n }, (_, i) => i),
+        "the first: every message, once, in order",
+      );
       for (const [name, r] of [["o/+", wild], ["#", hash]] as const) {
         const got = bodies(r);
         assert.equal(new Set(got).size, got.length, `${name}: no message twice`);
-        for (let i = from; i < n; i++) assert.ok(got.includes(i), `${name}: message ${i} (published after it subscribed)`);
+        for (let i = from; i < n; i++) {
+          assert.ok(got.includes(i), `${name}: message ${i} (published after it subscribed)`);
+        }
       }
     });
 

@@ -3,6 +3,9 @@
  * same behaviour as the memory transport (the conformance suite checks both).
  *
  * - One connection per transport; groups are shared subscriptions (`$share/GROUP/FILTER`).
+ * - Subscription identifiers (MQTT 5) only where filters on the connection overlap: there they
+ *   tell which subscription a message is for; elsewhere the topic does, and a message carries
+ *   no property for every broker and client to encode and parse.
  * - TCP_NODELAY on every (re)connection: without it a QoS 1 request/response costs ~88 ms on
  *   loopback (Nagle against delayed ACK). The broker needs it too (`set_tcp_nodelay true`).
  * - A message is acknowledged once a handler took it; with a persistent session a message that
@@ -80,13 +83,32 @@ export interface MqttTransportOptions {
 interface BrokerSub {
   key: string;
   filter: string;
+  /** No wildcard: a topic matches when it is equal. */
+  exact: boolean;
   group?: string;
   qos: 0 | 1;
-  id: number;
+  /** Its subscription identifier, given when its filter overlaps another's (MQTT 5 only). */
+  id?: number;
+  /** The broker tags what it sends for this subscription with `id` (not yet while the
+   * subscribe that adds the identifier is in flight). */
+  tagged: boolean;
   handlers: MessageHandler[];
   next: number;
   /** Subscribed at the broker (false while a subscribe or unsubscribe is in flight). */
   ready: Promise<void>;
+}
+
+/** Whether some topic matches both filters (true when in doubt, which only costs an identifier). */
+function filtersOverlap(a: string, b: string): boolean {
+  const x = a.split("/");
+  const y = b.split("/");
+  for (let i = 0;; i++) {
+    const u = x[i];
+    const v = y[i];
+    if (u === "#" || v === "#") return true;
+    if (u === undefined || v === undefined) return u === v;
+    if (u !== v && u !== "+" && v !== "+") return false;
+  }
 }
 
 /** A stable subscription identifier for a key (1 to 268,435,455): a persistent session keeps
@@ -387,15 +409,37 @@ export class MqttTransport implements Transport {
     const key = group === undefined ? filter : `$share/${group}/${filter}`;
     let sub = this.#subs.get(key);
     if (!sub) {
-      let id = stableId(key);
-      while (this.#byId.has(id)) id = (id % 268_435_454) + 1;
-      sub = { key, filter, group, qos: opts.qos ?? this.#qos, id, handlers: [], next: 0, ready: Promise.resolve() };
+      const exact = !/[+#]/.test(filter);
+      sub = {
+        key,
+        filter,
+        exact,
+        group,
+        qos: opts.qos ?? this.#qos,
+        tagged: false,
+        handlers: [],
+        next: 0,
+        ready: RESOLVED,
+      };
+      // Overlapping filters: all of them get identifiers, those made earlier first (subscribed
+      // again with one), so that once this one exists at the broker every copy says whom it is for.
+      const before: Promise<void>[] = [];
+      if (this.#v5) {
+        for (const o of this.#subs.values()) {
+          if (!filtersOverlap(o.filter, filter)) continue;
+          if (o.id === undefined) this.#tag(o);
+          before.push(o.ready);
+        }
+        if (before.length > 0) {
+          this.#assignId(sub);
+          sub.tagged = true;
+        }
+      }
       this.#subs.set(key, sub);
-      this.#byId.set(id, sub);
       const created = sub;
-      created.ready = this.#brokerSubscribe(created).catch((e) => {
+      created.ready = Promise.all(before).then(() => this.#brokerSubscribe(created)).catch((e) => {
         this.#subs.delete(key);
-        this.#byId.delete(created.id);
+        if (created.id !== undefined) this.#byId.delete(created.id);
         throw e;
       });
     }
@@ -418,7 +462,7 @@ export class MqttTransport implements Transport {
       s.handlers = s.handlers.filter((h) => h !== handler);
       if (s.handlers.length > 0 || this.#subs.get(key) !== s) return;
       this.#subs.delete(key);
-      this.#byId.delete(s.id);
+      if (s.id !== undefined) this.#byId.delete(s.id);
       if (fromBroker && !this.#closed) {
         await this.client.unsubscribeAsync(key).catch((e) => this.#log.warn(`Cannot unsubscribe ${key}`, { error: e }));
       }
@@ -430,10 +474,29 @@ export class MqttTransport implements Transport {
     };
   }
 
-  async #brokerSubscribe(s: BrokerSub): Promise<void> {
+  /** Give `s` an identifier: stable for its key, as a persistent session keeps it across runs. */
+  #assignId(s: BrokerSub): void {
+    let id = stableId(s.key);
+    while (this.#byId.has(id)) id = (id % 268_435_454) + 1;
+    s.id = id;
+    this.#byId.set(id, s);
+  }
+
+  /** An existing subscription now overlaps another: subscribe again, with an identifier. Until
+   * the broker acknowledges, its messages come untagged and are routed to it by topic. */
+  #tag(s: BrokerSub): void {
+    this.#assignId(s);
+    // rh 1: a subscription that exists is not sent its retained messages again.
+    s.ready = s.ready.then(() => this.#brokerSubscribe(s, 1)).then(() => void (s.tagged = true), (e) => {
+      this.#log.error(`Cannot add a subscription identifier to ${s.key}`, { error: e });
+    });
+  }
+
+  async #brokerSubscribe(s: BrokerSub, rh?: 1): Promise<void> {
     const granted = await this.client.subscribeAsync(s.key, {
       qos: s.qos,
-      ...(this.#v5 ? { properties: { subscriptionIdentifier: s.id } } : {}),
+      ...(rh ? { rh } : {}),
+      ...(this.#v5 && s.id !== undefined ? { properties: { subscriptionIdentifier: s.id } } : {}),
     });
     const code = granted[0]?.qos as number | undefined;
     if (code !== undefined && code >= 128) {
@@ -448,13 +511,14 @@ export class MqttTransport implements Transport {
 
   /**
    * The subscriptions with handlers that a message is for: those its subscription identifiers
-   * name (v5), else those whose filter matches. One subscription comes without an array: that
-   * is nearly every message. A message for a subscription without handlers now is not taken,
-   * even when another filter would match: the broker sends that one its own copy.
+   * name, else the untagged ones whose filter matches. One subscription comes without an array:
+   * that is nearly every message. A message for a subscription without handlers now is not
+   * taken, even when another filter would match: the broker sends that one its own copy.
    */
   #targets(packet: IPublishPacket): BrokerSub | BrokerSub[] | undefined {
     const topic = packet.topic;
     const ids = packet.properties?.subscriptionIdentifier;
+    if (ids === undefined) return this.#untagged(topic);
     if (typeof ids === "number") {
       const s = this.#byId.get(ids);
       if (s !== undefined && topicMatches(s.filter, topic)) return s.handlers.length > 0 ? s : undefined;
@@ -464,6 +528,25 @@ export class MqttTransport implements Transport {
       );
       if (named.length) return withHandlers(named);
     }
+    return this.#matching(topic);
+  }
+
+  /** A message without identifiers is for the matching subscriptions the broker does not tag;
+   * if none (a message queued for an earlier run's session), for every matching one. */
+  #untagged(topic: string): BrokerSub | BrokerSub[] | undefined {
+    let one: BrokerSub | undefined;
+    let more: BrokerSub[] | undefined;
+    for (const s of this.#subs.values()) {
+      if (s.tagged || !(s.exact ? s.filter === topic : topicMatches(s.filter, topic))) continue;
+      if (one === undefined) one = s;
+      else (more ??= [one]).push(s);
+    }
+    if (one === undefined) return this.#matching(topic);
+    if (more !== undefined) return withHandlers(more);
+    return one.handlers.length > 0 ? one : undefined;
+  }
+
+  #matching(topic: string): BrokerSub | BrokerSub[] | undefined {
     return withHandlers([...this.#subs.values()].filter((s) => topicMatches(s.filter, topic)));
   }
 
@@ -507,7 +590,7 @@ export class MqttTransport implements Transport {
     const s = this.#subs.get(key);
     if (s) {
       this.#subs.delete(key);
-      this.#byId.delete(s.id);
+      if (s.id !== undefined) this.#byId.delete(s.id);
     }
     await this.client.unsubscribeAsync(key);
   }
