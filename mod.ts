@@ -563,7 +563,11 @@ export class RequestContext {
     this.isAdmin = init.isAdmin ?? false;
     // A frozen array cannot change under us: shared (copying contexts is then cheap).
     const roles = init.roles ?? NO_ROLES;
-    this.roles = Object.isFrozen(roles) ? roles : roles.length === 0 ? NO_ROLES : Object.freeze([...roles]);
+    this.roles = roles === NO_ROLES || Object.isFrozen(roles)
+      ? roles
+      : roles.length === 0
+      ? NO_ROLES
+      : Object.freeze([...roles]);
     this.timestamp = init.timestamp ?? new Date().toISOString();
   }
   /** An admin context, as Nova's `get_admin_context()`. */
