@@ -1965,16 +1965,18 @@ export class Dispatcher {
    * it reads them (`"batch": true`), else alone, so that any MQTT client can read it. Its request
    * is #done once the reply is handed over (or could not be). */
   #reply(replyTo: string, reply: ReplyEnvelope, qos: 0 | 1, batch: boolean, method?: string): void {
-    let message: Uint8Array | LocalMessage;
     try {
-      message = this.#encodeReply(reply, method);
+      const message = this.#encodeReply(reply, method);
       if (!(message instanceof Uint8Array)) {
         // In-process: the hub holds the reply once publishLocal returns; nothing to wait for.
         this.#transport.publishLocal!(replyTo, message, { qos }).catch((e) => this.#replyFailed(e, replyTo, reply.id));
         return this.#done();
       }
       if (batch) return this.#outbox.send(replyTo, message, { qos }, this.#replySent, reply.id);
-      this.#transport.publish(replyTo, message, { qos }).then(this.#done, (e) => this.#replySent(e, replyTo, reply.id));
+      this.#transport.publish(replyTo, message, { qos }).then(
+        this.#done,
+        (e) => this.#replySent(asError(e), replyTo, reply.id),
+      );
     } catch (e) {
       this.#replySent(asError(e), replyTo, reply.id);
     }
