@@ -3,6 +3,7 @@ import assert from "node:assert/strict";
 import { Buffer } from "node:buffer";
 import {
   BadRequest,
+  Dispatcher,
   errorToWire,
   jsonCodec,
   jsonCopy,
@@ -15,8 +16,9 @@ import {
   rpcMethods,
   topicMatches,
   Topics,
+  type Transport,
 } from "../mod.ts";
-import { utf8 } from "./helpers.ts";
+import { MemoryLogger, sleep, utf8, waitFor } from "./helpers.ts";
 
 describe("topicMatches()", () => {
   const cases: [string, string, boolean][] = [
@@ -323,5 +325,63 @@ describe("Manager method table", () => {
   });
   it("periodicTask() refuses a negative spacing", () => {
     assert.throws(() => periodicTask({ spacing: -1 }), RangeError);
+  });
+});
+
+describe("Dispatcher: requests in flight", () => {
+  class Calc extends Manager {
+    add(_c: RequestContext, { a, b }: { a: number; b: number }) {
+      return a + b;
+    }
+    async later(_c: RequestContext) {
+      await sleep(20);
+      return 1;
+    }
+    ping(_c: RequestContext) {}
+  }
+  /** A transport whose publish fails, or waits until the test lets it through. */
+  function gate() {
+    const state = { fail: true, waiting: [] as (() => void)[] };
+    const transport: Transport = {
+      publish: () =>
+        state.fail ? Promise.reject(new Error("broker gone")) : new Promise<void>((r) => state.waiting.push(r)),
+      subscribe: () => Promise.resolve({ unsubscribe: () => Promise.resolve() }),
+      close: () => Promise.resolve(),
+    };
+    return { state, transport };
+  }
+  const request = (id: string, method: string, extra: Record<string, unknown> = {}) =>
+    utf8(JSON.stringify({ v: 1, id, method, args: { a: 1, b: 2 }, reply_to: "t/reply/c1", ...extra }));
+
+  it("a reply that cannot be published is logged with its id, and its request stops counting", async () => {
+    const { transport } = gate();
+    const log = new MemoryLogger();
+    const d = new Dispatcher(new Calc(), transport, { prefix: "t", logger: log });
+    d.handle(request("r1", "add", { batch: true }), "t/rpc/calc", { qos: 1 }); // through the outbox
+    d.handle(request("r2", "add"), "t/rpc/calc", { qos: 1 }); // alone
+    assert.equal(d.inFlight, 2);
+    await d.drained();
+    assert.equal(d.inFlight, 0);
+    assert.ok(log.has("warn", /Could not send the reply to r1/));
+    assert.ok(log.has("warn", /Could not send the reply to r2/));
+  });
+
+  it("a request counts until the transport took its reply; casts and refused messages count out at once", async () => {
+    const { state, transport } = gate();
+    state.fail = false;
+    const d = new Dispatcher(new Calc(), transport, { prefix: "t", logger: new MemoryLogger() });
+    d.handle(request("r3", "later", { batch: true }), "t/rpc/calc", { qos: 1 });
+    d.handle(request("r4", "ping", { reply_to: undefined }), "t/rpc/calc", { qos: 1 }); // a cast
+    d.handle(utf8("not json"), "t/rpc/calc", { qos: 1 }); // refused, no reply address
+    d.handle(utf8("[1]"), "t/rpc/calc", { qos: 1 }); // a batch of one malformed item
+    assert.equal(d.inFlight, 1, "only the async call");
+    let drained = false;
+    void d.drained().then(() => (drained = true));
+    await waitFor(() => state.waiting.length === 1, "the reply handed to the transport");
+    await sleep(10);
+    assert.equal(drained, false, "still in flight while the transport has not taken the reply");
+    state.waiting[0]!();
+    await waitFor(() => drained, "drained once the reply is taken");
+    assert.equal(d.inFlight, 0);
   });
 });
