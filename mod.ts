@@ -1031,6 +1031,11 @@ class Outbox {
     }
   }
 
+  /** Publish `bytes` alone, now (a message whose reader does not read batches); `done` as in send(). */
+  sendAlone(topic: string, bytes: Uint8Array, opts: PublishOptions, done?: Sent, label?: string): void {
+    this.#publish(topic, [{ bytes, opts, done, label }]);
+  }
+
   /** send(), as a promise. */
   sendAsync(topic: string, bytes: Uint8Array, opts: PublishOptions): Promise<void> {
     return new Promise((resolve, reject) => this.send(topic, bytes, opts, (e) => e ? reject(e) : resolve()));
@@ -1076,6 +1081,10 @@ class Outbox {
 
 function settle(chunk: Outgoing[], topic: string, error: Error | undefined): void {
   for (const c of chunk) c.done?.(error, topic, c.label);
+}
+
+function asBadRequest(e: unknown): BadRequest {
+  return e instanceof BadRequest ? e : new BadRequest(String((e as Error)?.message ?? e), { cause: e });
 }
 
 function asError(e: unknown): Error {
@@ -1861,8 +1870,7 @@ export class Dispatcher {
         ? this.#codec.decodeRequests(payload).items
         : [this.#codec.decodeRequest(payload)];
     } catch (e) {
-      this.#inFlight++;
-      return this.#refuse(e, topic, qos);
+      items = [asBadRequest(e)]; // the message as a whole is unreadable
     }
     for (const item of items) this.#run(item, topic, qos);
   }
@@ -1880,8 +1888,7 @@ export class Dispatcher {
   }
 
   /** Answer a malformed request with BadRequest when it says where, else log and drop it. */
-  #refuse(e: unknown, topic: string, qos: 0 | 1): void {
-    const bad = e instanceof BadRequest ? e : new BadRequest(String((e as Error)?.message ?? e), { cause: e });
+  #refuse(bad: BadRequest, topic: string, qos: 0 | 1): void {
     if (bad.id !== undefined && bad.replyTo !== undefined && this.#replyTopicOk(bad.replyTo)) {
       this.#log.warn(bad.message, { topic, id: bad.id });
       this.#reply(bad.replyTo, { v: 1, id: bad.id, error: errorToWire(bad) }, qos, false);
@@ -1972,11 +1979,8 @@ export class Dispatcher {
         this.#transport.publishLocal!(replyTo, message, { qos }).catch((e) => this.#replyFailed(e, replyTo, reply.id));
         return this.#done();
       }
-      if (batch) return this.#outbox.send(replyTo, message, { qos }, this.#replySent, reply.id);
-      this.#transport.publish(replyTo, message, { qos }).then(
-        this.#done,
-        (e) => this.#replySent(asError(e), replyTo, reply.id),
-      );
+      if (batch) this.#outbox.send(replyTo, message, { qos }, this.#replySent, reply.id);
+      else this.#outbox.sendAlone(replyTo, message, { qos }, this.#replySent, reply.id);
     } catch (e) {
       this.#replySent(asError(e), replyTo, reply.id);
     }

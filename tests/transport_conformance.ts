@@ -158,13 +158,17 @@ export function transportConformance(
           await sleep(1); // let the other side (and an in-process hub) run
         }
       })();
-      await waitFor(() => exact.got.length >= 5, "messages on the first subscription");
-      const wild = await collect(b, `${p}/o/+`);
-      const hash = await collect(b, `${p}/#`);
-      const from = n; // published once both are subscribed: they must get it
-      await waitFor(() => hash.got.length >= 5, "messages on the later subscriptions");
-      flowing = false;
-      await flow;
+      let wild, hash, from;
+      try {
+        await waitFor(() => exact.got.length >= 5, "messages on the first subscription");
+        wild = await collect(b, `${p}/o/+`);
+        hash = await collect(b, `${p}/#`);
+        from = n; // published once both are subscribed: they must get it
+        await waitFor(() => hash!.got.length >= 5, "messages on the later subscriptions");
+      } finally {
+        flowing = false; // a failure above must not leave the publisher running
+        await flow;
+      }
       await waitFor(() => exact.got.length >= n && hash.got.some((g) => g.body === String(n - 1)), "the last message");
       await sleep(50);
       const bodies = (r: { got: { body: string }[] }) => r.got.map((g) => Number(g.body));
