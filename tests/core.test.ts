@@ -219,6 +219,32 @@ describe("jsonCopy()", () => {
     }
   });
 
+  it("a toJSON() that copies an object the outer copy is inside is no cycle, as with JSON.stringify", () => {
+    let depth = 0;
+    const outer = {
+      n: 1,
+      b: {
+        toJSON(): unknown {
+          depth++;
+          try {
+            return depth > 1 ? "inner" : jsonCopy(outer); // outer is being copied right now
+          } finally {
+            depth--;
+          }
+        },
+      },
+    };
+    const viaJson = JSON.parse(JSON.stringify(outer));
+    assert.deepEqual(viaJson, { n: 1, b: { n: 1, b: "inner" } });
+    assert.deepEqual(jsonCopy(outer), viaJson);
+  });
+
+  it("copies well after a copy that threw half-way", () => {
+    assert.throws(() => jsonCopy({ a: { b: [{ c: 1n }] } }), TypeError);
+    const shared = { v: 1 };
+    assert.deepEqual(jsonCopy({ a: shared, b: shared, c: [shared] }), { a: { v: 1 }, b: { v: 1 }, c: [{ v: 1 }] });
+  });
+
   it("jsonCodec.copy() of a request equals decoding its encoding, with the context rebuilt", () => {
     const ctx = new RequestContext({ userId: "u", roles: ["admin"] });
     const req = {
@@ -383,5 +409,64 @@ describe("Dispatcher: requests in flight", () => {
     state.waiting[0]!();
     await waitFor(() => drained, "drained once the reply is taken");
     assert.equal(d.inFlight, 0);
+  });
+});
+
+describe("Dispatcher: duplicate requests", () => {
+  class Counter extends Manager {
+    runs: string[] = [];
+    record(ctx: RequestContext) {
+      this.runs.push(ctx.requestId);
+    }
+  }
+  const transport: Transport = {
+    publish: () => Promise.resolve(),
+    subscribe: () => Promise.resolve({ unsubscribe: () => Promise.resolve() }),
+    close: () => Promise.resolve(),
+  };
+  /** A cast (no reply) whose context carries the id, so each run says which request it was. */
+  const cast = (id: string) =>
+    utf8(JSON.stringify({ v: 1, id, method: "record", context: { request_id: `req-${id}` } }));
+  const own = (client: string, n: number) => `${client}${n.toString(16).padStart(12, "0")}`;
+  const A = "0f41e7e0-9d81-8c4e-9d4b-"; // the 24-character client part of ids that Rpc makes
+  const B = "5a6b7c8d-1e2f-8a3b-8c4d-";
+
+  function setup(dedupSize: number) {
+    const m = new Counter();
+    const d = new Dispatcher(m, transport, { prefix: "t", logger: new MemoryLogger(), dedupSize });
+    const send = (...ids: string[]) => ids.forEach((id) => d.handle(cast(id), "t/rpc/c", { qos: 1 }));
+    const ran = () => m.runs.map((r) => r.slice(4));
+    return { send, ran };
+  }
+
+  it("runs each id once among the last dedupSize ids, ids of Rpc's form and others alike", () => {
+    const { send, ran } = setup(4);
+    send(own(A, 1), "foreign-1", own(B, 1), own(A, 2));
+    send(own(A, 1), "foreign-1", own(B, 1), own(A, 2)); // all four remembered: dropped
+    assert.deepEqual(ran(), [own(A, 1), "foreign-1", own(B, 1), own(A, 2)]);
+  });
+
+  it("forgets the oldest id once dedupSize newer ones came, whatever their form", () => {
+    const { send, ran } = setup(3);
+    send(own(A, 1), "foreign-1", own(B, 7));
+    send(own(A, 2)); // the last three: "foreign-1", own(B, 7), own(A, 2)
+    send("foreign-1", own(B, 7), own(A, 2)); // remembered: dropped
+    send(own(A, 1)); // forgotten: runs again; the last three: own(B, 7), own(A, 2), own(A, 1)
+    send("foreign-1"); // forgotten now: runs again
+    assert.deepEqual(ran(), [own(A, 1), "foreign-1", own(B, 7), own(A, 2), own(A, 1), "foreign-1"]);
+  });
+
+  it("tells apart ids that differ only in the case of a hex digit or in the client part", () => {
+    const { send, ran } = setup(100);
+    const lower = own(A, 0xabc);
+    send(lower, lower.toUpperCase(), lower.replace(A, B), lower);
+    assert.deepEqual(ran(), [lower, lower.toUpperCase(), lower.replace(A, B)]);
+  });
+
+  it("keeps the counter of a client whose ids all were forgotten apart from one that comes back", () => {
+    const { send, ran } = setup(2);
+    send(own(A, 1), own(B, 1), own(B, 2)); // A's only id is forgotten
+    send(own(A, 1), own(A, 1)); // A again: runs once
+    assert.deepEqual(ran(), [own(A, 1), own(B, 1), own(B, 2), own(A, 1)]);
   });
 });
