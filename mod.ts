@@ -2052,27 +2052,26 @@ class RecentIds {
   /** The client of the last id: calls come from few clients, often one after another. */
   #last?: ClientIds;
   #strings = new Set<string>();
-  /** Slot i holds a counter of #owner[i], or the string #string[i]. */
-  #owner: (ClientIds | undefined)[];
-  #counter: Float64Array;
-  #string: (string | undefined)[];
+  // The ring: slot i holds a counter of #owner[i], or the string #string[i]. It grows to #size
+  // as ids come (a service that is never called holds nothing), then wraps: #at is the oldest.
+  #owner: (ClientIds | undefined)[] = [];
+  #counter: number[] = [];
+  #string: (string | undefined)[] = [];
+  #size: number;
   #at = 0;
 
   constructor(size: number) {
-    this.#owner = new Array(size).fill(undefined);
-    this.#counter = new Float64Array(size);
-    this.#string = new Array(size).fill(undefined);
+    this.#size = size;
   }
 
   add(id: string): boolean {
     const n = idCounter(id);
+    let client: ClientIds | undefined;
     if (n < 0) {
       const size = this.#strings.size;
       if (this.#strings.add(id).size === size) return false;
-      this.#forgetOldest();
-      this.#string[this.#at] = id;
     } else {
-      let client = this.#last;
+      client = this.#last;
       if (client === undefined || !id.startsWith(client.prefix)) {
         const prefix = id.slice(0, 24);
         client = this.#clients.get(prefix);
@@ -2081,32 +2080,36 @@ class RecentIds {
       }
       const size = client.counters.size;
       if (client.counters.add(n).size === size) return false;
-      this.#forgetOldest();
-      this.#owner[this.#at] = client;
-      this.#counter[this.#at] = n;
     }
-    this.#at = this.#at + 1 === this.#counter.length ? 0 : this.#at + 1;
+    const string = client === undefined ? id : undefined;
+    if (this.#counter.length < this.#size) {
+      this.#owner.push(client);
+      this.#counter.push(n);
+      this.#string.push(string);
+      return true;
+    }
+    this.#forgetOldest();
+    const at = this.#at;
+    this.#owner[at] = client;
+    this.#counter[at] = n;
+    this.#string[at] = string;
+    this.#at = at + 1 === this.#size ? 0 : at + 1;
     return true;
   }
 
-  /** Empty the slot at #at (the oldest id, once the ring is full). */
+  /** Forget the id in the slot at #at, the oldest (the ring is full). */
   #forgetOldest(): void {
     const at = this.#at;
     const owner = this.#owner[at];
-    if (owner !== undefined) {
-      owner.counters.delete(this.#counter[at]!);
-      this.#owner[at] = undefined;
-      // Each slot of a client holds one of its counters: with none left, none refers to it.
-      if (owner.counters.size === 0) {
-        this.#clients.delete(owner.prefix);
-        if (this.#last === owner) this.#last = undefined;
-      }
+    if (owner === undefined) {
+      this.#strings.delete(this.#string[at]!);
       return;
     }
-    const old = this.#string[at];
-    if (old !== undefined) {
-      this.#strings.delete(old);
-      this.#string[at] = undefined;
+    owner.counters.delete(this.#counter[at]!);
+    // Each slot of a client holds one of its counters: with none left, none refers to it.
+    if (owner.counters.size === 0) {
+      this.#clients.delete(owner.prefix);
+      if (this.#last === owner) this.#last = undefined;
     }
   }
 }
