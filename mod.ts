@@ -1129,6 +1129,9 @@ export interface RpcOptions {
   batch?: boolean | "all";
 }
 
+/** The length of the client part of a MessageIds id; 12 hex digits of counter follow. */
+const ID_CLIENT_LENGTH = 24;
+
 /**
  * Message ids: UUIDs of version 8 (RFC 9562, "custom") made of 74 random bits per client and a
  * 48-bit counter. Unique across clients as random UUIDs are, in order within one client (easy
@@ -1142,11 +1145,27 @@ class MessageIds {
     if (this.#n >= 2 ** 48) {
       // xxxxxxxx-xxxx-4xxx-Vxxx-: the version nibble becomes 8; the variant nibble V stays.
       const r = crypto.randomUUID();
-      this.#prefix = `${r.slice(0, 14)}8${r.slice(15, 24)}`;
+      this.#prefix = `${r.slice(0, 14)}8${r.slice(15, ID_CLIENT_LENGTH)}`;
       this.#n = 0;
     }
     return this.#prefix + (this.#n++).toString(16).padStart(12, "0");
   }
+}
+
+/** The counter of an id made by MessageIds (read back: next() writes it), or -1 for an id of
+ * another form. Lowercase hex only: one id, one counter. */
+function idCounter(id: string): number {
+  if (id.length !== ID_CLIENT_LENGTH + 12 || id.charCodeAt(14) !== 56 /* 8 */ || id.charCodeAt(23) !== 45 /* - */) {
+    return -1;
+  }
+  let n = 0;
+  for (let i = ID_CLIENT_LENGTH; i < id.length; i++) {
+    const c = id.charCodeAt(i);
+    const d = c >= 48 && c <= 57 ? c - 48 : c >= 97 && c <= 102 ? c - 87 : -1;
+    if (d < 0) return -1;
+    n = n * 16 + d;
+  }
+  return n;
 }
 
 /** A call, encoded, on its way out. */
@@ -2022,20 +2041,6 @@ interface ClientIds {
   counters: Set<number>;
 }
 
-/** The counter of an id made by MessageIds (a 24-character client prefix, then 12 lowercase hex
- * digits), or -1 for an id of another form. Lowercase only: one id, one counter. */
-function idCounter(id: string): number {
-  if (id.length !== 36 || id.charCodeAt(14) !== 56 /* 8 */ || id.charCodeAt(23) !== 45 /* - */) return -1;
-  let n = 0;
-  for (let i = 24; i < 36; i++) {
-    const c = id.charCodeAt(i);
-    const d = c >= 48 && c <= 57 ? c - 48 : c >= 97 && c <= 102 ? c - 87 : -1;
-    if (d < 0) return -1;
-    n = n * 16 + d;
-  }
-  return n;
-}
-
 /**
  * The last `size` request ids a dispatcher took, to drop a redelivered duplicate: add() is false
  * for an id among them. A ring of slots forgets the oldest in O(1).
@@ -2073,7 +2078,7 @@ class RecentIds {
     } else {
       client = this.#last;
       if (client === undefined || !id.startsWith(client.prefix)) {
-        const prefix = id.slice(0, 24);
+        const prefix = id.slice(0, ID_CLIENT_LENGTH);
         client = this.#clients.get(prefix);
         if (client === undefined) this.#clients.set(prefix, client = { prefix, counters: new Set() });
         this.#last = client;
