@@ -3,6 +3,7 @@ import assert from "node:assert/strict";
 import { Buffer } from "node:buffer";
 import {
   BadRequest,
+  ClosedError,
   Dispatcher,
   errorToWire,
   jsonCodec,
@@ -13,12 +14,14 @@ import {
   periodicTask,
   queueGetFor,
   RequestContext,
+  Rpc,
   rpcMethods,
+  RpcTimeoutError,
   topicMatches,
   Topics,
   type Transport,
 } from "../mod.ts";
-import { MemoryLogger, sleep, utf8, waitFor } from "./helpers.ts";
+import { MemoryLogger, sleep, text, utf8, waitFor } from "./helpers.ts";
 
 describe("topicMatches()", () => {
   const cases: [string, string, boolean][] = [
@@ -409,6 +412,106 @@ describe("Dispatcher: requests in flight", () => {
     state.waiting[0]!();
     await waitFor(() => drained, "drained once the reply is taken");
     assert.equal(d.inFlight, 0);
+  });
+});
+
+describe("Rpc: calls waiting for replies", () => {
+  /** An Rpc over a transport that keeps each request and lets the test answer it, in any order. */
+  async function setup() {
+    const sent: { id: string; args: { n: number } }[] = [];
+    let deliver!: (payload: Uint8Array, topic: string) => void;
+    const transport: Transport = {
+      publish: (_topic, payload) => {
+        sent.push(JSON.parse(text(payload)));
+        return Promise.resolve();
+      },
+      subscribe: (_filter, handler) => {
+        deliver = handler as typeof deliver;
+        return Promise.resolve({ unsubscribe: () => Promise.resolve() });
+      },
+      close: () => Promise.resolve(),
+    };
+    const rpc = new Rpc(transport, { prefix: "t", timeout: 5, logger: new MemoryLogger() });
+    const call = (n: number, timeout?: number) =>
+      rpc.call<number>(new RequestContext(), "svc", { method: "double", args: { n } }, { timeout });
+    const answer = (id: string, result: number) =>
+      deliver(utf8(JSON.stringify({ v: 1, id, result })), `t/reply/${rpc.clientId}`);
+    const answerOwn = (i: number) => answer(sent[i]!.id, sent[i]!.args.n * 2);
+    await Promise.resolve(); // let the first call's reply subscription settle before counting
+    return { rpc, sent, call, answer, answerOwn };
+  }
+  /** A fixed pseudo-random order (a failure must repeat). */
+  function shuffled(n: number, seed = 42): number[] {
+    const order = Array.from({ length: n }, (_, i) => i);
+    for (let i = n - 1; i > 0; i--) {
+      seed = (seed * 1103515245 + 12345) % 2 ** 31;
+      const j = seed % (i + 1);
+      [order[i], order[j]] = [order[j]!, order[i]!];
+    }
+    return order;
+  }
+
+  it("5,000 calls waiting at once each get their own reply, answered in random order", async () => {
+    const { rpc, sent, call, answerOwn } = await setup();
+    const results = Array.from({ length: 5000 }, (_, n) => call(n));
+    await waitFor(() => sent.length === 5000, "all requests sent");
+    assert.equal(rpc.pending, 5000);
+    for (const i of shuffled(5000)) answerOwn(i);
+    assert.deepEqual(await Promise.all(results), Array.from({ length: 5000 }, (_, n) => n * 2));
+    assert.equal(rpc.pending, 0);
+    answerOwn(17); // a second reply to an answered call is dropped
+    assert.equal(rpc.pending, 0);
+    await rpc.close();
+  });
+
+  it("calls left waiting while thousands of others come and go, or time out, still get their replies", async () => {
+    const { rpc, sent, call, answerOwn } = await setup();
+    const early = [call(-1), call(-2), call(-3)];
+    const expiring = call(-4, 0.05);
+    await waitFor(() => sent.length === 4, "the first requests sent");
+    for (let round = 0; round < 300; round++) {
+      const batch = Array.from({ length: 10 }, (_, k) => call(round * 10 + k));
+      const first = sent.length - 10;
+      await waitFor(() => sent.length === first + 10, "a batch sent");
+      for (const k of shuffled(10, round + 1)) answerOwn(first + k);
+      assert.deepEqual(await Promise.all(batch), batch.map((_, k) => (round * 10 + k) * 2));
+    }
+    await assert.rejects(expiring, RpcTimeoutError);
+    answerOwn(3); // too late: dropped
+    answerOwn(1);
+    answerOwn(0);
+    answerOwn(2);
+    assert.deepEqual(await Promise.all(early), [-2, -4, -6]);
+    assert.equal(rpc.pending, 0);
+    await rpc.close();
+  });
+
+  it("a reply whose id differs from a call's only in its client part does not settle that call", async () => {
+    const { rpc, sent, call, answer, answerOwn } = await setup();
+    const result = call(21);
+    await waitFor(() => sent.length === 1, "the request sent");
+    const id = sent[0]!.id;
+    const other = (id[0] === "a" ? "b" : "a") + id.slice(1); // same counter, another client
+    answer(other, 0);
+    answer(id.toUpperCase(), 0); // ids are compared exactly
+    assert.equal(rpc.pending, 1);
+    answerOwn(0);
+    assert.equal(await result, 42);
+    await rpc.close();
+  });
+
+  it("close() rejects every call still waiting, and only those", async () => {
+    const { rpc, sent, call, answerOwn } = await setup();
+    const results = Array.from({ length: 2000 }, (_, n) => call(n));
+    await waitFor(() => sent.length === 2000, "all requests sent");
+    for (let i = 0; i < 2000; i += 2) answerOwn(i);
+    await rpc.close();
+    const settled = await Promise.allSettled(results);
+    settled.forEach((s, n) => {
+      if (n % 2 === 0) assert.deepEqual(s, { status: "fulfilled", value: n * 2 });
+      else assert.ok(s.status === "rejected" && s.reason instanceof ClosedError, `call ${n}`);
+    });
+    assert.equal(rpc.pending, 0);
   });
 });
 
