@@ -1211,7 +1211,7 @@ class Pending implements Expiring {
  * and V8 leaves the old table pointing to the new one (for iterators). Once one such table was
  * promoted to the old generation, every later table and the calls in it stayed alive through
  * young-generation GCs until the next full GC: at 64 calls in flight in-process, ~1.8 MB
- * promoted per scavenge and a full GC every ~20 of them, halving throughput mid-run.
+ * promoted per scavenge and a full GC every ~20 of them, a third less throughput from then on.
  */
 class PendingCalls {
   #slots: (Pending | undefined)[] = new Array(16).fill(undefined);

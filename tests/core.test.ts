@@ -417,7 +417,7 @@ describe("Dispatcher: requests in flight", () => {
 
 describe("Rpc: calls waiting for replies", () => {
   /** An Rpc over a transport that keeps each request and lets the test answer it, in any order. */
-  async function setup() {
+  function setup() {
     const sent: { id: string; args: { n: number } }[] = [];
     let deliver!: (payload: Uint8Array, topic: string) => void;
     const transport: Transport = {
@@ -437,7 +437,6 @@ describe("Rpc: calls waiting for replies", () => {
     const answer = (id: string, result: number) =>
       deliver(utf8(JSON.stringify({ v: 1, id, result })), `t/reply/${rpc.clientId}`);
     const answerOwn = (i: number) => answer(sent[i]!.id, sent[i]!.args.n * 2);
-    await Promise.resolve(); // let the first call's reply subscription settle before counting
     return { rpc, sent, call, answer, answerOwn };
   }
   /** A fixed pseudo-random order (a failure must repeat). */
@@ -452,7 +451,7 @@ describe("Rpc: calls waiting for replies", () => {
   }
 
   it("5,000 calls waiting at once each get their own reply, answered in random order", async () => {
-    const { rpc, sent, call, answerOwn } = await setup();
+    const { rpc, sent, call, answerOwn } = setup();
     const results = Array.from({ length: 5000 }, (_, n) => call(n));
     await waitFor(() => sent.length === 5000, "all requests sent");
     assert.equal(rpc.pending, 5000);
@@ -465,7 +464,7 @@ describe("Rpc: calls waiting for replies", () => {
   });
 
   it("calls left waiting while thousands of others come and go, or time out, still get their replies", async () => {
-    const { rpc, sent, call, answerOwn } = await setup();
+    const { rpc, sent, call, answerOwn } = setup();
     const early = [call(-1), call(-2), call(-3)];
     const expiring = call(-4, 0.05);
     await waitFor(() => sent.length === 4, "the first requests sent");
@@ -487,7 +486,7 @@ describe("Rpc: calls waiting for replies", () => {
   });
 
   it("a reply whose id differs from a call's only in its client part does not settle that call", async () => {
-    const { rpc, sent, call, answer, answerOwn } = await setup();
+    const { rpc, sent, call, answer, answerOwn } = setup();
     const result = call(21);
     await waitFor(() => sent.length === 1, "the request sent");
     const id = sent[0]!.id;
@@ -501,7 +500,7 @@ describe("Rpc: calls waiting for replies", () => {
   });
 
   it("close() rejects every call still waiting, and only those", async () => {
-    const { rpc, sent, call, answerOwn } = await setup();
+    const { rpc, sent, call, answerOwn } = setup();
     const results = Array.from({ length: 2000 }, (_, n) => call(n));
     await waitFor(() => sent.length === 2000, "all requests sent");
     for (let i = 0; i < 2000; i += 2) answerOwn(i);
