@@ -1187,13 +1187,13 @@ class Pending implements Expiring {
   list?: TimeoutList;
   resolve!: (v: unknown) => void;
   reject!: (e: unknown) => void;
-  /** Where the table looks for it first: its id's counter. */
+  /** Where the table looks for it first (see slotKey). */
   readonly key: number;
   constructor(
     readonly table: PendingCalls,
     readonly call: OutgoingCall,
   ) {
-    this.key = Math.max(0, idCounter(call.id));
+    this.key = slotKey(call.id);
   }
   expire(): void {
     const { address, method, timeout } = this.call;
@@ -1213,6 +1213,11 @@ class Pending implements Expiring {
  * young-generation GCs until the next full GC: at 64 calls in flight in-process, ~1.8 MB
  * promoted per scavenge and a full GC every ~20 of them, a third less throughput from then on.
  */
+/** Where PendingCalls looks for an id first: its counter (0 for an id of another form). */
+function slotKey(id: string): number {
+  return Math.max(0, idCounter(id));
+}
+
 class PendingCalls {
   #slots: (Pending | undefined)[] = new Array(16).fill(undefined);
   #mask = 15;
@@ -1221,7 +1226,7 @@ class PendingCalls {
   get(id: string): Pending | undefined {
     const slots = this.#slots;
     const mask = this.#mask;
-    for (let i = Math.max(0, idCounter(id)) & mask;; i = (i + 1) & mask) {
+    for (let i = slotKey(id) & mask;; i = (i + 1) & mask) {
       const p = slots[i];
       if (p === undefined || p.call.id === id) return p;
     }
@@ -1598,13 +1603,16 @@ export class Rpc {
     }
   }
 
+  /** The call waiting for `id`, no longer waiting; undefined if none waits. */
   #settle(id: string): Pending | undefined {
     const p = this.#pending.get(id);
-    if (p) {
-      this.#pending.delete(p);
-      this.#timeouts.remove(p);
-    }
+    if (p) this.#forget(p);
     return p;
+  }
+
+  #forget(p: Pending): void {
+    this.#pending.delete(p);
+    this.#timeouts.remove(p);
   }
 
   #onReply(payload: Uint8Array, meta?: MessageMeta): void {
@@ -1640,7 +1648,7 @@ export class Rpc {
     if (this.#closed) return;
     this.#closed = true;
     for (const p of this.#pending.values()) {
-      this.#settle(p.call.id);
+      this.#forget(p);
       p.reject(new ClosedError(`Call "${p.call.address}.${p.call.method}" abandoned: the RPC client was closed`));
     }
     const sub = this.#replySub;
