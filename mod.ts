@@ -30,7 +30,7 @@
  * @module
  */
 
-import { AsyncLocalStorage } from "node:async_hooks";
+import { AsyncLocalStorage, createHook } from "node:async_hooks";
 import { Buffer } from "node:buffer";
 import { hostname } from "node:os";
 import { basename, extname, resolve as resolvePath } from "node:path";
@@ -39,6 +39,39 @@ import process from "node:process";
 // Node's timers on Deno too: their ref()/unref() let an idle timeout list wait without holding
 // the process open (Deno's global setTimeout returns a number).
 import { setTimeout as setNodeTimeout } from "node:timers";
+
+/**
+ * One of Node's tick objects, kept alive for the life of the process.
+ *
+ * Node's `process.nextTick()` queues each tick as an object literal with symbol keys. V8 takes
+ * the map (hidden class) of such a literal from a cache that holds it weakly: a full GC while no
+ * tick object is alive drops it, and the next tick starts a new tree of maps. After ten or so
+ * such GCs early in a process's life (loading and starting sql.js and kysely does them), the
+ * inline caches in nextTick() have seen too many maps, go megamorphic, and every tick from then
+ * on takes V8's slow path: on Node 20, ~110 ns per tick became ~700 ns, for good. mqtt.js, its
+ * packet writer and Node's streams take several ticks per message: it was ~5% of the CPU of a
+ * novalet MQTT server answering one call at a time. With one tick object alive, its map is never
+ * dropped and every tick gets it. (A no-op where the runtime calls no init hook for ticks.)
+ */
+let keptTick: object | undefined;
+{
+  const hook = createHook({
+    init(_id, type, _trigger, resource) {
+      if (type === "TickObject") keptTick ??= resource;
+    },
+  });
+  hook.enable();
+  try {
+    process.nextTick(() => {});
+  } finally {
+    hook.disable();
+  }
+}
+
+/** The tick object that mod.ts keeps (for the test of the above); undefined where none was seen. */
+export function keptTickObject(): object | undefined {
+  return keptTick;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Errors

@@ -1,6 +1,8 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { Buffer } from "node:buffer";
+import { execFile } from "node:child_process";
+import process from "node:process";
 import {
   BadRequest,
   ClosedError,
@@ -570,5 +572,20 @@ describe("Dispatcher: duplicate requests", () => {
     send(own(A, 1), own(B, 1), own(B, 2)); // A's only id is forgotten
     send(own(A, 1), own(A, 1)); // A again: runs once
     assert.deepEqual(ran(), [own(A, 1), own(B, 1), own(B, 2), own(A, 1)]);
+  });
+});
+
+describe("process.nextTick and V8's map cache", () => {
+  it("keeps a tick object whose map new ticks still share after 20 full GCs", async () => {
+    // In a child process: it needs V8's --expose-gc and --allow-natives-syntax.
+    const script = new URL("./fixtures/tick_map.ts", import.meta.url).pathname;
+    const deno = (globalThis as { Deno?: { execPath(): string } }).Deno;
+    const [cmd, ...args] = deno
+      ? [deno.execPath(), "run", "-A", "--v8-flags=--expose-gc,--allow-natives-syntax", script]
+      : [process.execPath, "--expose-gc", "--allow-natives-syntax", "--import", "tsx", script];
+    const out = await new Promise<string>((resolve, reject) =>
+      execFile(cmd!, args, (e, stdout, stderr) => e ? reject(new Error(`${e.message}\n${stderr}`)) : resolve(stdout))
+    );
+    assert.deepEqual(JSON.parse(out.trim().split("\n").at(-1)!), { kept: true, fresh: true, sameMap: true });
   });
 });
