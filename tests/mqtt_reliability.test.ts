@@ -158,7 +158,7 @@ describe("MQTT transport: sessions, limits and restarts", () => {
     assert.equal(back.blob.length, blob.length);
   });
 
-  it("a QoS 1 request's PUBACK and its reply leave the server in one socket write", async () => {
+  it("a QoS 1 request's PUBACK and its reply leave the server in one socket write, the reply first", async () => {
     const prefix = uniquePrefix("onewrite");
     const transport = await connect({ qos: 1 });
     const svc = Service.create({
@@ -187,12 +187,18 @@ describe("MQTT transport: sessions, limits and restarts", () => {
       writes++;
       return _writev.apply(this, a);
     };
+    const sent: string[] = [];
+    const onSend = (p: { cmd: string }) => void sent.push(p.cmd);
+    transport.client.on("packetsend", onSend);
     for (let n = 1; n <= 5; n++) {
       assert.deepEqual(await rpc.call(ctx, "echo", { method: "echo", args: { n } }), { n });
     }
+    transport.client.off("packetsend", onSend);
     socket._write = _write;
     socket._writev = _writev;
     assert.equal(writes, 5, "one write per call: the PUBACK waits for the reply of the same turn");
+    // The broker handles a write's packets in order: the reply is passed on before the PUBACK.
+    assert.deepEqual(sent, Array.from({ length: 5 }, () => ["publish", "puback"]).flat());
   });
 
   it("a busy connection pings every keepalive and stays up", async () => {

@@ -39,6 +39,8 @@ import {
 
 const noop = (): void => {};
 const RESOLVED = Promise.resolve();
+/** Tells mqtt.js not to acknowledge a message: MqttTransport does, later (see #holdWrites). */
+const ACK_LATER = new Error("acknowledged by novalet at the end of the turn");
 
 /** Options of {@link MqttTransport.connect}. */
 export interface MqttTransportOptions {
@@ -185,6 +187,8 @@ export class MqttTransport implements Transport {
   #sharedAvailable = true;
   /** The stream corked by #holdWrites until the end of this turn. */
   #corked?: { uncork(): void };
+  /** Message ids of this turn's QoS 1 messages, acknowledged when the turn's writes go out. */
+  #acks: number[] = [];
 
   private constructor(client: MqttClient, opts: MqttTransportOptions, owned: boolean) {
     this.client = client;
@@ -200,8 +204,14 @@ export class MqttTransport implements Transport {
     // an error; with an error it sends none and goes on reading: that is how a message nobody
     // takes stays unacknowledged, for the broker to deliver again.
     client.handleMessage = (packet, callback) => {
-      if (packet.qos > 0) this.#holdWrites();
-      if (this.#offer(packet)) return callback();
+      const held = packet.qos > 0 && this.#holdWrites();
+      if (this.#offer(packet)) {
+        if (!held) return callback();
+        // Acknowledged at the end of this turn, after what the handlers published in it (see
+        // #holdWrites); an error tells mqtt.js to send no PUBACK of its own and read on.
+        this.#acks.push(packet.messageId!);
+        return callback(ACK_LATER);
+      }
       if (this.persistent && packet.qos > 0 && !this.#closed) {
         this.#log.debug(`Holding a message on ${packet.topic}: no handler takes it yet`, { topic: packet.topic });
         this.#held.push(packet);
@@ -303,20 +313,24 @@ export class MqttTransport implements Transport {
   }
 
   /**
-   * Cork the socket until this turn's promise jobs have run. mqtt.js writes the PUBACK of a
-   * QoS 1 message at once and flushes it in the next tick, which comes before the promise jobs
-   * in which the reply (or the caller's next request) is published: two writes, two wake-ups of
-   * the broker, for what one write carries. (A tick scheduled from a promise job runs after
-   * all of them.) ~10% of a QoS 1 call at c=1; under load every PUBACK of a read shares the
-   * write of the batched replies.
+   * Cork the socket until this turn's promise jobs have run, and acknowledge the turn's QoS 1
+   * messages then, after what was published in it. mqtt.js writes the PUBACK of a QoS 1 message
+   * at once and flushes it in the next tick, which comes before the promise jobs in which the
+   * reply (or the caller's next request) is published: two writes, two wake-ups of the broker,
+   * for what one write carries (~10% of a QoS 1 call at c=1). And in one write, the reply goes
+   * first: the broker handles a write's packets in order, so it passes the reply (or request)
+   * on before it deals with the acknowledgement. (A tick scheduled from a promise job runs after
+   * all of them.) Under load every PUBACK of a read shares the write of the batched replies.
+   * False when the stream cannot be corked: mqtt.js then acknowledges as it does.
    */
-  #holdWrites(): void {
-    if (this.#corked !== undefined) return;
+  #holdWrites(): boolean {
+    if (this.#corked !== undefined) return true;
     const stream = this.client.stream as { cork?(): void; uncork(): void } | undefined;
-    if (stream?.cork === undefined) return;
+    if (stream?.cork === undefined) return false;
     stream.cork();
     this.#corked = stream;
     RESOLVED.then(this.#releaseLater);
+    return true;
   }
 
   #releaseLater = (): void => process.nextTick(this.#releaseWrites);
@@ -324,8 +338,23 @@ export class MqttTransport implements Transport {
   #releaseWrites = (): void => {
     const stream = this.#corked;
     this.#corked = undefined;
+    const acks = this.#acks;
+    if (acks.length > 0) {
+      // Not on a connection that was lost this turn: the broker sends those messages again.
+      if (stream === this.client.stream && this.client.connected) { for (const id of acks) this.#puback(id); }
+      acks.length = 0;
+    }
     stream?.uncork();
   };
+
+  /** mqtt.js has no public call to acknowledge a message after its handleMessage returned. */
+  #puback(messageId: number | undefined): void {
+    (this.client as unknown as { _sendPacket(p: object): void })._sendPacket({
+      cmd: "puback",
+      messageId,
+      ...(this.#v5 ? { reasonCode: 0 } : {}),
+    });
+  }
 
   #noDelay(): void {
     // mqtt.js has no option for it and replaces the stream on every reconnect.
@@ -578,12 +607,7 @@ export class MqttTransport implements Transport {
     if (this.#held.length === 0) return;
     this.#held = this.#held.filter((packet) => {
       if (!this.#offer(packet)) return true;
-      // mqtt.js has no public call to acknowledge a message after its handleMessage returned.
-      (this.client as unknown as { _sendPacket(p: object): void })._sendPacket({
-        cmd: "puback",
-        messageId: packet.messageId,
-        ...(this.#v5 ? { reasonCode: 0 } : {}),
-      });
+      this.#puback(packet.messageId);
       return false;
     });
   }
