@@ -68,7 +68,8 @@ let keptTick: object | undefined;
   }
 }
 
-/** The tick object that mod.ts keeps (for the test of the above); undefined where none was seen. */
+/** The tick object that mod.ts keeps (for the test of the above); undefined where none was seen.
+ * @internal */
 export function keptTickObject(): object | undefined {
   return keptTick;
 }
