@@ -1236,6 +1236,11 @@ class Pending implements Expiring {
   }
 }
 
+/** Where PendingCalls looks for an id first: its counter (0 for an id of another form). */
+function slotKey(id: string): number {
+  return Math.max(0, idCounter(id));
+}
+
 /**
  * The calls waiting for replies, by id: a hash table of open addressing in a plain array,
  * keyed by the counter in the id (consecutive calls take consecutive slots), with linear
@@ -1247,11 +1252,6 @@ class Pending implements Expiring {
  * young-generation GCs until the next full GC: at 64 calls in flight in-process, ~1.8 MB
  * promoted per scavenge and a full GC every ~20 of them, a third less throughput from then on.
  */
-/** Where PendingCalls looks for an id first: its counter (0 for an id of another form). */
-function slotKey(id: string): number {
-  return Math.max(0, idCounter(id));
-}
-
 class PendingCalls {
   #slots: (Pending | undefined)[] = new Array(16).fill(undefined);
   #mask = 15;
@@ -1280,12 +1280,12 @@ class PendingCalls {
     slots[i] = p;
   }
 
-  /** Remove `p` if it is here; true if it was. */
-  delete(p: Pending): boolean {
+  /** Remove `p` if it is here. */
+  delete(p: Pending): void {
     const slots = this.#slots;
     const mask = this.#mask;
     let i = p.key & mask;
-    for (; slots[i] !== p; i = (i + 1) & mask) if (slots[i] === undefined) return false;
+    for (; slots[i] !== p; i = (i + 1) & mask) if (slots[i] === undefined) return;
     slots[i] = undefined;
     this.size--;
     // Move back the entries of the run after i that may sit at i: none may be left behind a gap.
@@ -1300,7 +1300,6 @@ class PendingCalls {
     }
     // A burst of calls leaves a large table behind: give it back once mostly empty.
     if (this.size * 8 < slots.length && slots.length > 1024) this.#resize(slots.length / 2);
-    return true;
   }
 
   #resize(length: number): void {
