@@ -762,6 +762,22 @@ function wireContext(ctx: RequestContext): unknown {
   return out;
 }
 
+/** `JSON.stringify(s)`: the string between quotes when it holds nothing to escape, as ids,
+ * method names and topics do. (Anything else, a non-string included, goes to JSON.stringify.) */
+function jsonString(s: string): string {
+  if (typeof s !== "string") return JSON.stringify(s);
+  for (let i = 0; i < s.length; i++) {
+    const c = s.charCodeAt(i);
+    if (c < 0x20 || c === 0x22 /* " */ || c === 0x5c /* \ */ || c > 0x7e) return JSON.stringify(s);
+  }
+  return `"${s}"`;
+}
+
+/** `JSON.stringify(n)` for a finite number (the same digits as String(n)). */
+function jsonNumber(n: number): string {
+  return typeof n === "number" && Number.isFinite(n) ? `${n}` : JSON.stringify(n);
+}
+
 /** Parse JSON; a text that mentions `__proto__` is parsed without that key anywhere. */
 function parseJson(bytes: Uint8Array): unknown {
   const text = decoder.decode(bytes);
@@ -925,13 +941,14 @@ function copyContext(ctx: RequestEnvelope["context"]): RequestEnvelope["context"
 /** The JSON codec of the documented wire format. */
 export const jsonCodec: Codec = {
   encodeRequest(req) {
-    // Built by hand so that the cached context is not serialised again.
-    let s = `{"v":1,"id":${JSON.stringify(req.id)},"method":${JSON.stringify(req.method)},"args":${
+    // Built by hand so that the cached context is not serialised again, and the plain strings
+    // (ids, names, topics) are not handed to JSON.stringify one by one (~2x cheaper in all).
+    let s = `{"v":1,"id":${jsonString(req.id)},"method":${jsonString(req.method)},"args":${
       JSON.stringify(req.args)
     },"context":${contextToJson(req.context)}`;
-    if (req.reply_to !== undefined) s += `,"reply_to":${JSON.stringify(req.reply_to)}`;
-    if (req.version !== undefined) s += `,"version":${JSON.stringify(req.version)}`;
-    if (req.deadline !== undefined) s += `,"deadline":${JSON.stringify(req.deadline)}`;
+    if (req.reply_to !== undefined) s += `,"reply_to":${jsonString(req.reply_to)}`;
+    if (req.version !== undefined) s += `,"version":${jsonString(req.version)}`;
+    if (req.deadline !== undefined) s += `,"deadline":${jsonNumber(req.deadline)}`;
     if (req.batch) s += `,"batch":true`;
     return utf8(s + "}");
   },
@@ -948,6 +965,16 @@ export const jsonCodec: Codec = {
     };
   },
   encodeReply(reply) {
+    // A result is written by hand around its JSON, as a request is: JSON.stringify of the whole
+    // reply gives the same text, except for a result that has a toJSON() (told its key then)
+    // or no JSON form at all (the key is left out): those, and errors, take the long way.
+    if (reply.v === 1 && "result" in reply) {
+      const r = reply.result;
+      const own = ((typeof r === "object" && r !== null) || typeof r === "bigint") &&
+        typeof (r as { toJSON?: unknown }).toJSON === "function";
+      const json = own ? undefined : typeof r === "number" ? jsonNumber(r) : JSON.stringify(r);
+      if (json !== undefined) return utf8(`{"v":1,"id":${jsonString(reply.id)},"result":${json}}`);
+    }
     return utf8(JSON.stringify(reply));
   },
   decodeReply(bytes) {
@@ -1036,8 +1063,11 @@ interface Outgoing {
 class Outbox {
   #transport: Transport;
   #codec: Codec;
-  #queues = new Map<string, { topic: string; items: Outgoing[] }>();
-  #scheduled = false;
+  /** This turn's queues by topic, one table per kind of message (QoS, mandatory): no key to
+   * build per message, and a reply topic's hash is already cached by the lookups before. */
+  #tables: Map<string, Queue>[] = [];
+  /** This turn's queues in the order they were opened; empty between turns. */
+  #open: Queue[] = [];
   static readonly maxItems = 128;
   static readonly maxBytes = 64 * 1024;
   /** Larger messages gain nothing from company: they leave alone, at once. */
@@ -1050,19 +1080,19 @@ class Outbox {
 
   /** Queue `bytes` for `topic`; `done` is told when the transport took it (or failed to). */
   send(topic: string, bytes: Uint8Array, opts: PublishOptions, done?: Sent, label?: string): void {
-    const key = `${opts.qos ?? ""}${opts.mandatory ? "m" : ""}\0${topic}`;
-    let q = this.#queues.get(key);
+    const kind = (opts.qos === undefined ? 0 : opts.qos + 1) * 2 + (opts.mandatory ? 1 : 0);
+    const table = this.#tables[kind] ??= new Map();
+    let q = table.get(topic);
     const item: Outgoing = { bytes, opts, done, label };
     // A large message leaves at once, unless smaller ones wait before it: order is kept.
     if (!this.#codec.encodeBatch || (bytes.byteLength > Outbox.alone && !q)) return this.#publish(topic, [item]);
-    if (!q) this.#queues.set(key, q = { topic, items: [] });
-    q.items.push(item);
-    if (!this.#scheduled) {
-      this.#scheduled = true;
+    if (!q) {
+      table.set(topic, q = { topic, items: [], table });
       // A microtask, not a tick: mqtt.js handles each received packet in a tick of its own, so
       // a tick would flush after every packet and a burst would never share a message.
-      RESOLVED.then(this.#flush);
+      if (this.#open.push(q) === 1) RESOLVED.then(this.#flush);
     }
+    q.items.push(item);
   }
 
   /** Publish `bytes` alone, now (a message whose reader does not read batches); `done` as in send(). */
@@ -1076,10 +1106,14 @@ class Outbox {
   }
 
   #flush = (): void => {
-    this.#scheduled = false;
-    const queues = this.#queues;
-    this.#queues = new Map();
-    for (const { topic, items } of queues.values()) {
+    const open = this.#open;
+    this.#open = [];
+    for (const q of open) q.table.delete(q.topic); // what is sent from here on waits for the next flush
+    for (const { topic, items } of open) {
+      if (items.length === 1) {
+        this.#publish(topic, items);
+        continue;
+      }
       for (let i = 0; i < items.length;) {
         let j = i + 1;
         let size = items[i]!.bytes.byteLength;
@@ -1111,6 +1145,13 @@ class Outbox {
     }
     sent.then(() => settle(chunk, topic, undefined), (e) => settle(chunk, topic, asError(e)));
   }
+}
+
+/** The messages for one topic (of one kind) in this turn. */
+interface Queue {
+  topic: string;
+  items: Outgoing[];
+  table: Map<string, Queue>;
 }
 
 function settle(chunk: Outgoing[], topic: string, error: Error | undefined): void {

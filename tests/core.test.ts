@@ -114,6 +114,63 @@ describe("jsonCodec", () => {
     const req = { ...ok, v: 1 as const, deadline: 123 };
     assert.deepEqual(jsonCodec.decodeRequest(jsonCodec.encodeRequest(req)), req);
   });
+  it("encodeRequest() writes what JSON.stringify writes, strings that need escaping included", () => {
+    const strings = [
+      'a"b',
+      "a\\b",
+      "tab\there",
+      "nul\0",
+      "del\x7f",
+      "é",
+      "日本",
+      "\ud83d\ude00",
+      "lone \ud800",
+      "",
+      "x".repeat(300),
+    ];
+    for (const s of strings) {
+      for (const deadline of [1796301478123, 0.5, -0, NaN, Infinity]) {
+        const req = { v: 1 as const, id: s, method: s, args: { s }, context: {}, reply_to: s, version: s, deadline };
+        const text = new TextDecoder().decode(jsonCodec.encodeRequest(req));
+        const expected = JSON.stringify({ ...req, context: {} });
+        assert.equal(text, expected, JSON.stringify(s));
+      }
+    }
+  });
+  it("encodeReply() writes what JSON.stringify of the whole reply writes, whatever the result", () => {
+    const keyed = { toJSON: (key: string) => `told ${key}` };
+    const results: unknown[] = [
+      3,
+      -0,
+      0.1,
+      NaN,
+      -Infinity,
+      "s",
+      'q"\\\n\u2028',
+      true,
+      null,
+      undefined,
+      () => 1,
+      Symbol("s"),
+      [1, undefined, () => 1],
+      { a: { b: [keyed] }, u: undefined },
+      keyed,
+      new Date(0),
+      new Map([[1, 2]]),
+      Object.assign(Object.create({ inherited: 1 }), { own: 2 }),
+      new Number(5),
+      new String("boxed"),
+    ];
+    for (const result of results) {
+      for (const id of ["x", 'i"d']) {
+        const reply = { v: 1 as const, id, result };
+        assert.equal(new TextDecoder().decode(jsonCodec.encodeReply(reply)), JSON.stringify(reply), String(result));
+      }
+    }
+    const error = { v: 1 as const, id: "x", error: { type: "T", message: "m", data: keyed } };
+    assert.equal(new TextDecoder().decode(jsonCodec.encodeReply(error)), JSON.stringify(error));
+    assert.throws(() => jsonCodec.encodeReply({ v: 1, id: "x", result: 1n }), /BigInt/);
+  });
   it("decodeRequest() fills absent args and context with empty objects", () => {
     const r = jsonCodec.decodeRequest(utf8('{"v":1,"id":"x","method":"m"}'));
     assert.deepEqual(r, { v: 1, id: "x", method: "m", args: {}, context: {} });

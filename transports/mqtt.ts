@@ -189,6 +189,8 @@ export class MqttTransport implements Transport {
   #corked?: { uncork(): void };
   /** Message ids of this turn's QoS 1 messages, acknowledged when the turn's writes go out. */
   #acks: number[] = [];
+  /** The topic of the last publish, known to be valid. */
+  #lastTopic?: string;
 
   private constructor(client: MqttClient, opts: MqttTransportOptions, owned: boolean) {
     this.client = client;
@@ -379,7 +381,12 @@ export class MqttTransport implements Transport {
   publish(topic: string, payload: Uint8Array, opts: PublishOptions = {}): Promise<void> {
     try {
       if (this.#closed) throw new ClosedError(`Cannot publish to ${topic}: the transport is closed`);
-      validateTopic(topic);
+      // A client publishes to the same few topics over and over (a caller to its servers, a
+      // server to its callers' reply topics): the last good one is not checked again.
+      if (this.#lastTopic === undefined || topic !== this.#lastTopic) {
+        validateTopic(topic);
+        this.#lastTopic = topic;
+      }
       if (!(payload instanceof Uint8Array)) throw new TypeError(`Cannot publish to ${topic}: payload must be bytes`);
       if (payload.byteLength > this.#maxPayload) {
         throw new RangeError(
