@@ -968,7 +968,7 @@ export const jsonCodec: Codec = {
     // A result is written by hand around its JSON, as a request is: JSON.stringify of the whole
     // reply gives the same text, except for a result that has a toJSON() (told its key then)
     // or no JSON form at all (the key is left out): those, and errors, take the long way.
-    if (reply.v === 1 && "result" in reply) {
+    if (reply.v === 1 && "result" in reply && !("error" in reply)) {
       const r = reply.result;
       const own = ((typeof r === "object" && r !== null) || typeof r === "bigint") &&
         typeof (r as { toJSON?: unknown }).toJSON === "function";

@@ -15,6 +15,7 @@ import {
   parseAddress,
   periodicTask,
   queueGetFor,
+  type ReplyEnvelope,
   RequestContext,
   Rpc,
   rpcMethods,
@@ -169,6 +170,8 @@ describe("jsonCodec", () => {
     }
     const error = { v: 1 as const, id: "x", error: { type: "T", message: "m", data: keyed } };
     assert.equal(new TextDecoder().decode(jsonCodec.encodeReply(error)), JSON.stringify(error));
+    const both = { ...error, result: 1 } as unknown as ReplyEnvelope; // not made by novalet, but written as it is
+    assert.equal(new TextDecoder().decode(jsonCodec.encodeReply(both)), JSON.stringify(both));
     assert.throws(() => jsonCodec.encodeReply({ v: 1, id: "x", result: 1n }), /BigInt/);
   });
   it("decodeRequest() fills absent args and context with empty objects", () => {
