@@ -402,6 +402,63 @@ describe("Mosquitto restart with clean sessions", { skip: needs("mosquitto") }, 
   });
 });
 
+describe("Message expiry on the wire (MQTT 5, Mosquitto)", { skip: needs("mosquitto") }, () => {
+  let m: Mosquitto;
+  let transport: MqttTransport;
+  let watcher: mqtt.MqttClient;
+  const topic = `${uniquePrefix("ttl")}/rpc/t`;
+  /** What the broker passed on: the payload and its messageExpiryInterval, if any. */
+  const seen: { text: string; expiry?: number }[] = [];
+  before(async () => {
+    m = await Mosquitto.start();
+    transport = await MqttTransport.connect({ url: m.url });
+    watcher = await mqtt.connectAsync(m.url, { protocolVersion: 5 });
+    watcher.on("message", (_t, p, packet) => {
+      seen.push({ text: String(p), expiry: packet.properties?.messageExpiryInterval });
+    });
+    await watcher.subscribeAsync(topic, { qos: 1 });
+  });
+  after(async () => {
+    await watcher.endAsync();
+    await transport.close();
+    await m.stop();
+  });
+
+  it("a QoS 1 publish with an expiry reaches subscribers with it; without one, or at QoS 0, with none", async () => {
+    seen.length = 0;
+    const bytes = (s: string) => new TextEncoder().encode(s);
+    await transport.publish(topic, bytes("ttl"), { qos: 1, expiry: 30 });
+    await transport.publish(topic, bytes("none"), { qos: 1 });
+    await transport.publish(topic, bytes("qos0"), { qos: 0, expiry: 30 });
+    await transport.publish(topic, bytes("ttl 2.5"), { qos: 1, expiry: 2.5 });
+    await waitFor(() => seen.length === 4, "four messages", 5000);
+    const byText = Object.fromEntries(seen.map((s) => [s.text, s.expiry]));
+    assert.ok(byText.ttl! > 0 && byText.ttl! <= 30, `ttl: ${byText.ttl}`);
+    assert.equal(byText.none, undefined);
+    assert.equal(byText.qos0, undefined);
+    assert.ok(byText["ttl 2.5"]! > 0 && byText["ttl 2.5"]! <= 3, `ttl 2.5: ${byText["ttl 2.5"]}`);
+  });
+
+  it("a publish that mqtt.js queues while it replays its store after a reconnect keeps its expiry", async () => {
+    seen.length = 0;
+    // The state mqtt.js is in while it sends its stored packets again after a reconnect: new
+    // publishes wait in a queue and leave once the replay is done.
+    const client = transport.client as unknown as { _storeProcessing: boolean; _invokeAllStoreProcessingQueue(): void };
+    client._storeProcessing = true;
+    const first = transport.publish(topic, new TextEncoder().encode("queued ttl"), { qos: 1, expiry: 20 });
+    const second = transport.publish(topic, new TextEncoder().encode("queued none"), { qos: 1 });
+    await sleep(50);
+    assert.equal(seen.length, 0, "queued, not sent");
+    client._storeProcessing = false;
+    client._invokeAllStoreProcessingQueue();
+    await Promise.all([first, second]);
+    await waitFor(() => seen.length === 2, "both messages", 5000);
+    const byText = Object.fromEntries(seen.map((s) => [s.text, s.expiry]));
+    assert.ok(byText["queued ttl"]! > 0 && byText["queued ttl"]! <= 20, `queued ttl: ${byText["queued ttl"]}`);
+    assert.equal(byText["queued none"], undefined);
+  });
+});
+
 describe("Calling a novalet service without novalet", () => {
   let fx: Awaited<ReturnType<typeof mqttFixture>>;
   let svc: Service;
