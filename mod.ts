@@ -1135,7 +1135,9 @@ class Outbox {
       // The batch lives as long as its longest-lived message (no expiry if one has none).
       const expiries = chunk.map((c) => c.opts.expiry);
       const expiry = expiries.includes(undefined) ? undefined : Math.max(...(expiries as number[]));
-      opts = { ...first.opts, expiry };
+      // Spelled out: on Node 20, a spread followed by a key the source lacks makes a new hidden
+      // class every time (see MqttTransport's #addExpiry).
+      opts = { qos: first.opts.qos, mandatory: first.opts.mandatory, expiry };
     }
     let sent: Promise<void>;
     try {
