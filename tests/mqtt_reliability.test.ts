@@ -436,17 +436,20 @@ describe("Message expiry on the wire (MQTT 5, Mosquitto)", { skip: needs("mosqui
       return publish.call(transport.client, t, p, o, cb);
     };
     const bytes = (s: string) => new TextEncoder().encode(s);
-    await transport.publish(topic, bytes("ttl"), { qos: 1, expiry: 30 });
-    await transport.publish(topic, bytes("none"), { qos: 1 });
-    await transport.publish(topic, bytes("qos0"), { qos: 0, expiry: 30 });
-    await transport.publish(topic, bytes("ttl 2.5"), { qos: 1, expiry: 2.5 });
+    try {
+      await transport.publish(topic, bytes("ttl"), { qos: 1, expiry: 30 });
+      await transport.publish(topic, bytes("none"), { qos: 1 });
+      await transport.publish(topic, bytes("qos0"), { qos: 0, expiry: 30 });
+      await transport.publish(topic, bytes("ttl 2.5"), { qos: 1, expiry: 2.5 });
+    } finally {
+      delete (client as { publish?: unknown }).publish; // the prototype's again
+    }
     await waitFor(() => seen.length === 4, "four messages", 5000);
     const byText = Object.fromEntries(seen.map((s) => [s.text, s.expiry]));
     assert.ok(byText.ttl! > 0 && byText.ttl! <= 30, `ttl: ${byText.ttl}`);
     assert.equal(byText.none, undefined);
     assert.equal(byText.qos0, undefined);
     assert.ok(byText["ttl 2.5"]! > 0 && byText["ttl 2.5"]! <= 3, `ttl 2.5: ${byText["ttl 2.5"]}`);
-    delete (client as { publish?: unknown }).publish; // the prototype's again
     assert.deepEqual([...optionKeys].filter((k) => !["qos", "retain", "dup"].includes(k)), []);
   });
 

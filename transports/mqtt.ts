@@ -199,7 +199,7 @@ export class MqttTransport implements Transport {
   #acks: number[] = [];
   /** The topic of the last publish, known to be valid. */
   #lastTopic?: string;
-  /** The payload being handed to mqtt.js now and its expiry in seconds (see #sendPacket). */
+  /** The payload being handed to mqtt.js now and its expiry in seconds (see #addExpiry). */
   #expiringPayload?: Buffer;
   #expirySeconds = 0;
   /** Expiries of publishes that mqtt.js queued to send later (while it replays its store). */
