@@ -53,11 +53,15 @@ import { setTimeout as setNodeTimeout } from "node:timers";
  * novalet MQTT server answering one call at a time. With one tick object alive, its map is never
  * dropped and every tick gets it. (A no-op where the runtime calls no init hook for ticks.)
  */
-let keptTick: object | undefined;
-{
+const keptTick = catchTickObject();
+
+/** A new tick object of Node's, caught by an async hook that is on for one `process.nextTick()`
+ * only; undefined where the runtime reports no tick inits. @internal */
+export function catchTickObject(): object | undefined {
+  let tick: object | undefined;
   const hook = createHook({
     init(_id, type, _trigger, resource) {
-      if (type === "TickObject") keptTick ??= resource;
+      if (type === "TickObject") tick ??= resource;
     },
   });
   hook.enable();
@@ -66,6 +70,7 @@ let keptTick: object | undefined;
   } finally {
     hook.disable();
   }
+  return tick;
 }
 
 /** The tick object that mod.ts keeps (for the test of the above); undefined where none was seen.
@@ -1110,17 +1115,14 @@ class Outbox {
     this.#open = [];
     for (const q of open) q.table.delete(q.topic); // what is sent from here on waits for the next flush
     for (const { topic, items } of open) {
-      if (items.length === 1) {
-        this.#publish(topic, items);
-        continue;
-      }
       for (let i = 0; i < items.length;) {
         let j = i + 1;
         let size = items[i]!.bytes.byteLength;
         while (j < items.length && j - i < Outbox.maxItems && size + items[j]!.bytes.byteLength <= Outbox.maxBytes) {
           size += items[j++]!.bytes.byteLength;
         }
-        this.#publish(topic, items.slice(i, j));
+        // The whole queue in one message (nearly always): no copy of it.
+        this.#publish(topic, i === 0 && j === items.length ? items : items.slice(i, j));
         i = j;
       }
     }
