@@ -85,9 +85,10 @@ const scenarios = [["add c=1", 1], ["add c=64", 64], ["echo 16 KiB c=16", 16]] a
 // 10 alternating slices per implementation, so a slow spell of the machine hits both alike.
 const TIMING = { seconds: SECONDS, warmup: 1.5, rounds: 10 };
 // The first row after the servers start (add c=1) warms each implementation up for 4 s: V8 was
-// still optimising the novalet server's path, and again after early deopts, 2.5-3.5 s into a c=1
+// still optimising the novalet server's path (again, after early deopts) up to 2-3 s into a c=1
 // load (--trace-opt), and the client process shares mqtt.js's code between both clients. c=1 at
-// QoS 0: 0.82-0.89 of raw with 1.5 s (five runs), 0.90-0.93 with 3-4 s (six), 0.93-1.02 with 5 s (five).
+// QoS 0: 0.82-0.89 of raw with 1.5 s (five runs), 0.90-0.93 with 3-4 s (six), 0.93-1.02 with 5 s
+// (five).
 const FIRST_WARMUP = 4;
 // The "cast c=N" rows cast to `tick` (counted apart), so the burst's count at the receiver is its own.
 // Each implementation runs SECONDS per row, in slices that alternate with the other's.
