@@ -1064,6 +1064,11 @@ interface Outgoing {
  * the codec frames batches. Under load (many calls in flight) one broker message then carries
  * many requests or replies: the per-message work of the broker, the client library and QoS 1
  * acknowledgements is shared. A lone message leaves as it is, so nothing waits for company.
+ *
+ * While traffic is quiet (the last turn that sent anything sent one message, and nothing sent is
+ * still unanswered by the transport) a message leaves at once instead of at the end of the turn:
+ * a device calling now and then gains nothing from the wait. A second message in the same turn
+ * finds the first unanswered and waits for company, and batching goes on until a turn sends one.
  */
 class Outbox {
   #transport: Transport;
@@ -1073,6 +1078,12 @@ class Outbox {
   #tables: Map<string, Queue>[] = [];
   /** This turn's queues in the order they were opened; empty between turns. */
   #open: Queue[] = [];
+  /** The last turn that sent anything sent one message (see the class comment). */
+  #quiet = false;
+  /** A message left at once since the last flush. */
+  #sentAtOnce = false;
+  /** Messages handed to the transport whose outcome it has not told yet. */
+  #unsettled = 0;
   static readonly maxItems = 128;
   static readonly maxBytes = 64 * 1024;
   /** Larger messages gain nothing from company: they leave alone, at once. */
@@ -1092,6 +1103,10 @@ class Outbox {
     // A large message leaves at once, unless smaller ones wait before it: order is kept.
     if (!this.#codec.encodeBatch || (bytes.byteLength > Outbox.alone && !q)) return this.#publish(topic, [item]);
     if (!q) {
+      if (this.#quiet && this.#unsettled === 0 && this.#open.length === 0) {
+        this.#sentAtOnce = true;
+        return this.#publish(topic, [item]);
+      }
       table.set(topic, q = { topic, items: [], table });
       // A microtask, not a tick: mqtt.js handles each received packet in a tick of its own, so
       // a tick would flush after every packet and a burst would never share a message.
@@ -1113,6 +1128,8 @@ class Outbox {
   #flush = (): void => {
     const open = this.#open;
     this.#open = [];
+    this.#quiet = !this.#sentAtOnce && open.length === 1 && open[0]!.items.length === 1;
+    this.#sentAtOnce = false;
     for (const q of open) q.table.delete(q.topic); // what is sent from here on waits for the next flush
     for (const { topic, items } of open) {
       for (let i = 0; i < items.length;) {
@@ -1147,7 +1164,13 @@ class Outbox {
     } catch (e) {
       sent = Promise.reject(e); // a transport that throws instead of rejecting
     }
-    sent.then(() => settle(chunk, topic, undefined), (e) => settle(chunk, topic, asError(e)));
+    this.#unsettled++;
+    sent.then(() => this.#settle(chunk, topic, undefined), (e) => this.#settle(chunk, topic, asError(e)));
+  }
+
+  #settle(chunk: Outgoing[], topic: string, error: Error | undefined): void {
+    this.#unsettled--;
+    for (const c of chunk) c.done?.(error, topic, c.label);
   }
 }
 
@@ -1156,10 +1179,6 @@ interface Queue {
   topic: string;
   items: Outgoing[];
   table: Map<string, Queue>;
-}
-
-function settle(chunk: Outgoing[], topic: string, error: Error | undefined): void {
-  for (const c of chunk) c.done?.(error, topic, c.label);
 }
 
 function asBadRequest(e: unknown): BadRequest {

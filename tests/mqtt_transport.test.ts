@@ -3,7 +3,8 @@ import { rpcSuite } from "./rpc_suite.ts";
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { MqttTransport } from "../transports/mqtt.ts";
-import { uniquePrefix } from "./helpers.ts";
+import { sleep, text, uniquePrefix, utf8, waitFor } from "./helpers.ts";
+import { DeliveryError } from "../mod.ts";
 import { BIG_STALLS, embeddedOnly, mqttFixture, NO_SHARED, NO_V5 } from "./mqtt_fixture.ts";
 
 transportConformance("mqtt", () => mqttFixture(), {
@@ -39,6 +40,41 @@ describe("MQTT subscription identifiers", {
       await t.subscribe(`${p}/a/+`, none);
       await t.subscribe(`${p}/c`, none); // the same filter as the group's
       assert.deepEqual(sent, ["a/x id", "a/+ id", "$share/g/c id", "c id"]);
+    } finally {
+      await t.close();
+      await fx.close?.();
+    }
+  });
+});
+
+describe("MqttTransport.publish() while the connection is down", () => {
+  it("rejects a QoS 0 message at once (nothing is claimed as sent) and sends a QoS 1 one on reconnecting", async () => {
+    const fx = await mqttFixture({ reconnectMin: 0.1 });
+    const t = await MqttTransport.connect(fx.options());
+    try {
+      const p = uniquePrefix("down");
+      const got: string[] = [];
+      await t.subscribe(`${p}/x`, (payload) => void got.push(text(payload)), { qos: 1 });
+      assert.equal(await t.publish(`${p}/x`, utf8("up"), { qos: 0 }), undefined);
+      await waitFor(() => got.includes("up"), "the QoS 0 message while connected");
+
+      const closed = new Promise<void>((r) => t.client.once("close", () => r()));
+      (t.client.stream as { destroy(): void }).destroy();
+      await closed;
+      await assert.rejects(t.publish(`${p}/x`, utf8("lost"), { qos: 0 }), (e: Error) => {
+        assert.ok(e instanceof DeliveryError, `${e}`);
+        assert.match(e.message, new RegExp(`Cannot publish to ${p}/x: No connection to broker`));
+        return true;
+      });
+      let settled = false;
+      const later = t.publish(`${p}/x`, utf8("kept"), { qos: 1 }).finally(() => (settled = true));
+      await sleep(20);
+      assert.equal(settled, t.client.connected, "a QoS 1 message waits for the broker's PUBACK");
+      await later; // stored by mqtt.js, sent and acknowledged once connected again
+      assert.ok(t.client.connected);
+      assert.equal(await t.publish(`${p}/x`, utf8("again"), { qos: 0 }), undefined);
+      await waitFor(() => got.includes("again"), "a QoS 0 message after the reconnect");
+      assert.ok(!got.includes("lost"), "the rejected message was not sent");
     } finally {
       await t.close();
       await fx.close?.();

@@ -451,23 +451,41 @@ export class MqttTransport implements Transport {
       this.#expiringPayload = bytes;
       this.#expirySeconds = Math.max(1, Math.ceil(opts.expiry!));
     }
-    return new Promise((resolve, reject) => {
-      let answered = false;
+    // mqtt.js answers a QoS 0 publish before publish() returns, unless the socket is backed up or
+    // it is replaying its store: then no promise is made for it (this is every reply and request
+    // at QoS 0). A QoS 1 publish is answered by the broker's PUBACK, later.
+    let answered = false;
+    let failure: Error | undefined;
+    let resolveLater: (() => void) | undefined;
+    let rejectLater: ((e: Error) => void) | undefined;
+    try {
       this.client.publish(topic, bytes, PUBLISH_AT[qos], (e, packet) => {
         answered = true;
         if (this.#laterExpiry.size > 0) this.#laterExpiry.delete(bytes); // failed while queued
-        if (e) return reject(new DeliveryError(`Cannot publish to ${topic}: ${e.message}`, { cause: e }));
-        const id = packet?.messageId;
-        if (id !== undefined && this.#noSubscribers.delete(id) && opts.mandatory) {
-          return reject(new DeliveryError(`No subscriber for "${topic}": the broker has nobody to deliver it to`));
+        if (e) failure = new DeliveryError(`Cannot publish to ${topic}: ${e.message}`, { cause: e });
+        else {
+          const id = packet?.messageId;
+          if (id !== undefined && this.#noSubscribers.delete(id) && opts.mandatory) {
+            failure = new DeliveryError(`No subscriber for "${topic}": the broker has nobody to deliver it to`);
+          }
         }
-        resolve();
+        if (failure !== undefined) rejectLater?.(failure);
+        else resolveLater?.();
       });
-      if (expiring && this.#expiringPayload === bytes) {
-        this.#expiringPayload = undefined;
-        // Neither sent nor refused: mqtt.js queued it while it replays its store after a reconnect.
-        if (!answered) this.#laterExpiry.set(bytes, this.#expirySeconds);
-      }
+    } catch (e) {
+      // A rejection, not a throw. (Unnamed closures: under tsx, naming one costs a defineProperty.)
+      if (!answered) failure = new DeliveryError(`Cannot publish to ${topic}: ${(e as Error).message}`, { cause: e });
+      answered = true;
+    }
+    if (expiring && this.#expiringPayload === bytes) {
+      this.#expiringPayload = undefined;
+      // Neither sent nor refused: mqtt.js queued it while it replays its store after a reconnect.
+      if (!answered) this.#laterExpiry.set(bytes, this.#expirySeconds);
+    }
+    if (answered) return failure === undefined ? RESOLVED : Promise.reject(failure);
+    return new Promise((resolve, reject) => {
+      resolveLater = resolve;
+      rejectLater = reject;
     });
   }
 
