@@ -1065,10 +1065,13 @@ interface Outgoing {
  * many requests or replies: the per-message work of the broker, the client library and QoS 1
  * acknowledgements is shared. A lone message leaves as it is, so nothing waits for company.
  *
- * While traffic is quiet (the last turn that sent anything sent one message, and nothing sent is
- * still unanswered by the transport) a message leaves at once instead of at the end of the turn:
- * a device calling now and then gains nothing from the wait. A second message in the same turn
- * finds the first unanswered and waits for company, and batching goes on until a turn sends one.
+ * While traffic is quiet (the last three turns that sent anything sent one message each, and the
+ * transport has answered everything sent) a message leaves at once instead of at the end of its
+ * turn: a device calling now and then gains nothing from the wait. A second message in the same
+ * turn finds the first unanswered and waits for company, and batching goes on until three turns
+ * in a row send one message. (With one such turn instead of three, traffic under load that
+ * alternates lone and busy turns lost its batches: A/B at c=64, QoS 0, -4% calls/s; with three,
+ * no difference.)
  */
 class Outbox {
   #transport: Transport;
@@ -1078,8 +1081,10 @@ class Outbox {
   #tables: Map<string, Queue>[] = [];
   /** This turn's queues in the order they were opened; empty between turns. */
   #open: Queue[] = [];
-  /** The last turn that sent anything sent one message (see the class comment). */
+  /** Traffic is quiet: the last three turns that sent anything sent one message each. */
   #quiet = false;
+  /** Turns in a row, up to the last flush, that sent one message. */
+  #loneTurns = 0;
   /** A message left at once since the last flush. */
   #sentAtOnce = false;
   /** Messages handed to the transport whose outcome it has not told yet. */
@@ -1128,7 +1133,9 @@ class Outbox {
   #flush = (): void => {
     const open = this.#open;
     this.#open = [];
-    this.#quiet = !this.#sentAtOnce && open.length === 1 && open[0]!.items.length === 1;
+    const lone = !this.#sentAtOnce && open.length === 1 && open[0]!.items.length === 1;
+    this.#loneTurns = lone ? this.#loneTurns + 1 : 0;
+    this.#quiet = this.#loneTurns >= 3;
     this.#sentAtOnce = false;
     for (const q of open) q.table.delete(q.topic); // what is sent from here on waits for the next flush
     for (const { topic, items } of open) {

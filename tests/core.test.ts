@@ -503,56 +503,59 @@ describe("Dispatcher: replies while quiet and under load", () => {
     utf8(JSON.stringify({ v: 1, id, method: "add", args: { a: 1, b: 2 }, reply_to: "t/reply/c1", batch: true }));
   const turn = () => new Promise((r) => setTimeout(r, 0));
 
-  it("a lone reply leaves at once once a turn sent one; replies of a busier turn share a message", async () => {
+  /** Three turns that send one reply each: from then on traffic is quiet. */
+  async function quieten(d: Dispatcher, sent: { ids: string[] }[], tag: string) {
+    for (let n = 0; n < 3; n++) {
+      const before = sent.length;
+      d.handle(request(`${tag}${n}`), "t/rpc/calc", { qos: 0 });
+      assert.equal(sent.length, before, `${tag}${n} waits for the end of its turn`);
+      await turn();
+      assert.equal(sent.length, before + 1);
+    }
+  }
+
+  it("after three lone turns a reply leaves at once; replies of a busier turn share a message", async () => {
     const { sent, transport } = recorder();
     const d = new Dispatcher(new Calc(), transport, { prefix: "t", logger: new MemoryLogger() });
+    await quieten(d, sent, "q");
     d.handle(request("a"), "t/rpc/calc", { qos: 0 });
-    assert.equal(sent.length, 0, "at first, replies wait for the end of the turn");
-    await turn();
-    assert.deepEqual(sent.map((m) => m.ids), [["a"]]);
-
-    d.handle(request("b"), "t/rpc/calc", { qos: 0 });
-    assert.deepEqual(sent.map((m) => m.ids), [["a"], ["b"]], "quiet: published before handle() returned");
+    assert.deepEqual(sent.slice(3).map((m) => m.ids), [["a"]], "quiet: published before handle() returned");
     await turn();
 
     // Three in one turn: the first finds the traffic quiet, the others wait and share a message.
     for (const id of ["c", "d", "e"]) d.handle(request(id), "t/rpc/calc", { qos: 0 });
-    assert.deepEqual(sent.slice(2).map((m) => m.ids), [["c"]]);
+    assert.deepEqual(sent.slice(4).map((m) => m.ids), [["c"]]);
     await turn();
-    assert.deepEqual(sent.slice(2).map((m) => m.ids), [["c"], ["d", "e"]]);
+    assert.deepEqual(sent.slice(4).map((m) => m.ids), [["c"], ["d", "e"]]);
 
-    // After a busy turn the next reply waits for company; a turn with one message makes it quiet again.
+    // After a busy turn replies wait for company until three turns in a row have sent one.
+    await quieten(d, sent, "r");
     d.handle(request("f"), "t/rpc/calc", { qos: 0 });
-    assert.equal(sent.length, 4);
-    await turn();
-    assert.deepEqual(sent.slice(4).map((m) => m.ids), [["f"]]);
-    d.handle(request("g"), "t/rpc/calc", { qos: 0 });
-    assert.equal(sent.length, 6, "quiet again");
+    assert.deepEqual(sent.at(-1)!.ids, ["f"], "quiet again");
     await turn();
 
-    // Two in one turn count as a busy turn too, although only the second waited.
+    // Two in one turn make a busy turn too, although only the second waited.
     d.handle(request("h"), "t/rpc/calc", { qos: 0 });
     d.handle(request("i"), "t/rpc/calc", { qos: 0 });
     await turn();
     d.handle(request("j"), "t/rpc/calc", { qos: 0 });
-    assert.deepEqual(sent.slice(6).map((m) => m.ids), [["h"], ["i"]], "j waits");
+    assert.deepEqual(sent.slice(-2).map((m) => m.ids), [["h"], ["i"]], "j waits");
     await d.drained();
-    assert.deepEqual(sent.slice(6).map((m) => m.ids), [["h"], ["i"], ["j"]]);
+    assert.deepEqual(sent.slice(-3).map((m) => m.ids), [["h"], ["i"], ["j"]]);
   });
 
   it("while the transport has not answered a reply, the next one waits for the end of the turn, in order", async () => {
     const { sent, held, state, transport } = recorder();
     const d = new Dispatcher(new Calc(), transport, { prefix: "t", logger: new MemoryLogger() });
-    d.handle(request("a"), "t/rpc/calc", { qos: 1 });
-    await turn(); // one message in that turn: quiet from here on
+    await quieten(d, sent, "q");
     state.hold = true;
     d.handle(request("b"), "t/rpc/calc", { qos: 1 });
-    assert.equal(sent.length, 2, "b at once");
+    assert.equal(sent.length, 4, "b at once");
     await turn();
     d.handle(request("c"), "t/rpc/calc", { qos: 1 });
-    assert.equal(sent.length, 2, "c waits: b is not answered yet");
+    assert.equal(sent.length, 4, "c waits: b is not answered yet");
     await turn();
-    assert.deepEqual(sent.map((m) => m.ids), [["a"], ["b"], ["c"]]);
+    assert.deepEqual(sent.slice(3).map((m) => m.ids), [["b"], ["c"]]);
     assert.equal(d.inFlight, 2);
     for (const r of held.splice(0)) r();
     await d.drained();
