@@ -69,7 +69,7 @@ describe("MqttTransport.publish() while the connection is down", () => {
       let settled = false;
       const later = t.publish(`${p}/x`, utf8("kept"), { qos: 1 }).finally(() => (settled = true));
       await sleep(20);
-      assert.equal(settled, t.client.connected, "a QoS 1 message waits for the broker's PUBACK");
+      if (!t.client.connected) assert.equal(settled, false, "a QoS 1 message waits for the connection and its PUBACK");
       await later; // stored by mqtt.js, sent and acknowledged once connected again
       assert.ok(t.client.connected);
       // The transport subscribes again after the reconnect, asynchronously: QoS 0 until one arrives.
