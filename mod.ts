@@ -1081,14 +1081,13 @@ class Outbox {
   #tables: Map<string, Queue>[] = [];
   /** This turn's queues in the order they were opened; empty between turns. */
   #open: Queue[] = [];
-  /** Traffic is quiet: the last three turns that sent anything sent one message each. */
-  #quiet = false;
-  /** Turns in a row, up to the last flush, that sent one message. */
+  /** Turns in a row, up to the last flush, that sent one message; quiet from `quietAfter` on. */
   #loneTurns = 0;
   /** A message left at once since the last flush. */
   #sentAtOnce = false;
   /** Messages handed to the transport whose outcome it has not told yet. */
   #unsettled = 0;
+  static readonly quietAfter = 3;
   static readonly maxItems = 128;
   static readonly maxBytes = 64 * 1024;
   /** Larger messages gain nothing from company: they leave alone, at once. */
@@ -1101,17 +1100,18 @@ class Outbox {
 
   /** Queue `bytes` for `topic`; `done` is told when the transport took it (or failed to). */
   send(topic: string, bytes: Uint8Array, opts: PublishOptions, done?: Sent, label?: string): void {
+    const item: Outgoing = { bytes, opts, done, label };
+    // Quiet traffic and nothing waiting in this turn: at once (see the class comment).
+    if (this.#open.length === 0 && this.#unsettled === 0 && this.#loneTurns >= Outbox.quietAfter) {
+      this.#sentAtOnce = true;
+      return this.#publish(topic, [item]);
+    }
     const kind = (opts.qos === undefined ? 0 : opts.qos + 1) * 2 + (opts.mandatory ? 1 : 0);
     const table = this.#tables[kind] ??= new Map();
     let q = table.get(topic);
-    const item: Outgoing = { bytes, opts, done, label };
     // A large message leaves at once, unless smaller ones wait before it: order is kept.
     if (!this.#codec.encodeBatch || (bytes.byteLength > Outbox.alone && !q)) return this.#publish(topic, [item]);
     if (!q) {
-      if (this.#quiet && this.#unsettled === 0 && this.#open.length === 0) {
-        this.#sentAtOnce = true;
-        return this.#publish(topic, [item]);
-      }
       table.set(topic, q = { topic, items: [], table });
       // A microtask, not a tick: mqtt.js handles each received packet in a tick of its own, so
       // a tick would flush after every packet and a burst would never share a message.
@@ -1135,7 +1135,6 @@ class Outbox {
     this.#open = [];
     const lone = !this.#sentAtOnce && open.length === 1 && open[0]!.items.length === 1;
     this.#loneTurns = lone ? this.#loneTurns + 1 : 0;
-    this.#quiet = this.#loneTurns >= 3;
     this.#sentAtOnce = false;
     for (const q of open) q.table.delete(q.topic); // what is sent from here on waits for the next flush
     for (const { topic, items } of open) {

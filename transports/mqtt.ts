@@ -473,7 +473,8 @@ export class MqttTransport implements Transport {
         else resolveLater?.();
       });
     } catch (e) {
-      // A rejection, not a throw. (Unnamed closures: under tsx, naming one costs a defineProperty.)
+      // A rejection, not a throw. (The callback above stays an inline closure rather than a named
+      // one shared with this path: under tsx, naming a closure costs an Object.defineProperty.)
       if (!answered) failure = new DeliveryError(`Cannot publish to ${topic}: ${(e as Error).message}`, { cause: e });
       answered = true;
     }
