@@ -152,6 +152,15 @@ export class UnsupportedVersion extends Error {
   }
 }
 
+/** Remote type: the server had no room for the request (too many handlers running and queued):
+ * nothing ran, and the caller may retry later. */
+export class Overloaded extends Error {
+  constructor(message: string, opts?: NovaletErrorOptions) {
+    super(message, { cause: opts?.cause });
+    errorInit("Overloaded", this, opts);
+  }
+}
+
 /** Remote type: the envelope was malformed. `id` and `replyTo` are set when they could be read. */
 export class BadRequest extends Error {
   id?: string;
@@ -175,7 +184,12 @@ export function quote(value: unknown, max = 60): string {
   try {
     s = typeof value === "string" ? JSON.stringify(value) : String(JSON.stringify(value));
   } catch {
-    s = String(value);
+    // A BigInt, a cycle, a structure too deep for the stack, a throwing toJSON: never throw here.
+    try {
+      s = typeof value === "bigint" ? `${value}n` : Array.isArray(value) ? "[array]" : String(value);
+    } catch {
+      s = `[${typeof value}]`;
+    }
   }
   return s.length > max ? `${s.slice(0, max)}…(${s.length} chars)` : s;
 }
@@ -459,11 +473,29 @@ export function topicMatches(filter: string, topic: string): boolean {
   }
 }
 
+/** The longest topic MQTT can carry: a two-byte length of UTF-8 bytes. */
+export const MAX_TOPIC_BYTES = 65_535;
+
+// What brokers refuse in a topic (Mosquitto disconnects the client): U+0000 and the other control
+// characters (category Cc), Unicode non-characters, and lone surrogates (Cs: they have no UTF-8).
+const UNSAFE_CHAR = /[\p{Cc}\p{Cs}\p{Noncharacter_Code_Point}]/u;
+
+/** Why `s` cannot be (part of) an MQTT topic, or undefined when it can. */
+function topicTextProblem(s: string): string | undefined {
+  if (UNSAFE_CHAR.test(s)) return "a control character, a Unicode non-character or a lone surrogate";
+  if (s.length > MAX_TOPIC_BYTES / 3 && Buffer.byteLength(s, "utf8") > MAX_TOPIC_BYTES) {
+    return `more than ${MAX_TOPIC_BYTES} UTF-8 bytes`;
+  }
+  return undefined;
+}
+
 /** Throws a TypeError unless `filter` is a valid MQTT filter (`#` last, wildcards alone in a level). */
 export function validateFilter(filter: string): void {
   if (typeof filter !== "string" || filter.length === 0) {
     throw new TypeError(`Invalid topic filter ${quote(filter)}: must be a non-empty string`);
   }
+  const problem = topicTextProblem(filter);
+  if (problem) throw new TypeError(`Invalid topic filter ${quote(filter)}: it contains ${problem}`);
   const parts = filter.split("/");
   parts.forEach((p, i) => {
     if ((p.includes("#") && (p !== "#" || i !== parts.length - 1)) || (p.includes("+") && p !== "+")) {
@@ -472,23 +504,32 @@ export function validateFilter(filter: string): void {
   });
 }
 
-/** Throws a TypeError unless `topic` is a valid topic to publish to (no wildcard, not empty). */
+/** Throws a TypeError unless `topic` is a valid topic to publish to: not empty, no wildcard, no
+ * control character or non-character, well-formed, at most 65,535 UTF-8 bytes. */
 export function validateTopic(topic: string): void {
-  if (typeof topic !== "string" || topic.length === 0 || /[+#\0]/.test(topic)) {
-    throw new TypeError(`Invalid topic ${quote(topic)}: must be non-empty, without "+", "#" or NUL`);
+  if (typeof topic !== "string" || topic.length === 0 || /[+#]/.test(topic)) {
+    throw new TypeError(`Invalid topic ${quote(topic)}: must be non-empty, without "+" or "#"`);
   }
+  const problem = topicTextProblem(topic);
+  if (problem) throw new TypeError(`Invalid topic ${quote(topic)}: it contains ${problem}`);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Addresses
 // ---------------------------------------------------------------------------------------------
 
-const BAD_NAME = /[/+#\0]/;
+const BAD_NAME = /[/+#]/;
+
+/** Topic names, host names and client ids: one topic level each, at most 255 characters. */
+const MAX_NAME = 255;
 
 function checkName(kind: string, value: unknown, where: string): string {
-  if (typeof value !== "string" || value.length === 0 || BAD_NAME.test(value)) {
+  if (
+    typeof value !== "string" || value.length === 0 || value.length > MAX_NAME || BAD_NAME.test(value) ||
+    topicTextProblem(value) !== undefined
+  ) {
     throw new TypeError(
-      `Invalid ${kind} ${quote(value)} in ${quote(where)}: must be non-empty, without "/", "+", "#" or NUL`,
+      `Invalid ${kind} ${quote(value)} in ${quote(where)}: must be 1 to ${MAX_NAME} characters, without "/", "+", "#", control characters or Unicode non-characters`,
     );
   }
   return value;
@@ -526,8 +567,13 @@ export function queueGetFor(_ctx: RequestContext | null, topic: string, host: st
 
 /** Validate an MQTT topic prefix: levels without wildcards, none empty. */
 function checkPrefix(prefix: string): string {
-  if (typeof prefix !== "string" || prefix.split("/").some((p) => p === "" || /[+#\0]/.test(p))) {
-    throw new TypeError(`Invalid prefix ${quote(prefix)}: levels must be non-empty, without "+", "#"`);
+  if (
+    typeof prefix !== "string" || prefix.length > 1024 || prefix.split("/").some((p) => p === "" || /[+#]/.test(p)) ||
+    topicTextProblem(prefix) !== undefined
+  ) {
+    throw new TypeError(
+      `Invalid prefix ${quote(prefix)}: levels must be non-empty, without "+", "#", control characters or Unicode non-characters`,
+    );
   }
   return prefix;
 }
@@ -552,11 +598,11 @@ export class Topics {
   reply(clientId: string): string {
     return `${this.replyRoot}${checkName("client id", clientId, clientId)}`;
   }
-  /** Is `topic` a reply topic of this prefix: exactly one non-empty level, no wildcard? */
+  /** Is `topic` a reply topic of this prefix: exactly one level, a valid name (see checkName)? */
   isReplyTopic(topic: string): boolean {
-    if (!topic.startsWith(this.replyRoot)) return false;
+    if (typeof topic !== "string" || !topic.startsWith(this.replyRoot)) return false;
     const rest = topic.slice(this.replyRoot.length);
-    return rest.length > 0 && !BAD_NAME.test(rest);
+    return rest.length > 0 && rest.length <= MAX_NAME && !BAD_NAME.test(rest) && topicTextProblem(rest) === undefined;
   }
 }
 
@@ -785,7 +831,10 @@ function jsonNumber(n: number): string {
 
 /** Parse JSON; a text that mentions `__proto__` is parsed without that key anywhere. */
 function parseJson(bytes: Uint8Array): unknown {
-  const text = decoder.decode(bytes);
+  return parseText(decoder.decode(bytes));
+}
+
+function parseText(text: string): unknown {
   // JSON.parse makes "__proto__" an own property, harmless until a handler copies it with
   // Object.assign or a spread-merge into a target; dropping it here closes that door for all.
   if (!text.includes("__proto__")) return JSON.parse(text);
@@ -823,8 +872,7 @@ function requestProblem(raw: Record<string, unknown>, id?: string, replyTo?: str
 /** Validate one parsed request; a BadRequest keeps the id and reply_to when they are readable. */
 function checkRequest(raw: unknown): RequestEnvelope {
   if (!isPlainObject(raw)) throw new BadRequest(`Malformed request: ${quote(raw)} is not a JSON object`);
-  const id = typeof raw.id === "string" && raw.id.length > 0 && raw.id.length <= MAX_ID ? raw.id : undefined;
-  const replyTo = typeof raw.reply_to === "string" && raw.reply_to.length <= MAX_REPLY_TO ? raw.reply_to : undefined;
+  const { id, replyTo } = readableIds(raw);
   const problem = requestProblem(raw, id, replyTo);
   if (problem !== undefined) throw new BadRequest(`Malformed request: ${problem}`, { id, replyTo });
   const req: RequestEnvelope = {
@@ -877,6 +925,61 @@ function parseOrBad(bytes: Uint8Array, what: string): unknown {
   } catch (e) {
     throw new BadRequest(`Malformed ${what}: not UTF-8 JSON (${(e as Error).message})`, { cause: e });
   }
+}
+
+/** How deep JSON may nest in a request message (a batch's array and the envelope count). */
+export const MAX_JSON_DEPTH = 64;
+
+/** Whether JSON text nests deeper than MAX_JSON_DEPTH (brackets inside strings do not count). */
+function tooDeep(text: string): boolean {
+  let depth = 0;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (c === 0x22 /* " */) {
+      for (i++; i < text.length; i++) {
+        const d = text.charCodeAt(i);
+        if (d === 0x5c /* \ */) i++;
+        else if (d === 0x22) break;
+      }
+    } else if (c === 0x5b /* [ */ || c === 0x7b /* { */) {
+      if (++depth > MAX_JSON_DEPTH) return true;
+    } else if (c === 0x5d /* ] */ || c === 0x7d /* } */) depth--;
+  }
+  return false;
+}
+
+/**
+ * The requests of a message, single or batch. A message nested too deep is refused whole: each
+ * of its requests becomes a BadRequest that keeps what can be read at the top (id, reply_to), so
+ * nothing recursive ever walks it (JSON.parse itself does not recurse).
+ */
+function parseRequests(bytes: Uint8Array): { batch: boolean; items: (RequestEnvelope | BadRequest)[] } {
+  let text: string;
+  let raw: unknown;
+  try {
+    text = decoder.decode(bytes);
+    raw = parseText(text);
+  } catch (e) {
+    throw new BadRequest(`Malformed request: not UTF-8 JSON (${(e as Error).message})`, { cause: e });
+  }
+  const list = Array.isArray(raw) ? raw : undefined;
+  if (list?.length === 0) throw new BadRequest("Malformed request: an empty batch");
+  if (tooDeep(text)) {
+    const deep = (r: unknown) => {
+      const { id, replyTo } = readableIds(r);
+      return new BadRequest(`Malformed request: JSON nested deeper than ${MAX_JSON_DEPTH} levels`, { id, replyTo });
+    };
+    return { batch: list !== undefined, items: list ? list.map(deep) : [deep(raw)] };
+  }
+  return { batch: list !== undefined, items: list ? list.map(requestOrBad) : [checkRequest(raw)] };
+}
+
+/** The id and reply_to of a parsed request, where they are strings of a sane length. */
+function readableIds(raw: unknown): { id?: string; replyTo?: string } {
+  if (!isPlainObject(raw)) return {};
+  const id = typeof raw.id === "string" && raw.id.length > 0 && raw.id.length <= MAX_ID ? raw.id : undefined;
+  const replyTo = typeof raw.reply_to === "string" && raw.reply_to.length <= MAX_REPLY_TO ? raw.reply_to : undefined;
+  return { id, replyTo };
 }
 
 /**
@@ -958,16 +1061,13 @@ export const jsonCodec: Codec = {
     return utf8(s + "}");
   },
   decodeRequest(bytes) {
-    return checkRequest(parseOrBad(bytes, "request"));
+    const { batch, items } = parseRequests(bytes);
+    if (batch) throw new BadRequest("Malformed request: a batch where one request was expected");
+    if (items[0] instanceof BadRequest) throw items[0];
+    return items[0]!;
   },
   decodeRequests(bytes) {
-    const raw = parseOrBad(bytes, "request");
-    if (!Array.isArray(raw)) return { batch: false, items: [checkRequest(raw)] };
-    if (raw.length === 0) throw new BadRequest("Malformed request: an empty batch");
-    return {
-      batch: true,
-      items: raw.map(requestOrBad),
-    };
+    return parseRequests(bytes);
   },
   encodeReply(reply) {
     // A result is written by hand around its JSON, as a request is: JSON.stringify of the whole
@@ -1030,18 +1130,36 @@ const RESOLVED = Promise.resolve();
 
 /** The wire form of a thrown value: type from `name` (or the class when `name` is "Error"). */
 export function errorToWire(err: unknown, debug = false): WireError {
-  if (!(err instanceof Error)) return { type: "Error", message: String(err) };
-  const type = err.name && err.name !== "Error" ? err.name : err.constructor?.name || "Error";
-  const wire: WireError = { type, message: String(err.message) };
-  const data = (err as { data?: unknown }).data;
-  if (data !== undefined) {
-    try {
-      JSON.stringify(data);
-      wire.data = data;
-    } catch { /* data that cannot travel stays on the server */ }
+  // Total: whatever was thrown (null, a Symbol, a null-prototype object, an Error whose getters
+  // throw, a Proxy), the caller gets an error reply rather than waiting out its timeout.
+  try {
+    if (!(err instanceof Error)) return { type: "Error", message: printable(err) };
+    const name = err.name;
+    const type = typeof name === "string" && name && name !== "Error"
+      ? name
+      : (typeof err.constructor?.name === "string" && err.constructor.name) || "Error";
+    const wire: WireError = { type: type.slice(0, 255), message: printable(err.message) };
+    const data = (err as { data?: unknown }).data;
+    if (data !== undefined) {
+      try {
+        JSON.stringify(data);
+        wire.data = data;
+      } catch { /* data that cannot travel stays on the server */ }
+    }
+    if (debug && typeof err.stack === "string") wire.stack = err.stack;
+    return wire;
+  } catch {
+    return { type: "Error", message: "The handler threw a value that cannot be read" };
   }
-  if (debug && err.stack) wire.stack = err.stack;
-  return wire;
+}
+
+/** `String(v)`, or a placeholder when that throws (a null-prototype object, a Proxy). */
+function printable(v: unknown): string {
+  try {
+    return typeof v === "string" ? v : String(v);
+  } catch {
+    return `[unprintable ${typeof v}]`;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1427,7 +1545,7 @@ class Timeouts {
       list.timer?.ref();
     }
     list.tail = e;
-    list.timer ??= setNodeTimeout(() => this.#fire(list), ms);
+    list.timer ??= setNodeTimeout(() => this.#fire(list), Math.min(ms, MAX_TIMER_MS));
   }
 
   remove(e: Expiring): void {
@@ -1448,16 +1566,46 @@ class Timeouts {
       this.remove(e);
       e.expire();
     }
-    if (list.head) list.timer = setNodeTimeout(() => this.#fire(list), Math.max(1, list.head.at! - now));
+    if (list.head) {
+      list.timer = setNodeTimeout(() => this.#fire(list), Math.min(MAX_TIMER_MS, Math.max(1, list.head.at! - now)));
+    }
     else if (this.#lists.get(list.ms) === list) this.#lists.delete(list.ms);
   }
 }
 
+/** The longest duration novalet accepts, in seconds: MQTT's message expiry field (~136 years). */
+export const MAX_SECONDS = 4_294_967_295;
+
+/** The longest delay of one timer (Node and Deno fire a longer one at once): ~24.8 days. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
 function checkTimeout(t: unknown, what: string): number {
-  if (typeof t !== "number" || !(t > 0) || !Number.isFinite(t)) {
-    throw new RangeError(`Invalid ${what} ${quote(t)}: must be a positive number of seconds`);
+  if (typeof t !== "number" || !(t > 0) || !(t <= MAX_SECONDS)) {
+    throw new RangeError(`Invalid ${what} ${quote(t)}: must be a positive number of seconds, at most ${MAX_SECONDS}`);
   }
   return t;
+}
+
+/** What {@link within} gives when time ran out. */
+const TIMED_OUT: unique symbol = Symbol("timed out");
+
+/** `p`'s value, or TIMED_OUT after `seconds`; `p` is then left to settle on its own (a late
+ * rejection is swallowed). For waits on things that may hang: a registry, a broker. */
+function within<T>(p: Promise<T>, seconds: number): Promise<T | typeof TIMED_OUT> {
+  let timer: { cancel(): void } | undefined;
+  const late = new Promise<typeof TIMED_OUT>((r) => (timer = longTimeout(() => r(TIMED_OUT), seconds * 1000)));
+  p.catch(() => {});
+  return Promise.race([p, late]).finally(() => timer!.cancel());
+}
+
+/** setTimeout for any delay: one longer than a timer can hold is chained. */
+function longTimeout(fn: () => void, ms: number): { cancel(): void } {
+  let timer: ReturnType<typeof setTimeout>;
+  const arm = (left: number) => {
+    timer = setTimeout(left > MAX_TIMER_MS ? () => arm(left - MAX_TIMER_MS) : fn, Math.min(left, MAX_TIMER_MS));
+  };
+  arm(ms);
+  return { cancel: () => clearTimeout(timer) };
 }
 
 function checkMessage(msg: RpcMessage): void {
@@ -1485,6 +1633,8 @@ export class Rpc {
   #pending = new PendingCalls();
   #replySub?: Promise<Subscription>;
   #repliesReady = false;
+  /** Calls made before the reply subscription was ready, waiting for it. */
+  #beforeReplies = 0;
   #outbox: Outbox;
   #batchReplies: boolean;
   #batchShared: boolean;
@@ -1516,7 +1666,7 @@ export class Rpc {
 
   /** Calls waiting for a reply now. */
   get pending(): number {
-    return this.#pending.size;
+    return this.#pending.size + this.#beforeReplies;
   }
 
   /**
@@ -1534,9 +1684,10 @@ export class Rpc {
       topic = this.#topicFor(address);
       checkMessage(msg);
       timeout = opts.timeout === undefined ? this.#timeout : checkTimeout(opts.timeout, "timeout");
-      if (this.#pending.size >= this.#maxPending) {
+      const waiting = this.#pending.size + this.#beforeReplies;
+      if (waiting >= this.#maxPending) {
         throw new DeliveryError(
-          `Cannot call "${address}.${msg.method}": ${this.#pending.size} calls are already waiting (maxPending)`,
+          `Cannot call "${address}.${msg.method}": ${waiting} calls are already waiting (maxPending)`,
         );
       }
     } catch (e) {
@@ -1564,7 +1715,19 @@ export class Rpc {
     const call: OutgoingCall = { id, address, topic, method: msg.method, encoded, timeout, qos: opts.qos ?? this.#qos };
     // The reply subscription is made by the first call and reused; later calls skip the wait.
     if (this.#repliesReady) return this.#call(call);
-    return (this.#replySub ??= this.#subscribeReplies()).then(() => this.#call<T>(call));
+    // Counted against maxPending while they wait for the subscription, like any waiting call.
+    this.#beforeReplies++;
+    return (this.#replySub ??= this.#subscribeReplies()).then(
+      () => {
+        this.#beforeReplies--;
+        if (this.#closed) throw new ClosedError(`Call "${address}.${msg.method}" abandoned: the RPC client was closed`);
+        return this.#call<T>(call);
+      },
+      (e) => {
+        this.#beforeReplies--;
+        throw e;
+      },
+    );
   }
 
   #call<T>(call: OutgoingCall): Promise<T> {
@@ -1968,11 +2131,26 @@ export interface DispatcherOptions {
   logger?: Logger;
   /** Send stack traces with errors. Default false. */
   debug?: boolean;
-  /** Request ids remembered to suppress redelivered duplicates. Default 10,000. */
+  /**
+   * Request ids remembered at most, to suppress redelivered duplicates: each is kept until its
+   * request's deadline (or `dedupWindow`), up to this many (the oldest go first). Default 100,000.
+   */
   dedupSize?: number;
+  /** Seconds an id without a deadline is remembered. Default 600. */
+  dedupWindow?: number;
   /** Larger messages are logged and dropped unread. Default 16 MiB. */
   maxMessageBytes?: number;
+  /** Handlers that may run at once (an async handler runs until its promise settles). Default 64. */
+  maxRunning?: number;
+  /** Requests that may wait for a running slot; more are refused with `Overloaded`. Default 1,000. */
+  maxQueued?: number;
   qos?: 0 | 1;
+}
+
+/** A request admitted but waiting for a running slot. */
+interface Queued {
+  req: RequestEnvelope;
+  qos: 0 | 1;
 }
 
 function versionOk(requested: string, ours: string): boolean {
@@ -2004,6 +2182,16 @@ export class Dispatcher {
   #idle: (() => void)[] = [];
   /** Replies travel as values (see publishLocal). */
   #local: boolean;
+  #dedupWindowMs: number;
+  /** Handlers running now (started, result not yet settled), and the requests waiting for one. */
+  #running = 0;
+  #maxRunning: number;
+  #queue: Queued[] = [];
+  #maxQueued: number;
+  #pumping = false;
+  /** Requests refused as overloaded since the last log line about it, and when that was. */
+  #refused = 0;
+  #refusedLoggedAt = -Infinity;
 
   constructor(manager: Manager, transport: Transport, opts: DispatcherOptions = {}) {
     this.manager = manager;
@@ -2014,7 +2202,10 @@ export class Dispatcher {
     this.#codec = opts.codec ?? jsonCodec;
     this.#log = opts.logger ?? getLogger();
     this.#debug = opts.debug ?? false;
-    this.#recent = new RecentIds(Math.max(1, opts.dedupSize ?? 10_000));
+    this.#recent = new RecentIds(positiveInt(opts.dedupSize ?? 100_000, "dedupSize"));
+    this.#dedupWindowMs = checkTimeout(opts.dedupWindow ?? 600, "dedupWindow") * 1000;
+    this.#maxRunning = positiveInt(opts.maxRunning ?? 64, "maxRunning");
+    this.#maxQueued = positiveInt(opts.maxQueued ?? 1000, "maxQueued", 0);
     this.#outbox = new Outbox(transport, this.#codec);
     this.#local = transport.publishLocal !== undefined && this.#codec.copy !== undefined;
     this.#maxBytes = opts.maxMessageBytes ?? 16 * 1024 * 1024;
@@ -2031,6 +2222,11 @@ export class Dispatcher {
     return this.#inFlight;
   }
 
+  /** Handlers running now, and requests queued for a running slot (see maxRunning, maxQueued). */
+  get load(): { running: number; queued: number } {
+    return { running: this.#running, queued: this.#queue.length };
+  }
+
   /** Resolves when no request is being handled. */
   drained(): Promise<void> {
     if (this.#inFlight === 0) return Promise.resolve();
@@ -2045,7 +2241,7 @@ export class Dispatcher {
   handle = (payload: Uint8Array, topic: string, meta?: MessageMeta): void => {
     this.#inFlight++; // the message itself, while its requests are read
     try {
-      if (meta?.local !== undefined) this.#run(requestOrBad(meta.local), topic, this.#qos);
+      if (meta?.local !== undefined) this.#run(requestOrBad(meta.local), topic, this.#qos, 0);
       else this.#handle(payload, topic, meta?.qos === 0 ? 0 : this.#qos);
     } catch (e) {
       this.#failed(e, topic);
@@ -2078,15 +2274,17 @@ export class Dispatcher {
     } catch (e) {
       items = [asBadRequest(e)]; // the message as a whole is unreadable
     }
-    for (const item of items) this.#run(item, topic, qos);
+    const fp = fingerprint(payload);
+    for (const item of items) this.#run(item, topic, qos, fp);
   }
 
-  /** One request, counted in flight until #done (on every path, exactly once). */
-  #run(item: RequestEnvelope | BadRequest, topic: string, qos: 0 | 1): void {
+  /** One request, counted in flight until #done (on every path, exactly once). `fp`: the
+   * fingerprint of the message it came in (0 for an in-process message). */
+  #run(item: RequestEnvelope | BadRequest, topic: string, qos: 0 | 1, fp: number): void {
     this.#inFlight++;
     try {
       if (item instanceof BadRequest) this.#refuse(item, topic, qos);
-      else this.#one(item, topic, qos);
+      else this.#one(item, topic, qos, fp);
     } catch (e) {
       this.#failed(e, topic); // a bug of ours: #one and #refuse answer what they catch
       this.#done();
@@ -2104,8 +2302,9 @@ export class Dispatcher {
     }
   }
 
-  /** Run one request and answer it (in a batch with other replies when the caller reads them). */
-  #one(req: RequestEnvelope, topic: string, qos: 0 | 1): void {
+  /** Run one request (now, or queued for a slot) and answer it (in a batch with other replies when
+   * the caller reads them). */
+  #one(req: RequestEnvelope, topic: string, qos: 0 | 1, fp: number): void {
     const { id, reply_to: replyTo } = req;
     if (replyTo !== undefined && !this.#replyTopicOk(replyTo)) {
       this.#log.warn(
@@ -2114,14 +2313,66 @@ export class Dispatcher {
       );
       return this.#done();
     }
-    if (req.deadline !== undefined && Date.now() > req.deadline) {
-      this.#log.warn(`Dropped "${req.method}": its deadline passed ${Date.now() - req.deadline} ms ago`, { id });
+    const now = Date.now();
+    if (req.deadline !== undefined && now > req.deadline) {
+      this.#log.warn(`Dropped "${req.method}": its deadline passed ${now - req.deadline} ms ago`, { id });
       return this.#done();
     }
-    if (!this.#recent.add(id)) {
+    if (!this.#recent.add(id, fp, req.deadline ?? now + this.#dedupWindowMs, now, this.#log)) {
       this.#log.debug(`Dropped a duplicate of request ${id} ("${req.method}")`, { id });
       return this.#done();
     }
+    if (this.#running < this.#maxRunning && this.#queue.length === 0) return this.#start(req, qos, topic);
+    if (this.#queue.length < this.#maxQueued) {
+      this.#queue.push({ req, qos });
+      return;
+    }
+    this.#overloaded(req, qos);
+  }
+
+  /** Refuse a request for want of room: `Overloaded` (nothing ran; the caller may retry). */
+  #overloaded(req: RequestEnvelope, qos: 0 | 1): void {
+    this.#refused++;
+    const now = performance.now();
+    if (now - this.#refusedLoggedAt >= 10_000) {
+      this.#log.warn(
+        `Overloaded: refused ${this.#refused} request(s) (${this.#running} handlers running, ${this.#queue.length} queued: maxRunning, maxQueued)`,
+        { method: req.method, id: req.id },
+      );
+      this.#refused = 0;
+      this.#refusedLoggedAt = now;
+    }
+    const message = `The server of ${quote(req.method)} is overloaded (${this.#running} running, ${this.#queue.length} queued); nothing ran, retry later`;
+    this.#answer(req, qos, undefined, errorToWire(new Overloaded(message)), false);
+  }
+
+  /** Start queued requests while there are free slots. */
+  #pump(): void {
+    if (this.#pumping) return; // a synchronous handler finishing inside the loop below
+    this.#pumping = true;
+    try {
+      while (this.#running < this.#maxRunning && this.#queue.length > 0) {
+        const { req, qos } = this.#queue.shift()!;
+        if (req.deadline !== undefined && Date.now() > req.deadline) {
+          this.#log.warn(`Dropped "${req.method}": its deadline passed while it was queued`, { id: req.id });
+          this.#done();
+          continue;
+        }
+        try {
+          this.#start(req, qos, undefined);
+        } catch (e) {
+          this.#failed(e, req.method);
+          this.#done();
+        }
+      }
+    } finally {
+      this.#pumping = false;
+    }
+  }
+
+  /** Run the method now, in a running slot, and answer with its outcome. */
+  #start(req: RequestEnvelope, qos: 0 | 1, topic: string | undefined): void {
+    this.#running++;
     let result: unknown;
     try {
       result = this.#invoke(req);
@@ -2134,13 +2385,15 @@ export class Dispatcher {
       (r) => this.#answer(req, qos, r),
       (e) => this.#answer(req, qos, undefined, errorToWire(e, this.#debug)),
     ).catch((e) => { // a bug of ours, as in #run
-      this.#failed(e, topic);
+      this.#failed(e, topic ?? req.method);
       this.#done();
     });
   }
 
-  /** Reply with the result or the error (a cast's error is logged). */
-  #answer(req: RequestEnvelope, qos: 0 | 1, result: unknown, error?: WireError): void {
+  /** Reply with the result or the error (a cast's error is logged); `ran`: it had a running slot,
+   * which is free now. */
+  #answer(req: RequestEnvelope, qos: 0 | 1, result: unknown, error?: WireError, ran = true): void {
+    if (ran && --this.#running < this.#maxRunning && this.#queue.length > 0) this.#pump();
     const { id, reply_to: replyTo } = req;
     if (replyTo === undefined) {
       if (error) this.#log.error(`Cast "${req.method}" failed: ${error.type}: ${error.message}`, { id });
@@ -2224,87 +2477,130 @@ export class Dispatcher {
   }
 }
 
-/** The counters seen of one client that makes novalet's message ids (see MessageIds). */
+function positiveInt(v: unknown, what: string, min = 1): number {
+  if (typeof v !== "number" || !Number.isSafeInteger(v) || v < min) {
+    throw new RangeError(`Invalid ${what} ${quote(v)}: must be an integer >= ${min}`);
+  }
+  return v;
+}
+
+// A secret per process, so that nobody can make a message that fingerprints like another.
+const FINGERPRINT_SEED = crypto.getRandomValues(new Uint32Array(1))[0]!;
+
+/** A 32-bit fingerprint of a message's bytes (FNV-1a, seeded), never 0 (in-process messages). */
+function fingerprint(bytes: Uint8Array): number {
+  let h = 0x811c9dc5 ^ FINGERPRINT_SEED;
+  for (let i = 0; i < bytes.length; i++) h = Math.imul(h ^ bytes[i]!, 0x01000193);
+  return (h >>> 0) || 1;
+}
+
+/** The ids seen of one client that makes novalet's message ids (see MessageIds): counter ->
+ * fingerprint of the message it came in. */
 interface ClientIds {
   prefix: string;
-  counters: Set<number>;
+  counters: Map<number, number>;
 }
 
 /**
- * The last `size` request ids a dispatcher took, to drop a redelivered duplicate: add() is false
- * for an id among them. A ring of slots forgets the oldest in O(1).
+ * The request ids a dispatcher took, to drop a redelivered duplicate: add() is false for an id
+ * seen before *in a message with the same bytes* (a redelivery carries the very same message).
+ * So nobody who learns or guesses a client's next ids can have its real calls dropped by
+ * sending other messages under them first: those run as what they are, and so do the real ones.
  *
- * An id of the form Rpc makes is kept as a number, its counter, in its client's set; other ids
- * as strings. With every id kept as a string, dedup was the largest single cost of an in-process
- * call at c=1: each kept id outlived a young-generation GC or two (copied by the scavenger each
- * time, then promoted) and was hashed in a 10,000-entry table on the way in and out. Measured in
- * separate processes (median of 10 rounds of 50,000 calls): 340-430k calls/s before, 415-500k
- * after; c=64 unchanged. A client's set goes when its last id is forgotten.
+ * An id is kept until its request's deadline, oldest first, at most `max` of them: a flood of
+ * junk cannot push out a real id before its deadline unless it brings more than `max` ids within
+ * that time. Ids of the form Rpc makes are kept as numbers, their counters, in their client's
+ * map (no string per id to hash and keep alive); other ids as strings.
  */
 class RecentIds {
   #clients = new Map<string, ClientIds>();
   /** The client of the last id: calls come from few clients, often one after another. */
   #last?: ClientIds;
+  /** Ids of other forms, and repeated ids of other messages: `id` + "\n" + fingerprint. */
   #strings = new Set<string>();
-  // The ring: slot i holds a counter of #owner[i], or the string #string[i]. It grows to #size
-  // as ids come (a service that is never called holds nothing), then wraps: #at is the oldest.
-  #owner: (ClientIds | undefined)[] = [];
-  #counter: number[] = [];
-  #string: (string | undefined)[] = [];
-  #size: number;
-  #at = 0;
+  // A ring in arrival order: slot i holds a counter of #owner[i], or the string #key[i], kept
+  // until #until[i] (epoch ms). It grows by doubling as ids come, up to #max.
+  #owner: (ClientIds | undefined)[] = new Array(16).fill(undefined);
+  #counter: number[] = new Array(16).fill(0);
+  #key: (string | undefined)[] = new Array(16).fill(undefined);
+  #until: number[] = new Array(16).fill(0);
+  #head = 0;
+  #count = 0;
+  #max: number;
+  #warnedFullAt = -Infinity;
 
-  constructor(size: number) {
-    this.#size = size;
+  constructor(max: number) {
+    this.#max = max;
   }
 
-  add(id: string): boolean {
+  /** Remember `id` (seen in a message of fingerprint `fp`) until `until`; false if it was seen. */
+  add(id: string, fp: number, until: number, now: number, log: Logger): boolean {
+    while (this.#count > 0 && this.#until[this.#head]! <= now) this.#forgetOldest();
     const n = idCounter(id);
     let client: ClientIds | undefined;
-    if (n < 0) {
-      const size = this.#strings.size;
-      if (this.#strings.add(id).size === size) return false;
-    } else {
+    let key: string | undefined;
+    if (n >= 0) {
       client = this.#last;
       if (client === undefined || !id.startsWith(client.prefix)) {
         const prefix = id.slice(0, ID_CLIENT_LENGTH);
         client = this.#clients.get(prefix);
-        if (client === undefined) this.#clients.set(prefix, client = { prefix, counters: new Set() });
+        if (client === undefined) this.#clients.set(prefix, client = { prefix, counters: new Map() });
         this.#last = client;
       }
-      const size = client.counters.size;
-      if (client.counters.add(n).size === size) return false;
+      const seen = client.counters.get(n);
+      if (seen === undefined) client.counters.set(n, fp);
+      else if (seen === fp) return false;
+      else client = undefined; // the same id in another message: kept as a string below
     }
-    const string = client === undefined ? id : undefined;
-    if (this.#counter.length < this.#size) {
-      this.#owner.push(client);
-      this.#counter.push(n);
-      this.#string.push(string);
-      return true;
+    if (client === undefined) {
+      key = `${id}\n${fp}`;
+      const size = this.#strings.size;
+      if (this.#strings.add(key).size === size) return false;
     }
-    this.#forgetOldest();
-    const at = this.#at;
+    if (this.#count === this.#max) {
+      this.#forgetOldest();
+      if (now - this.#warnedFullAt > 60_000) {
+        this.#warnedFullAt = now;
+        log.warn(`Duplicate suppression is full (${this.#max} ids, dedupSize): forgetting ids before their deadline`);
+      }
+    }
+    if (this.#count === this.#owner.length) this.#grow();
+    const at = (this.#head + this.#count) & (this.#owner.length - 1);
     this.#owner[at] = client;
     this.#counter[at] = n;
-    this.#string[at] = string;
-    this.#at = at + 1 === this.#size ? 0 : at + 1;
+    this.#key[at] = key;
+    this.#until[at] = until;
+    this.#count++;
     return true;
   }
 
-  /** Forget the id in the slot at #at, the oldest (the ring is full). */
   #forgetOldest(): void {
-    const at = this.#at;
+    const at = this.#head;
     const owner = this.#owner[at];
-    if (owner === undefined) {
-      this.#strings.delete(this.#string[at]!);
-      return;
+    if (owner === undefined) this.#strings.delete(this.#key[at]!);
+    else {
+      owner.counters.delete(this.#counter[at]!);
+      // Each counter of a client is in one slot: with none left, nothing refers to the client.
+      if (owner.counters.size === 0) {
+        this.#clients.delete(owner.prefix);
+        if (this.#last === owner) this.#last = undefined;
+      }
     }
-    owner.counters.delete(this.#counter[at]!);
-    // Each slot of a client holds one of its counters: with none left, none refers to it.
-    if (owner.counters.size === 0) {
-      this.#clients.delete(owner.prefix);
-      if (this.#last === owner) this.#last = undefined;
-    }
+    this.#owner[at] = undefined;
+    this.#key[at] = undefined;
+    this.#head = (at + 1) & (this.#owner.length - 1);
+    this.#count--;
+  }
+
+  /** Double the ring (its length stays a power of two), oldest first from slot 0. */
+  #grow(): void {
+    const length = this.#owner.length;
+    const order = (a: unknown[]) => [...a.slice(this.#head), ...a.slice(0, this.#head)];
+    this.#owner = [...order(this.#owner), ...new Array(length).fill(undefined)] as (ClientIds | undefined)[];
+    this.#counter = [...order(this.#counter), ...new Array(length).fill(0)] as number[];
+    this.#key = [...order(this.#key), ...new Array(length).fill(undefined)] as (string | undefined)[];
+    this.#until = [...order(this.#until), ...new Array(length).fill(0)] as number[];
+    this.#head = 0;
   }
 }
 
@@ -2330,7 +2626,7 @@ export class LoopingCall {
   #fn: () => unknown;
   #log: Logger;
   #stopOnError: boolean;
-  #timer?: ReturnType<typeof setTimeout>;
+  #timer?: { cancel(): void };
   #wake?: () => void;
   #stopped = false;
   #started = false;
@@ -2352,7 +2648,9 @@ export class LoopingCall {
     if (this.#started) throw new Error(`Loop ${quote(this.name)} was already started`);
     const interval = checkTimeout(opts.interval, "interval");
     const initialDelay = opts.initialDelay ?? 0;
-    if (!(initialDelay >= 0)) throw new RangeError(`Invalid initialDelay ${quote(initialDelay)}: must be >= 0`);
+    if (!(initialDelay >= 0 && initialDelay <= MAX_SECONDS)) {
+      throw new RangeError(`Invalid initialDelay ${quote(initialDelay)}: must be seconds >= 0, at most ${MAX_SECONDS}`);
+    }
     this.#started = true;
     this.done = this.#run(interval * 1000, initialDelay * 1000);
     return this;
@@ -2361,7 +2659,7 @@ export class LoopingCall {
   #sleep(ms: number): Promise<void> {
     return new Promise((resolve) => {
       this.#wake = resolve;
-      this.#timer = setTimeout(resolve, ms);
+      this.#timer = longTimeout(resolve, ms);
     });
   }
 
@@ -2392,7 +2690,7 @@ export class LoopingCall {
   /** Cancel the timer; `done` resolves when a run in progress finishes. */
   stop(): void {
     this.#stopped = true;
-    clearTimeout(this.#timer);
+    this.#timer?.cancel();
     this.#wake?.();
   }
 }
@@ -2424,12 +2722,12 @@ export class LoopGroup {
     for (const l of this.#loops) l.stop();
     const all = Promise.allSettled([...[...this.#loops].map((l) => l.done), ...this.#work]);
     this.#loops.clear();
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const timeout = new Promise<false>((r) => (timer = setTimeout(() => r(false), graceful * 1000)));
+    let timer: { cancel(): void } | undefined;
+    const timeout = new Promise<false>((r) => (timer = longTimeout(() => r(false), graceful * 1000)));
     try {
       return await Promise.race([all.then(() => true), timeout]);
     } finally {
-      clearTimeout(timer);
+      timer?.cancel();
     }
   }
 }
@@ -2504,6 +2802,10 @@ export interface Flags {
   rpcResponseTimeout: number;
   /** How long a graceful stop waits for in-flight work, seconds. Default 60. */
   gracefulShutdownTimeout: number;
+  /** Handlers a service runs at once. Default 64. */
+  maxRunningHandlers: number;
+  /** Requests a service queues for a running slot; more are refused (`Overloaded`). Default 1000. */
+  maxQueuedHandlers: number;
   /** Default: the machine's hostname. */
   host: string;
   /** `memory://` (default), `mqtt://user:pass@host:1883`, `mqtts://...`. */
@@ -2524,10 +2826,19 @@ type FlagSpec = { key: keyof Flags; parse: (v: string, name: string) => unknown 
 
 const seconds = (min: "positive" | "zero") => (v: string, name: string): number => {
   const n = Number(v);
-  if (v.trim() === "" || !Number.isFinite(n) || (min === "positive" ? n <= 0 : n < 0)) {
+  if (v.trim() === "" || !(n <= MAX_SECONDS) || (min === "positive" ? n <= 0 : n < 0)) {
     throw new RangeError(
-      `Invalid --${name}=${quote(v)}: must be a ${min === "positive" ? "positive" : "non-negative"} number of seconds`,
+      `Invalid --${name}=${quote(v)}: must be a ${
+        min === "positive" ? "positive" : "non-negative"
+      } number of seconds, at most ${MAX_SECONDS}`,
     );
+  }
+  return n;
+};
+const count = (min: number) => (v: string, name: string): number => {
+  const n = Number(v);
+  if (!/^\d+$/.test(v.trim()) || !Number.isSafeInteger(n) || n < min) {
+    throw new RangeError(`Invalid --${name}=${quote(v)}: must be a whole number >= ${min}`);
   }
   return n;
 };
@@ -2543,8 +2854,22 @@ const url = (schemes: string[]) => (v: string, name: string): string => {
       `Invalid --${name}=${quote(redactUrl(v))}: must start with ${schemes.join(", ")}`,
     );
   }
+  // A network address must parse and name its host: "mqtt://" alone would mean localhost silently.
+  if (/^[a-z]+:\/\//.test(v) && !v.startsWith("memory://")) {
+    let u: URL;
+    try {
+      u = new URL(v);
+    } catch {
+      throw new RangeError(`Invalid --${name}=${quote(redactUrl(v))}: not a valid URL (check the host and the port)`);
+    }
+    // (postgres:///db is PostgreSQL's local socket: no host is fine there.)
+    if (u.hostname === "" && !v.startsWith("postgres")) {
+      throw new RangeError(`Invalid --${name}=${quote(redactUrl(v))}: names no host (e.g. ${schemeOf(v)}//host:port)`);
+    }
+  }
   return v;
 };
+const schemeOf = (v: string) => v.slice(0, v.indexOf(":") + 1);
 const bool = (v: string, name: string): boolean => {
   if (["true", "1", "yes", ""].includes(v)) return true;
   if (["false", "0", "no"].includes(v)) return false;
@@ -2558,6 +2883,8 @@ const FLAGS: Record<string, FlagSpec> = {
   service_down_time: { key: "serviceDownTime", parse: seconds("positive") },
   rpc_response_timeout: { key: "rpcResponseTimeout", parse: seconds("positive") },
   graceful_shutdown_timeout: { key: "gracefulShutdownTimeout", parse: seconds("positive") },
+  max_running_handlers: { key: "maxRunningHandlers", parse: count(1) },
+  max_queued_handlers: { key: "maxQueuedHandlers", parse: count(0) },
   host: { key: "host", parse: (v, n) => checkName("host", v, `--${n}`) },
   transport_url: {
     key: "transportUrl",
@@ -2579,6 +2906,8 @@ export function defaultFlags(): Flags {
     serviceDownTime: 60,
     rpcResponseTimeout: 60,
     gracefulShutdownTimeout: 60,
+    maxRunningHandlers: 64,
+    maxQueuedHandlers: 1000,
     host: hostname(),
     transportUrl: "memory://",
     registryUrl: "sqljs::memory:",
@@ -2707,6 +3036,11 @@ export interface ServiceOptions {
   rpcTimeout?: number;
   /** Larger requests are logged and dropped unread. Default 16 MiB. */
   maxMessageBytes?: number;
+  /** Handlers run at once. Default `flags.maxRunningHandlers` (64). */
+  maxRunningHandlers?: number;
+  /** Requests queued for a running slot; more are refused with `Overloaded`. Default
+   * `flags.maxQueuedHandlers` (1000). */
+  maxQueuedHandlers?: number;
 }
 
 /** Load `"./path.ts#ClassName"` (path relative to the working directory, or a package name). */
@@ -2782,8 +3116,10 @@ export class Service {
     this.reportInterval = checkTimeout(opts.reportInterval ?? flags.reportInterval, "reportInterval");
     this.periodicInterval = checkTimeout(opts.periodicInterval ?? flags.periodicInterval, "periodicInterval");
     this.periodicFuzzyDelay = opts.periodicFuzzyDelay ?? flags.periodicFuzzyDelay;
-    if (!(this.periodicFuzzyDelay >= 0)) {
-      throw new RangeError(`Invalid periodicFuzzyDelay ${quote(this.periodicFuzzyDelay)}: must be >= 0`);
+    if (!(this.periodicFuzzyDelay >= 0 && this.periodicFuzzyDelay <= MAX_SECONDS)) {
+      throw new RangeError(
+        `Invalid periodicFuzzyDelay ${quote(this.periodicFuzzyDelay)}: must be seconds >= 0, at most ${MAX_SECONDS}`,
+      );
     }
     this.gracefulShutdownTimeout = checkTimeout(
       opts.gracefulShutdownTimeout ?? flags.gracefulShutdownTimeout,
@@ -2883,6 +3219,8 @@ export class Service {
       logger: this.logger,
       debug: this.#opts.debug ?? this.flags.debug,
       maxMessageBytes: this.#opts.maxMessageBytes,
+      maxRunning: this.#opts.maxRunningHandlers ?? this.flags.maxRunningHandlers,
+      maxQueued: this.#opts.maxQueuedHandlers ?? this.flags.maxQueuedHandlers,
     });
     this.#dispatcher = dispatcher;
     const handle = dispatcher.handle; // it counts its in-flight handlers; stop() waits for them
@@ -2905,7 +3243,7 @@ export class Service {
   /** Create or reuse the row; an unreachable registry is logged and retried by the report loop. */
   async #register(): Promise<void> {
     try {
-      this.record = await this.#registry!.register(this);
+      this.record = await this.#registryCall((r) => r.register(this), "register");
     } catch (e) {
       if (e instanceof TypeError) throw e;
       this.#registryDown = true;
@@ -2917,15 +3255,16 @@ export class Service {
 
   /** One heartbeat; logs a registry outage once and its recovery once; re-creates a lost row. */
   async #report(): Promise<void> {
-    const reg = this.#registry!;
     try {
-      if (!this.record) this.record = await reg.register(this);
+      if (!this.record) this.record = await this.#registryCall((r) => r.register(this), "register");
+      const id = this.record.id;
       try {
-        this.record = await reg.reportState(this.record.id);
+        this.record = await this.#registryCall((r) => r.reportState(id), "report");
       } catch (e) {
         if (!(e instanceof NotFound)) throw e;
         this.logger.warn("The registry row of this service was deleted; registering again");
-        this.record = await reg.reportState((await reg.register(this)).id);
+        const again = await this.#registryCall((r) => r.register(this), "register");
+        this.record = await this.#registryCall((r) => r.reportState(again.id), "report");
       }
       if (this.#registryDown) this.logger.info("The registry is reachable again; heartbeats resume");
       this.#registryDown = false;
@@ -2933,6 +3272,17 @@ export class Service {
       if (!this.#registryDown) this.logger.error("Heartbeat failed: the registry is unreachable", { error: e });
       this.#registryDown = true;
     }
+  }
+
+  /**
+   * A registry operation, abandoned after `reportInterval` seconds (at least 1): a registry that
+   * hangs (a half-open connection) must not hold the heartbeat loop, start() or stop() forever.
+   */
+  async #registryCall<T>(op: (r: Registry) => Promise<T>, what: string): Promise<T> {
+    const limit = Math.max(1, this.reportInterval);
+    const r = await within(op(this.#registry!), limit);
+    if (r === TIMED_OUT) throw new DeliveryError(`Registry ${what} got no answer within ${limit} s`);
+    return r;
   }
 
   /**
@@ -2961,6 +3311,7 @@ export class Service {
   }
 
   async #teardown(kill: boolean): Promise<boolean> {
+    const end = performance.now() + this.gracefulShutdownTimeout * 1000;
     // topic.host is detached, not unsubscribed: with a persistent session, work sent to this host
     // while it is away waits in the broker. kill() removes it for good below.
     for (const s of this.#subs.splice(0)) await s.unsubscribe().catch(() => {});
@@ -2973,14 +3324,22 @@ export class Service {
     if (this.#dispatcher) this.#group.track(this.#dispatcher.drained());
     const clean = await this.#group.stop(this.gracefulShutdownTimeout);
     if (!clean) this.logger.warn(`Stopped with work still running after ${this.gracefulShutdownTimeout} s`);
-    if (kill && this.record) {
-      await this.#registry?.remove(this.record.id).catch((e) => {
-        this.logger.warn("Could not delete the registry row", { error: e });
-      });
-    }
-    await this.#rpc?.close();
-    for (const o of this.#owned.splice(0).reverse()) {
-      await o.close().catch((e) => this.logger.warn("Could not close", { error: e }));
+    // What is left (a registry that hangs, a broker gone) gets the rest of the graceful time.
+    const rest = async () => {
+      if (kill && this.record) {
+        await this.#registry?.remove(this.record.id).catch((e) => {
+          this.logger.warn("Could not delete the registry row", { error: e });
+        });
+      }
+      await this.#rpc?.close();
+      for (const o of this.#owned.splice(0).reverse()) {
+        await o.close().catch((e) => this.logger.warn("Could not close", { error: e }));
+      }
+    };
+    const left = Math.max(0.1, (end - performance.now()) / 1000);
+    if (await within(rest(), left) === TIMED_OUT) {
+      this.logger.warn(`Gave up closing the registry and transport after ${this.gracefulShutdownTimeout} s`);
+      return false;
     }
     return clean;
   }
