@@ -3281,7 +3281,7 @@ export class Service {
   async #registryCall<T>(op: (r: Registry) => Promise<T>, what: string): Promise<T> {
     const limit = Math.max(1, this.reportInterval);
     const r = await within(op(this.#registry!), limit);
-    if (r === TIMED_OUT) throw new DeliveryError(`Registry ${what} got no answer within ${limit} s`);
+    if (r === TIMED_OUT) throw new Error(`The registry gave no answer to ${what} within ${limit} s`);
     return r;
   }
 

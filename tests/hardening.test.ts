@@ -1,0 +1,452 @@
+/**
+ * What no message, peer or outage may do to a server: crash it, wedge it, aim its replies at
+ * topics a broker refuses, make it run a request twice, or make it forget its limits.
+ */
+import { after, describe, it } from "node:test";
+import assert from "node:assert/strict";
+import {
+  Dispatcher,
+  LoopGroup,
+  LoopingCall,
+  Manager,
+  MAX_JSON_DEPTH,
+  MAX_SECONDS,
+  parseFlags,
+  type Registry,
+  RemoteError,
+  RequestContext,
+  Rpc,
+  Service,
+  type Transport,
+  validateFilter,
+  validateTopic,
+} from "../mod.ts";
+import { MemoryHub, MemoryTransport } from "../transports/memory.ts";
+import { openSqlRegistry } from "../registry/sql.ts";
+import { MemoryLogger, sleep, text, uniquePrefix, utf8, waitFor } from "./helpers.ts";
+
+const ctx = new RequestContext();
+
+/** A transport that keeps what is published to it. */
+function recorder() {
+  const published: { topic: string; payload: string }[] = [];
+  const transport: Transport = {
+    publish: (topic, payload) => {
+      published.push({ topic, payload: text(payload) });
+      return Promise.resolve();
+    },
+    subscribe: () => Promise.resolve({ unsubscribe: () => Promise.resolve() }),
+    close: () => Promise.resolve(),
+  };
+  /** The replies published so far, batches split. */
+  const replies = () =>
+    published.flatMap((p) => {
+      const r = JSON.parse(p.payload);
+      return Array.isArray(r) ? r : [r];
+    });
+  return { transport, published, replies };
+}
+
+class Echo extends Manager {
+  runs: unknown[] = [];
+  echo(_c: RequestContext, args: unknown) {
+    this.runs.push(args);
+    return args;
+  }
+  record(_c: RequestContext, args: { n?: number }) {
+    this.runs.push(args.n);
+  }
+  throwValue(_c: RequestContext, { kind }: { kind: string }) {
+    throw odd(kind);
+  }
+  async rejectValue(_c: RequestContext, { kind }: { kind: string }) {
+    await sleep(1);
+    throw odd(kind);
+  }
+}
+
+function odd(kind: string): unknown {
+  switch (kind) {
+    case "null":
+      return null;
+    case "undefined":
+      return undefined;
+    case "number":
+      return 42;
+    case "symbol":
+      return Symbol("s");
+    case "nullProto":
+      return Object.create(null);
+    case "badToString":
+      return { toString: () => {
+        throw new Error("no");
+      } };
+    case "badMessage": {
+      const e = new Error("x");
+      Object.defineProperty(e, "message", {
+        get() {
+          throw new Error("no message for you");
+        },
+      });
+      return e;
+    }
+    case "badName": {
+      const e = new Error("x");
+      Object.defineProperty(e, "name", { value: 123 });
+      return e;
+    }
+    case "proxy":
+      return new Proxy({}, {
+        get() {
+          throw new Error("trap");
+        },
+        getPrototypeOf() {
+          throw new Error("trap");
+        },
+      });
+  }
+  return new Error(kind);
+}
+
+const request = (id: string, method: string, args: unknown, extra: Record<string, unknown> = {}) =>
+  JSON.stringify({ v: 1, id, method, args, reply_to: "t/reply/c1", ...extra });
+
+describe("topics a broker would refuse", () => {
+  const bad = ["a/x\u0001", "a/x\u0085", "a/\uFFFF", "a/\uFDD0", "a/\u{10FFFF}", "a/\uD800", "a/\uDC00b"];
+
+  it("validateTopic() and validateFilter() refuse control characters, non-characters and lone surrogates", () => {
+    for (const t of bad) {
+      assert.throws(() => validateTopic(t), TypeError, JSON.stringify(t));
+      assert.throws(() => validateFilter(t), TypeError, JSON.stringify(t));
+    }
+    validateTopic("a/é/😀/x y");
+  });
+
+  it("validateTopic() refuses a topic over 65,535 UTF-8 bytes, counting bytes, not characters", () => {
+    validateTopic("a".repeat(65_535));
+    assert.throws(() => validateTopic("a".repeat(65_536)), /65535 UTF-8 bytes/);
+    assert.throws(() => validateTopic("é".repeat(32_768)), /65535 UTF-8 bytes/); // 65,536 bytes
+  });
+
+  it("a request whose reply_to has a character a broker refuses is logged and never answered", () => {
+    const { transport, published } = recorder();
+    const log = new MemoryLogger();
+    const m = new Echo();
+    const d = new Dispatcher(m, transport, { prefix: "t", logger: log });
+    for (const c of ["\u0001", "\u0085", "\uFFFF", "\uD800"]) {
+      d.handle(utf8(request("r1", "echo", {}, { reply_to: `t/reply/x${c}` })), "t/rpc/e", { qos: 1 });
+      // malformed too: a BadRequest must not be aimed there either
+      d.handle(utf8(request("r2", "echo", {}, { v: 2, reply_to: `t/reply/x${c}` })), "t/rpc/e", { qos: 1 });
+    }
+    assert.deepEqual(published, []);
+    assert.deepEqual(m.runs, []);
+    assert.ok(log.has("warn", /reply_to/));
+  });
+
+  it("Rpc refuses a client id or address that a broker would refuse, at once", () => {
+    const t = new MemoryTransport(new MemoryHub());
+    assert.throws(() => new Rpc(t, { clientId: "x\u0001" }), TypeError);
+    const rpc = new Rpc(t);
+    return assert.rejects(rpc.call(ctx, "calc.h\u0085", { method: "echo" }), TypeError);
+  });
+});
+
+describe("bounded work", () => {
+  class Slow extends Manager {
+    running = 0;
+    most = 0;
+    release: (() => void)[] = [];
+    async slow(_c: RequestContext) {
+      this.running++;
+      this.most = Math.max(this.most, this.running);
+      await new Promise<void>((r) => this.release.push(r));
+      this.running--;
+      return "done";
+    }
+    fast(_c: RequestContext) {
+      return "fast";
+    }
+  }
+
+  it("runs at most maxRunning handlers, queues maxQueued, refuses the rest with Overloaded", async () => {
+    const { transport, replies } = recorder();
+    const m = new Slow();
+    const d = new Dispatcher(m, transport, { prefix: "t", logger: new MemoryLogger(), maxRunning: 3, maxQueued: 5 });
+    // one message, a batch of 20 calls
+    const batch = Array.from({ length: 20 }, (_, i) => request(`r${i}`, "slow", {}));
+    d.handle(utf8(`[${batch.join(",")}]`), "t/rpc/s", { qos: 1 });
+    assert.equal(m.running, 3);
+    assert.deepEqual(d.load, { running: 3, queued: 5 });
+    await waitFor(() => replies().length === 12, "12 refusals");
+    assert.ok(replies().every((r) => r.error?.type === "Overloaded"), JSON.stringify(replies()[0]));
+    assert.deepEqual(replies().map((r) => r.id), Array.from({ length: 12 }, (_, i) => `r${i + 8}`));
+    // while saturated, another caller is answered at once (refused, not left waiting)
+    d.handle(utf8(request("f1", "fast", {})), "t/rpc/s", { qos: 1 });
+    await waitFor(() => replies().length === 13, "the refusal of f1");
+    assert.equal(replies()[12].error.type, "Overloaded");
+    // queued requests run as slots free up, never more than 3 at once
+    while (m.release.length > 0 || d.load.queued > 0) {
+      m.release.shift()?.();
+      await sleep(1);
+    }
+    await d.drained();
+    assert.equal(m.most, 3);
+    const done = replies().filter((r) => r.result === "done").map((r) => r.id);
+    assert.deepEqual(done.sort(), Array.from({ length: 8 }, (_, i) => `r${i}`).sort());
+    // and once idle, everything runs again
+    d.handle(utf8(request("f2", "fast", {})), "t/rpc/s", { qos: 1 });
+    await waitFor(() => replies().some((r) => r.id === "f2" && r.result === "fast"), "f2 answered");
+  });
+
+  it("a refused call reaches the caller as RemoteError of type Overloaded; the service keeps serving", async () => {
+    const hub = new MemoryHub();
+    const transport = new MemoryTransport(hub);
+    const registry = await openSqlRegistry();
+    const svc = Service.create({
+      host: "h1",
+      topic: "slow",
+      manager: Slow,
+      transport,
+      registry,
+      prefix: uniquePrefix("over"),
+      logger: new MemoryLogger(),
+      maxRunningHandlers: 2,
+      maxQueuedHandlers: 1,
+      flags: parseFlags([]),
+    });
+    await svc.start();
+    try {
+      const calls = Array.from({ length: 5 }, () => svc.rpc.call(ctx, "slow", { method: "slow" }, { timeout: 5 }));
+      const settled = Promise.allSettled(calls);
+      const m = svc.manager as Slow;
+      await waitFor(() => m.release.length === 2, "two running");
+      const refused = await Promise.allSettled(calls.slice(3));
+      for (const r of refused) {
+        assert.equal(r.status, "rejected");
+        assert.ok(r.reason instanceof RemoteError && r.reason.type === "Overloaded", String(r.reason));
+        assert.match(r.reason.message, /overloaded.*retry later/);
+      }
+      while ((await Promise.race([settled.then(() => true), sleep(5).then(() => false)])) === false) {
+        m.release.shift()?.();
+      }
+      const results = await settled;
+      assert.deepEqual(results.slice(0, 3).map((r) => r.status), ["fulfilled", "fulfilled", "fulfilled"]);
+      assert.equal(await svc.rpc.call(ctx, "slow", { method: "fast" }), "fast");
+    } finally {
+      await svc.stop();
+      await registry.close();
+      await transport.close();
+    }
+  });
+
+  it("the limits are flags, checked", () => {
+    const f = parseFlags(["--max_running_handlers=8", "--max_queued_handlers=0"]);
+    assert.equal(f.maxRunningHandlers, 8);
+    assert.equal(f.maxQueuedHandlers, 0);
+    assert.equal(parseFlags([]).maxRunningHandlers, 64);
+    assert.throws(() => parseFlags(["--max_running_handlers=0"]), /max_running_handlers.*>= 1/);
+    assert.throws(() => parseFlags(["--max_queued_handlers=1.5"]), /max_queued_handlers/);
+  });
+});
+
+describe("durations beyond a timer's limit", () => {
+  const month = 30 * 24 * 3600;
+
+  it("a loop with a 30-day interval runs once, not every millisecond", async () => {
+    let runs = 0;
+    const loop = new LoopingCall(() => void runs++, { logger: new MemoryLogger() }).start({ interval: month });
+    await sleep(50);
+    loop.stop();
+    await loop.done;
+    assert.equal(runs, 1);
+  });
+
+  it("LoopGroup.stop() with a 30-day graceful timeout waits for the work, not 1 ms", async () => {
+    const group = new LoopGroup();
+    group.track(sleep(60));
+    assert.equal(await group.stop(month), true);
+  });
+
+  it("a call with a 30-day timeout waits for its reply", async () => {
+    const hub = new MemoryHub();
+    const server = new MemoryTransport(hub);
+    const prefix = uniquePrefix("long");
+    const d = new Dispatcher(new Echo(), server, { prefix, logger: new MemoryLogger() });
+    await server.subscribe(`${prefix}/rpc/echo`, d.handle, { local: true });
+    const rpc = new Rpc(new MemoryTransport(hub), { prefix });
+    assert.deepEqual(await rpc.call(ctx, "echo", { method: "echo", args: { a: 1 } }, { timeout: month }), { a: 1 });
+    await rpc.close();
+    await server.close();
+  });
+
+  it("durations over MAX_SECONDS are refused with an error naming them", () => {
+    assert.throws(() => parseFlags([`--periodic_interval=${MAX_SECONDS + 1}`]), /--periodic_interval.*at most/);
+    assert.throws(() => parseFlags(["--report_interval=1e400"]), /--report_interval/);
+    const rpc = new Rpc(new MemoryTransport(new MemoryHub()));
+    assert.throws(() => new Rpc(new MemoryTransport(new MemoryHub()), { timeout: 2 ** 32 }), RangeError);
+    return assert.rejects(rpc.call(ctx, "x", { method: "m" }, { timeout: 2 ** 33 }), /timeout.*at most/);
+  });
+});
+
+describe("duplicate suppression that a publisher cannot flush or poison", () => {
+  const own = (n: number) => `0f41e7e0-9d81-8c4e-9d4b-${n.toString(16).padStart(12, "0")}`;
+  const cast = (id: string, n: number, deadline = Date.now() + 60_000) =>
+    JSON.stringify({ v: 1, id, method: "record", args: { n }, deadline });
+
+  it("a redelivery within its deadline runs once, even after 10,000 other ids in one message", () => {
+    const { transport } = recorder();
+    const m = new Echo();
+    const d = new Dispatcher(m, transport, { prefix: "t", logger: new MemoryLogger() });
+    const real = utf8(cast(own(1), 1));
+    d.handle(real, "t/rpc/e", { qos: 1 });
+    const junk = Array.from({ length: 10_000 }, (_, i) => cast(`junk-${i}`, -1));
+    d.handle(utf8(`[${junk.join(",")}]`), "t/rpc/e", { qos: 1 });
+    d.handle(real, "t/rpc/e", { qos: 1 }); // the broker delivers it again
+    assert.equal(m.runs.filter((n) => n === 1).length, 1);
+  });
+
+  it("another message sent first under a client's next id does not make its real request a duplicate", () => {
+    const { transport } = recorder();
+    const m = new Echo();
+    const d = new Dispatcher(m, transport, { prefix: "t", logger: new MemoryLogger() });
+    d.handle(utf8(cast(own(7), 666)), "t/rpc/e", { qos: 1 }); // a guess at the client's next id
+    const real = utf8(cast(own(7), 7));
+    d.handle(real, "t/rpc/e", { qos: 1 });
+    d.handle(real, "t/rpc/e", { qos: 1 }); // and its redelivery is still a duplicate
+    assert.deepEqual(m.runs, [666, 7]);
+  });
+
+  it("an id is forgotten once its deadline passed, and at most dedupSize are kept", async () => {
+    const { transport } = recorder();
+    const m = new Echo();
+    const log = new MemoryLogger();
+    const d = new Dispatcher(m, transport, { prefix: "t", logger: log, dedupSize: 3 });
+    const soon = Date.now() + 30;
+    d.handle(utf8(cast(own(1), 1, soon)), "t/rpc/e", { qos: 1 });
+    await sleep(40); // its deadline passed: a late copy is dropped for that, not kept as an id
+    for (let i = 2; i <= 5; i++) d.handle(utf8(cast(own(i), i)), "t/rpc/e", { qos: 1 });
+    assert.ok(log.has("warn", /Duplicate suppression is full \(3 ids/));
+    d.handle(utf8(cast(own(2), 2)), "t/rpc/e", { qos: 1 }); // pushed out by the bound: runs again
+    d.handle(utf8(cast(own(5), 5)), "t/rpc/e", { qos: 1 }); // kept: dropped
+    assert.deepEqual(m.runs, [1, 2, 3, 4, 5, 2]);
+  });
+});
+
+describe("hostile shapes", () => {
+  it(`a request nested deeper than ${MAX_JSON_DEPTH} levels is answered BadRequest, in a batch too`, async () => {
+    const { transport, replies } = recorder();
+    const m = new Echo();
+    const d = new Dispatcher(m, transport, { prefix: "t", logger: new MemoryLogger() });
+    const deep = (n: number) => "[".repeat(n) + "]".repeat(n);
+    d.handle(utf8(`{"v":1,"id":"d1","method":"echo","args":{"x":${deep(100_000)}},"reply_to":"t/reply/c1"}`), "t/rpc/e");
+    d.handle(utf8(`{"v":1,"id":"d2","method":${deep(100_000)},"reply_to":"t/reply/c1"}`), "t/rpc/e");
+    d.handle(utf8(`[${request("d3", "echo", { x: JSON.parse(deep(70)) })}]`), "t/rpc/e");
+    d.handle(utf8(request("ok", "echo", { x: JSON.parse(deep(50)) })), "t/rpc/e");
+    await waitFor(() => replies().length === 4, "four replies");
+    const byId = Object.fromEntries(replies().map((r) => [r.id, r]));
+    for (const id of ["d1", "d2", "d3"]) assert.equal(byId[id].error?.type, "BadRequest", id);
+    assert.match(byId.d1.error.message, /nested deeper than 64 levels/);
+    assert.ok("result" in byId.ok);
+    assert.equal(m.runs.length, 1);
+  });
+
+  for (const kind of ["null", "undefined", "number", "symbol", "nullProto", "badToString", "badMessage", "badName", "proxy"]) {
+    it(`a handler that throws ${kind} gets an error reply, sync and async`, async () => {
+      const { transport, replies } = recorder();
+      const d = new Dispatcher(new Echo(), transport, { prefix: "t", logger: new MemoryLogger() });
+      d.handle(utf8(request("s", "throwValue", { kind })), "t/rpc/e");
+      d.handle(utf8(request("a", "rejectValue", { kind })), "t/rpc/e");
+      await waitFor(() => replies().length === 2, "two replies");
+      for (const r of replies()) {
+        assert.equal(typeof r.error?.type, "string", JSON.stringify(r));
+        assert.equal(typeof r.error?.message, "string", JSON.stringify(r));
+      }
+    });
+  }
+
+  it("maxPending counts calls made before the reply subscription is ready", async () => {
+    const hub = new MemoryHub();
+    const rpc = new Rpc(new MemoryTransport(hub), { maxPending: 100, prefix: uniquePrefix("mp") });
+    const calls = Array.from({ length: 150 }, () => rpc.call(ctx, "nobody", { method: "m" }, { timeout: 1 }));
+    const results = await Promise.allSettled(calls);
+    const full = results.filter((r) => r.status === "rejected" && /maxPending/.test(String(r.reason)));
+    assert.equal(full.length, 50);
+    await rpc.close();
+  });
+});
+
+describe("a registry that hangs", () => {
+  /** A registry whose operations hang while `state.hang` is set (a half-open connection). */
+  function hanging(inner: Registry) {
+    const state = { hang: false, hung: 0 };
+    const reg = new Proxy(inner, {
+      get(target, key) {
+        const v = Reflect.get(target, key);
+        if (typeof v !== "function" || key === "close") return typeof v === "function" ? v.bind(target) : v;
+        return (...args: unknown[]) => {
+          if (!state.hang) return v.apply(target, args);
+          state.hung++;
+          return new Promise(() => {});
+        };
+      },
+    });
+    return { reg, state };
+  }
+  const opened: { close(): Promise<void> }[] = [];
+  after(async () => {
+    for (const o of opened) await o.close();
+  });
+
+  it("a hung heartbeat is abandoned and logged; heartbeats resume when the registry answers again", async () => {
+    const inner = await openSqlRegistry();
+    opened.push(inner);
+    const { reg, state } = hanging(inner);
+    const log = new MemoryLogger();
+    const transport = new MemoryTransport(new MemoryHub());
+    opened.push(transport);
+    const svc = Service.create({
+      host: "h1",
+      topic: "hb",
+      manager: Echo,
+      transport,
+      registry: reg,
+      logger: log,
+      flags: parseFlags(["--report_interval=0.2", "--service_down_time=1"]),
+    });
+    await svc.start();
+    state.hang = true;
+    await waitFor(() => log.has("error", /Heartbeat failed/), "the hung heartbeat reported", 3000);
+    const failed = log.lines.find((l) => /Heartbeat failed/.test(l.msg));
+    assert.match(String((failed?.fields?.error as Error).message), /no answer to report within 1 s/);
+    const before = (await inner.get(svc.record!.id))!.reportCount;
+    state.hang = false;
+    await waitFor(() => log.has("info", /reachable again/), "heartbeats resumed", 3000);
+    assert.ok((await inner.get(svc.record!.id))!.reportCount > before);
+    await svc.stop();
+  });
+
+  it("stop() returns within graceful_shutdown_timeout while the registry hangs, kill() too", async () => {
+    for (const how of ["stop", "kill"] as const) {
+      const inner = await openSqlRegistry();
+      opened.push(inner);
+      const { reg, state } = hanging(inner);
+      const transport = new MemoryTransport(new MemoryHub());
+      opened.push(transport);
+      const svc = Service.create({
+        host: "h1",
+        topic: "hb",
+        manager: Echo,
+        transport,
+        registry: reg,
+        logger: new MemoryLogger(),
+        flags: parseFlags(["--report_interval=0.2", "--service_down_time=1", "--graceful_shutdown_timeout=1"]),
+      });
+      await svc.start();
+      state.hang = true;
+      await waitFor(() => state.hung > 0, "a hung heartbeat");
+      const t0 = performance.now();
+      await svc[how]();
+      assert.ok(performance.now() - t0 < 2500, `${how}() took ${Math.round(performance.now() - t0)} ms`);
+    }
+  });
+});
