@@ -25,8 +25,14 @@ import {
   type Updateable,
 } from "kysely";
 import { ClosedError, NotFound, quote, redactUrl, type Registry, type ServiceRecord } from "../mod.ts";
+import { GuardedPool, RegistryTimeoutError } from "./pg-pool.ts";
 import { type SqlJsDatabaseLike, SqlJsDialect } from "./sqljs-dialect.ts";
 import { SqlJsFile } from "./sqljs-file.ts";
+
+export { RegistryTimeoutError };
+
+/** The default time limit of one PostgreSQL registry operation, in seconds. */
+export const DEFAULT_QUERY_TIMEOUT = 10;
 
 /** The `services` table as stored. Booleans are 0/1 integers and times ISO strings (sql.js) or
  * timestamptz (PostgreSQL), so one set of queries serves both. */
@@ -126,6 +132,11 @@ export interface SqlRegistryOptions {
    * kysely takes migration tables found in any schema for its own and then fails to use them.
    */
   schema?: string;
+  /** The registry's name in error messages (a URL without its password). Errors of the database
+   * are wrapped, naming the registry and the operation, when it is given. */
+  name?: string;
+  /** Time limit of one operation, in seconds; none when unset (an in-process database). */
+  timeout?: number;
 }
 
 /** The {@link Registry} over any kysely database of the {@link Schema}. */
@@ -133,10 +144,14 @@ export class SqlRegistry implements Registry {
   readonly db: Kysely<Schema>;
   #onClose?: () => void | Promise<void>;
   #closed = false;
+  #name?: string;
+  #timeout?: number;
 
   private constructor(db: Kysely<Schema>, opts: SqlRegistryOptions) {
     this.db = db;
     this.#onClose = opts.onClose;
+    this.#name = opts.name;
+    this.#timeout = opts.timeout;
   }
 
   /** Bring the schema up to date (kysely migrations) and return the registry. */
@@ -163,39 +178,72 @@ export class SqlRegistry implements Registry {
     return this.db;
   }
 
+  /** Run one operation within the time limit; database errors name the registry and `op`. */
+  async #run<T>(op: string, work: (db: Kysely<Schema>) => Promise<T>): Promise<T> {
+    const running = work(this.#open());
+    if (this.#name === undefined) return await running;
+    const name = JSON.stringify(this.#name);
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const late = new Promise<never>((_, reject) => {
+      if (this.#timeout === undefined) return;
+      timer = setTimeout(
+        () => reject(new RegistryTimeoutError(`Registry ${name}: ${op} got no answer within ${this.#timeout} s`)),
+        this.#timeout * 1000,
+      );
+    });
+    try {
+      return await Promise.race([running, late]);
+    } catch (e) {
+      running.catch(() => {}); // its connection is destroyed after the time limit; nobody waits
+      if (e instanceof RegistryTimeoutError || e instanceof NotFound || e instanceof ClosedError) throw e;
+      throw new Error(`Registry ${name}: ${op} failed: ${(e as Error)?.message ?? e}`, { cause: e });
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
   async register(s: { host: string; binary: string; topic: string }): Promise<ServiceRecord> {
-    const db = this.#open();
+    this.#open();
     const host = checkField("host", s?.host);
     const binary = checkField("binary", s?.binary);
     const topic = checkField("topic", s?.topic);
     const now = new Date().toISOString();
-    // Insert-or-nothing, then read: two processes racing end with one row.
-    await db.insertInto("services")
-      .values({ host, binary, topic, created_at: now, updated_at: now })
-      .onConflict((oc) => oc.columns(["host", "binary"]).doNothing())
-      .execute();
-    let row = await db.selectFrom("services").selectAll().where("host", "=", host).where("binary", "=", binary)
-      .executeTakeFirstOrThrow();
-    if (row.topic !== topic) {
-      row = await db.updateTable("services").set({ topic, updated_at: now }).where("id", "=", row.id)
-        .returningAll().executeTakeFirstOrThrow();
-    }
-    return toRecord(row);
+    return await this.#run(`register(${quote(host)}, ${quote(binary)})`, async (db) => {
+      // Insert-or-nothing, then read: two processes racing end with one row.
+      await db.insertInto("services")
+        .values({ host, binary, topic, created_at: now, updated_at: now })
+        .onConflict((oc) => oc.columns(["host", "binary"]).doNothing())
+        .execute();
+      let row = await db.selectFrom("services").selectAll().where("host", "=", host).where("binary", "=", binary)
+        .executeTakeFirstOrThrow();
+      if (row.topic !== topic) {
+        row = await db.updateTable("services").set({ topic, updated_at: now }).where("id", "=", row.id)
+          .returningAll().executeTakeFirstOrThrow();
+      }
+      return toRecord(row);
+    });
   }
 
   async reportState(id: number): Promise<ServiceRecord> {
+    this.#open();
+    checkId(id);
     const now = new Date().toISOString();
-    const row = await this.#open().updateTable("services")
-      .set({ report_count: sql<number>`report_count + 1`, last_seen_up: now, updated_at: now })
-      .where("id", "=", checkId(id)).returningAll().executeTakeFirst();
-    if (!row) throw new NotFound(`Service ${id} not found: cannot report its state`);
-    return toRecord(row);
+    return await this.#run(`reportState(${id})`, async (db) => {
+      const row = await db.updateTable("services")
+        .set({ report_count: sql<number>`report_count + 1`, last_seen_up: now, updated_at: now })
+        .where("id", "=", id).returningAll().executeTakeFirst();
+      if (!row) throw new NotFound(`Service ${id} not found: cannot report its state`);
+      return toRecord(row);
+    });
   }
 
   async get(id: number): Promise<ServiceRecord | undefined> {
-    const row = await this.#open().selectFrom("services").selectAll().where("id", "=", checkId(id))
-      .executeTakeFirst();
-    return row && toRecord(row);
+    this.#open();
+    checkId(id);
+    return await this.#run(`get(${id})`, async (db) => {
+      const row = await db.selectFrom("services").selectAll().where("id", "=", id).executeTakeFirst();
+      return row && toRecord(row);
+    });
   }
 
   async list(filter: { topic?: string; host?: string; binary?: string } = {}): Promise<ServiceRecord[]> {
@@ -203,16 +251,20 @@ export class SqlRegistry implements Registry {
     if (filter.topic !== undefined) q = q.where("topic", "=", checkField("topic", filter.topic));
     if (filter.host !== undefined) q = q.where("host", "=", checkField("host", filter.host));
     if (filter.binary !== undefined) q = q.where("binary", "=", checkField("binary", filter.binary));
-    return (await q.orderBy("id").execute()).map(toRecord);
+    return await this.#run("list", async () => (await q.orderBy("id").execute()).map(toRecord));
   }
 
   /** Admin edits touch updated_at, never last_seen_up: they cannot make a dead service look alive. */
-  async #edit(id: number, set: Updateable<ServicesTable>, what: string): Promise<ServiceRecord> {
-    const row = await this.#open().updateTable("services")
-      .set({ ...set, updated_at: new Date().toISOString() })
-      .where("id", "=", checkId(id)).returningAll().executeTakeFirst();
-    if (!row) throw new NotFound(`Service ${id} not found: cannot ${what}`);
-    return toRecord(row);
+  async #edit(id: number, set: Updateable<ServicesTable>, what: string, op: string): Promise<ServiceRecord> {
+    this.#open();
+    checkId(id);
+    return await this.#run(`${op}(${id})`, async (db) => {
+      const row = await db.updateTable("services")
+        .set({ ...set, updated_at: new Date().toISOString() })
+        .where("id", "=", id).returningAll().executeTakeFirst();
+      if (!row) throw new NotFound(`Service ${id} not found: cannot ${what}`);
+      return toRecord(row);
+    });
   }
 
   setDisabled(id: number, disabled: boolean, reason?: string): Promise<ServiceRecord> {
@@ -220,19 +272,28 @@ export class SqlRegistry implements Registry {
     if (reason !== undefined && (typeof reason !== "string" || reason.length > 255)) {
       throw new TypeError(`Invalid reason ${quote(reason)}: must be a string of at most 255 characters`);
     }
-    return this.#edit(id, { disabled: disabled ? 1 : 0, disabled_reason: disabled ? reason ?? null : null }, "disable");
+    return this.#edit(
+      id,
+      { disabled: disabled ? 1 : 0, disabled_reason: disabled ? reason ?? null : null },
+      "disable",
+      "setDisabled",
+    );
   }
 
   setForcedDown(id: number, forcedDown: boolean): Promise<ServiceRecord> {
     if (typeof forcedDown !== "boolean") {
       throw new TypeError(`Invalid forcedDown ${quote(forcedDown)}: must be a boolean`);
     }
-    return this.#edit(id, { forced_down: forcedDown ? 1 : 0 }, "force down");
+    return this.#edit(id, { forced_down: forcedDown ? 1 : 0 }, "force down", "setForcedDown");
   }
 
   async remove(id: number): Promise<void> {
-    const r = await this.#open().deleteFrom("services").where("id", "=", checkId(id)).executeTakeFirst();
-    if (Number(r.numDeletedRows) === 0) throw new NotFound(`Service ${id} not found: cannot delete it`);
+    this.#open();
+    checkId(id);
+    await this.#run(`remove(${id})`, async (db) => {
+      const r = await db.deleteFrom("services").where("id", "=", id).executeTakeFirst();
+      if (Number(r.numDeletedRows) === 0) throw new NotFound(`Service ${id} not found: cannot delete it`);
+    });
   }
 
   /** Close the database (and release a file's lock). Idempotent. */
@@ -257,6 +318,20 @@ export interface OpenRegistryOptions {
   schema?: string;
   /** PostgreSQL pool size. Default 10. */
   poolSize?: number;
+  /**
+   * PostgreSQL: the time limit of one registry operation, and of opening a connection, in
+   * seconds (default {@link DEFAULT_QUERY_TIMEOUT}); also `?query_timeout=SECONDS` in the URL.
+   */
+  queryTimeout?: number;
+}
+
+/** A time limit in seconds, from an option or the URL. */
+function checkTimeout(name: string, v: unknown): number {
+  const n = typeof v === "string" && v.trim() !== "" ? Number(v) : v;
+  if (typeof n !== "number" || !Number.isFinite(n) || n <= 0 || n > 3600) {
+    throw new TypeError(`Invalid ${name} ${quote(v)}: must be a number of seconds, more than 0 and at most 3600`);
+  }
+  return n;
 }
 
 interface SqlJsStatic {
@@ -269,7 +344,7 @@ function loadSqlJs(): Promise<SqlJsStatic> {
 
 /**
  * Open a registry: `sqljs::memory:` (the default), `sqljs:PATH` (a file), or
- * `postgres://user:pass@host:port/db[?schema=NAME]`.
+ * `postgres://user:pass@host:port/db[?schema=NAME][&query_timeout=SECONDS]`.
  * @throws {TypeError} for a URL of another kind; Error naming the URL when it cannot be opened.
  */
 export async function openSqlRegistry(url = "sqljs::memory:", opts: OpenRegistryOptions = {}): Promise<SqlRegistry> {
@@ -321,22 +396,36 @@ async function openPostgres(url: string, opts: OpenRegistryOptions): Promise<Sql
   if (schema !== undefined && !/^[A-Za-z_][A-Za-z0-9_]{0,62}$/.test(schema)) {
     throw new TypeError(`Invalid PostgreSQL schema ${quote(schema)}: must be an identifier`);
   }
+  // Seconds, like every time in novalet; taken out of the URL, where pg would read milliseconds.
+  const fromUrl = parsed.searchParams.get("query_timeout");
+  parsed.searchParams.delete("query_timeout");
+  const timeout = opts.queryTimeout !== undefined
+    ? checkTimeout("queryTimeout", opts.queryTimeout)
+    : fromUrl !== null
+    ? checkTimeout("query_timeout", fromUrl)
+    : DEFAULT_QUERY_TIMEOUT;
+  const limitMs = Math.ceil(timeout * 1000);
+  const name = redactUrl(url);
   const { default: pg } = await import("pg");
   const pool = new pg.Pool({
     connectionString: parsed.toString(),
     max: opts.poolSize ?? 10,
-    connectionTimeoutMillis: 10_000,
+    connectionTimeoutMillis: limitMs,
+    // Finds a dead peer under an idle pooled connection; the time limit covers busy ones.
+    keepAlive: true,
+    keepAliveInitialDelayMillis: 10_000,
+    // The server gives up on a statement when we do, so a heartbeat we reported as failed
+    // cannot commit later, once a lock it waited for is free.
+    statement_timeout: limitMs,
     ...(schema ? { options: `-c search_path=${schema}` } : {}),
   });
-  // An idle client that loses its server emits "error"; without a listener that kills the process.
-  pool.on("error", () => {});
-  const db = new Kysely<Schema>({ dialect: new PostgresDialect({ pool }) });
+  const db = new Kysely<Schema>({ dialect: new PostgresDialect({ pool: new GuardedPool(pool, { limitMs, name }) }) });
   try {
     if (schema) await sql`create schema if not exists ${sql.id(schema)}`.execute(db);
     // The schema in use (the search_path's first) is named to kysely, so that migration tables
     // of another schema in the same database are never mistaken for ours.
     const current = schema ?? (await sql<{ s: string }>`select current_schema() as s`.execute(db)).rows[0]?.s;
-    return await SqlRegistry.create(db, { flavour: "postgres", schema: current });
+    return await SqlRegistry.create(db, { flavour: "postgres", schema: current, name, timeout });
   } catch (e) {
     await db.destroy().catch(() => {});
     throw new Error(`Cannot open registry ${quote(redactUrl(url))}: ${(e as Error).message}`, { cause: e });
