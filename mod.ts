@@ -529,7 +529,9 @@ function checkName(kind: string, value: unknown, where: string): string {
     topicTextProblem(value) !== undefined
   ) {
     throw new TypeError(
-      `Invalid ${kind} ${quote(value)} in ${quote(where)}: must be 1 to ${MAX_NAME} characters, without "/", "+", "#", control characters or Unicode non-characters`,
+      `Invalid ${kind} ${quote(value)} in ${
+        quote(where)
+      }: must be 1 to ${MAX_NAME} characters, without "/", "+", "#", control characters or Unicode non-characters`,
     );
   }
   return value;
@@ -572,7 +574,9 @@ function checkPrefix(prefix: string): string {
     topicTextProblem(prefix) !== undefined
   ) {
     throw new TypeError(
-      `Invalid prefix ${quote(prefix)}: levels must be non-empty, without "+", "#", control characters or Unicode non-characters`,
+      `Invalid prefix ${
+        quote(prefix)
+      }: levels must be non-empty, without "+", "#", control characters or Unicode non-characters`,
     );
   }
   return prefix;
@@ -1568,8 +1572,7 @@ class Timeouts {
     }
     if (list.head) {
       list.timer = setNodeTimeout(() => this.#fire(list), Math.min(MAX_TIMER_MS, Math.max(1, list.head.at! - now)));
-    }
-    else if (this.#lists.get(list.ms) === list) this.#lists.delete(list.ms);
+    } else if (this.#lists.get(list.ms) === list) this.#lists.delete(list.ms);
   }
 }
 
@@ -2342,7 +2345,9 @@ export class Dispatcher {
       this.#refused = 0;
       this.#refusedLoggedAt = now;
     }
-    const message = `The server of ${quote(req.method)} is overloaded (${this.#running} running, ${this.#queue.length} queued); nothing ran, retry later`;
+    const message = `The server of ${
+      quote(req.method)
+    } is overloaded (${this.#running} running, ${this.#queue.length} queued); nothing ran, retry later`;
     this.#answer(req, qos, undefined, errorToWire(new Overloaded(message)), false);
   }
 

@@ -78,9 +78,11 @@ function odd(kind: string): unknown {
     case "nullProto":
       return Object.create(null);
     case "badToString":
-      return { toString: () => {
-        throw new Error("no");
-      } };
+      return {
+        toString: () => {
+          throw new Error("no");
+        },
+      };
     case "badMessage": {
       const e = new Error("x");
       Object.defineProperty(e, "message", {
@@ -338,7 +340,10 @@ describe("hostile shapes", () => {
     const m = new Echo();
     const d = new Dispatcher(m, transport, { prefix: "t", logger: new MemoryLogger() });
     const deep = (n: number) => "[".repeat(n) + "]".repeat(n);
-    d.handle(utf8(`{"v":1,"id":"d1","method":"echo","args":{"x":${deep(100_000)}},"reply_to":"t/reply/c1"}`), "t/rpc/e");
+    d.handle(
+      utf8(`{"v":1,"id":"d1","method":"echo","args":{"x":${deep(100_000)}},"reply_to":"t/reply/c1"}`),
+      "t/rpc/e",
+    );
     d.handle(utf8(`{"v":1,"id":"d2","method":${deep(100_000)},"reply_to":"t/reply/c1"}`), "t/rpc/e");
     d.handle(utf8(`[${request("d3", "echo", { x: JSON.parse(deep(70)) })}]`), "t/rpc/e");
     d.handle(utf8(request("ok", "echo", { x: JSON.parse(deep(50)) })), "t/rpc/e");
@@ -350,7 +355,19 @@ describe("hostile shapes", () => {
     assert.equal(m.runs.length, 1);
   });
 
-  for (const kind of ["null", "undefined", "number", "symbol", "nullProto", "badToString", "badMessage", "badName", "proxy"]) {
+  for (
+    const kind of [
+      "null",
+      "undefined",
+      "number",
+      "symbol",
+      "nullProto",
+      "badToString",
+      "badMessage",
+      "badName",
+      "proxy",
+    ]
+  ) {
     it(`a handler that throws ${kind} gets an error reply, sync and async`, async () => {
       const { transport, replies } = recorder();
       const d = new Dispatcher(new Echo(), transport, { prefix: "t", logger: new MemoryLogger() });
