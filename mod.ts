@@ -960,20 +960,24 @@ function tooDeep(text: string): boolean {
 function parseRequests(bytes: Uint8Array): { batch: boolean; items: (RequestEnvelope | BadRequest)[] } {
   let text: string;
   let raw: unknown;
+  let deep: boolean;
   try {
     text = decoder.decode(bytes);
-    raw = parseText(text);
+    deep = tooDeep(text);
+    // Too deep: parsed plainly (JSON.parse does not recurse; parseText's reviver would), and
+    // nothing of it but its top-level id and reply_to is read.
+    raw = deep ? JSON.parse(text) : parseText(text);
   } catch (e) {
     throw new BadRequest(`Malformed request: not UTF-8 JSON (${(e as Error).message})`, { cause: e });
   }
   const list = Array.isArray(raw) ? raw : undefined;
   if (list?.length === 0) throw new BadRequest("Malformed request: an empty batch");
-  if (tooDeep(text)) {
-    const deep = (r: unknown) => {
+  if (deep) {
+    const refuse = (r: unknown) => {
       const { id, replyTo } = readableIds(r);
       return new BadRequest(`Malformed request: JSON nested deeper than ${MAX_JSON_DEPTH} levels`, { id, replyTo });
     };
-    return { batch: list !== undefined, items: list ? list.map(deep) : [deep(raw)] };
+    return { batch: list !== undefined, items: list ? list.map(refuse) : [refuse(raw)] };
   }
   return { batch: list !== undefined, items: list ? list.map(requestOrBad) : [checkRequest(raw)] };
 }
@@ -2345,10 +2349,11 @@ export class Dispatcher {
       this.#refused = 0;
       this.#refusedLoggedAt = now;
     }
-    const message = `The server of ${
-      quote(req.method)
-    } is overloaded (${this.#running} running, ${this.#queue.length} queued); nothing ran, retry later`;
-    this.#answer(req, qos, undefined, errorToWire(new Overloaded(message)), false);
+    if (req.reply_to === undefined) return this.#done(); // a cast: counted and logged above
+    // The wire form of an Overloaded error, without making one (and its stack): refusing is cheap.
+    const message = `The server of "${req.method}" is overloaded (${this.#running} running, ${this.#queue.length} ` +
+      "queued); nothing ran, retry later";
+    this.#answer(req, qos, undefined, { type: "Overloaded", message }, false);
   }
 
   /** Start queued requests while there are free slots. */
