@@ -602,11 +602,11 @@ export class Topics {
   reply(clientId: string): string {
     return `${this.replyRoot}${checkName("client id", clientId, clientId)}`;
   }
-  /** Is `topic` a reply topic of this prefix: exactly one level, a valid name (see checkName)? */
+  /** Is `topic` a reply topic of this prefix: exactly one non-empty level, nothing a broker refuses? */
   isReplyTopic(topic: string): boolean {
     if (typeof topic !== "string" || !topic.startsWith(this.replyRoot)) return false;
     const rest = topic.slice(this.replyRoot.length);
-    return rest.length > 0 && rest.length <= MAX_NAME && !BAD_NAME.test(rest) && topicTextProblem(rest) === undefined;
+    return rest.length > 0 && !BAD_NAME.test(rest) && topicTextProblem(rest) === undefined;
   }
 }
 
