@@ -688,25 +688,31 @@ describe("Dispatcher: duplicate requests", () => {
     return { send, ran };
   }
 
-  it("runs each id once among the last dedupSize ids, ids of Rpc's form and others alike", () => {
-    const { send, ran } = setup(4);
+  it("runs each id once while it is kept, ids of Rpc's form and others alike", () => {
+    const { send, ran } = setup(1000);
     send(own(A, 1), "foreign-1", own(B, 1), own(A, 2));
     send(own(A, 1), "foreign-1", own(B, 1), own(A, 2)); // all four remembered: dropped
     assert.deepEqual(ran(), [own(A, 1), "foreign-1", own(B, 1), own(A, 2)]);
   });
 
-  it("forgets the oldest id once dedupSize newer ones came, whatever their form", () => {
+  it("keeps other ids apart from a client's: dedupSize foreign ids push out the oldest foreign one only", () => {
     const { send, ran } = setup(3);
-    send(own(A, 1), "foreign-1", own(B, 7));
-    send(own(A, 2)); // the last three: "foreign-1", own(B, 7), own(A, 2)
-    send("foreign-1", own(B, 7), own(A, 2)); // remembered: dropped
-    send(own(A, 1)); // forgotten: runs again; the last three: own(B, 7), own(A, 2), own(A, 1)
-    send("foreign-1"); // forgotten now: runs again
-    assert.deepEqual(ran(), [own(A, 1), "foreign-1", own(B, 7), own(A, 2), own(A, 1), "foreign-1"]);
+    send(own(A, 1), "foreign-1", "foreign-2", "foreign-3");
+    send("foreign-4"); // the fourth foreign id: "foreign-1" goes, own(A, 1) stays
+    send(own(A, 1), "foreign-2", "foreign-1");
+    assert.deepEqual(ran(), [own(A, 1), "foreign-1", "foreign-2", "foreign-3", "foreign-4", "foreign-1"]);
+  });
+
+  it("a client's window forgets its own oldest ids once all windows hold dedupSize ids", () => {
+    const { send, ran } = setup(128); // room for one window of 128
+    const ids = Array.from({ length: 129 }, (_, i) => own(A, i));
+    send(...ids); // counter 128 needs the slot of counter 0: no room to grow, 0 is forgotten
+    send(own(A, 0), own(A, 1)); // 0 runs again; 1 is still kept
+    assert.deepEqual(ran(), [...ids, own(A, 0)]);
   });
 
   it("tells apart ids that differ only in the case of a hex digit or in the client part", () => {
-    const { send, ran } = setup(100);
+    const { send, ran } = setup(1000);
     const lower = own(A, 0xabc);
     send(lower, lower.toUpperCase(), lower.replace(A, B), lower);
     assert.deepEqual(ran(), [lower, lower.toUpperCase(), lower.replace(A, B)]);
