@@ -100,8 +100,9 @@ export class MemoryHub {
    */
   inject(opts: FaultOptions): () => void {
     validateFilter(opts.filter);
-    if (opts.delay !== undefined && !(opts.delay >= 0)) {
-      throw new RangeError(`Invalid fault delay ${opts.delay}: must be seconds >= 0`);
+    // One timer per delayed message: at most what a timer holds (~24.8 days).
+    if (opts.delay !== undefined && !(opts.delay >= 0 && opts.delay <= 2_147_483)) {
+      throw new RangeError(`Invalid fault delay ${opts.delay}: must be seconds >= 0, at most 2147483`);
     }
     const f: Fault = { ...opts, left: opts.count ?? Infinity };
     this.#faults.push(f);
