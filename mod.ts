@@ -934,8 +934,18 @@ function parseOrBad(bytes: Uint8Array, what: string): unknown {
 /** How deep JSON may nest in a request message (a batch's array and the envelope count). */
 export const MAX_JSON_DEPTH = 64;
 
+/** The most requests one message may carry (novalet's own batches carry at most 128). */
+export const MAX_BATCH = 10_000;
+
 /** Whether JSON text nests deeper than MAX_JSON_DEPTH (brackets inside strings do not count). */
 function tooDeep(text: string): boolean {
+  // Fewer brackets than the limit cannot nest past it: counted natively, nearly every message
+  // (a large one included) is done here without a walk in JS.
+  let brackets = 0;
+  for (const open of ["{", "["]) {
+    for (let i = text.indexOf(open); i !== -1 && brackets <= MAX_JSON_DEPTH; i = text.indexOf(open, i + 1)) brackets++;
+  }
+  if (brackets <= MAX_JSON_DEPTH) return false;
   let depth = 0;
   for (let i = 0; i < text.length; i++) {
     const c = text.charCodeAt(i);
@@ -972,6 +982,9 @@ function parseRequests(bytes: Uint8Array): { batch: boolean; items: (RequestEnve
   }
   const list = Array.isArray(raw) ? raw : undefined;
   if (list?.length === 0) throw new BadRequest("Malformed request: an empty batch");
+  if (list !== undefined && list.length > MAX_BATCH) {
+    throw new BadRequest(`Malformed request: a batch of ${list.length} requests, over the limit of ${MAX_BATCH}`);
+  }
   if (deep) {
     const refuse = (r: unknown) => {
       const { id, replyTo } = readableIds(r);
@@ -2193,7 +2206,9 @@ export class Dispatcher {
   /** Handlers running now (started, result not yet settled), and the requests waiting for one. */
   #running = 0;
   #maxRunning: number;
+  /** Requests waiting for a slot: `#queue` from `#queueHead` on. */
   #queue: Queued[] = [];
+  #queueHead = 0;
   #maxQueued: number;
   #pumping = false;
   /** Requests refused as overloaded since the last log line about it, and when that was. */
@@ -2231,7 +2246,7 @@ export class Dispatcher {
 
   /** Handlers running now, and requests queued for a running slot (see maxRunning, maxQueued). */
   get load(): { running: number; queued: number } {
-    return { running: this.#running, queued: this.#queue.length };
+    return { running: this.#running, queued: this.#queued() };
   }
 
   /** Resolves when no request is being handled. */
@@ -2329,12 +2344,17 @@ export class Dispatcher {
       this.#log.debug(`Dropped a duplicate of request ${id} ("${req.method}")`, { id });
       return this.#done();
     }
-    if (this.#running < this.#maxRunning && this.#queue.length === 0) return this.#start(req, qos, topic);
-    if (this.#queue.length < this.#maxQueued) {
+    if (this.#running < this.#maxRunning && this.#queued() === 0) return this.#start(req, qos, topic);
+    if (this.#queued() < this.#maxQueued) {
       this.#queue.push({ req, qos });
       return;
     }
+    this.#recent.forget(id, fp); // refused: a resend of the same message must run
     this.#overloaded(req, qos);
+  }
+
+  #queued(): number {
+    return this.#queue.length - this.#queueHead;
   }
 
   /** Refuse a request for want of room: `Overloaded` (nothing ran; the caller may retry). */
@@ -2343,7 +2363,7 @@ export class Dispatcher {
     const now = performance.now();
     if (now - this.#refusedLoggedAt >= 10_000) {
       this.#log.warn(
-        `Overloaded: refused ${this.#refused} request(s) (${this.#running} handlers running, ${this.#queue.length} queued: maxRunning, maxQueued)`,
+        `Overloaded: refused ${this.#refused} request(s) (${this.#running} handlers running, ${this.#queued()} queued: maxRunning, maxQueued)`,
         { method: req.method, id: req.id },
       );
       this.#refused = 0;
@@ -2351,7 +2371,7 @@ export class Dispatcher {
     }
     if (req.reply_to === undefined) return this.#done(); // a cast: counted and logged above
     // The wire form of an Overloaded error, without making one (and its stack): refusing is cheap.
-    const message = `The server of "${req.method}" is overloaded (${this.#running} running, ${this.#queue.length} ` +
+    const message = `The server of "${req.method}" is overloaded (${this.#running} running, ${this.#queued()} ` +
       "queued); nothing ran, retry later";
     this.#answer(req, qos, undefined, { type: "Overloaded", message }, false);
   }
@@ -2361,8 +2381,8 @@ export class Dispatcher {
     if (this.#pumping) return; // a synchronous handler finishing inside the loop below
     this.#pumping = true;
     try {
-      while (this.#running < this.#maxRunning && this.#queue.length > 0) {
-        const { req, qos } = this.#queue.shift()!;
+      while (this.#running < this.#maxRunning && this.#queued() > 0) {
+        const { req, qos } = this.#take();
         if (req.deadline !== undefined && Date.now() > req.deadline) {
           this.#log.warn(`Dropped "${req.method}": its deadline passed while it was queued`, { id: req.id });
           this.#done();
@@ -2378,6 +2398,33 @@ export class Dispatcher {
     } finally {
       this.#pumping = false;
     }
+  }
+
+  /** The first queued request, out of the queue. */
+  #take(): Queued {
+    const q = this.#queue[this.#queueHead]!;
+    this.#queue[this.#queueHead++] = undefined as unknown as Queued;
+    // Taken slots are cut off the front now and then, not one by one.
+    if (this.#queueHead === this.#queue.length) {
+      this.#queue = [];
+      this.#queueHead = 0;
+    } else if (this.#queueHead > 1024 && this.#queueHead * 2 > this.#queue.length) {
+      this.#queue = this.#queue.slice(this.#queueHead);
+      this.#queueHead = 0;
+    }
+    return q;
+  }
+
+  /**
+   * After a stop that timed out: forget the requests still queued (they would start on a
+   * stopped service), each counted out once. Returns how many.
+   */
+  abandonQueued(): number {
+    const n = this.#queued();
+    for (let i = 0; i < n; i++) this.#done();
+    this.#queue = [];
+    this.#queueHead = 0;
+    return n;
   }
 
   /** Run the method now, in a running slot, and answer with its outcome. */
@@ -2403,14 +2450,16 @@ export class Dispatcher {
   /** Reply with the result or the error (a cast's error is logged); `ran`: it had a running slot,
    * which is free now. */
   #answer(req: RequestEnvelope, qos: 0 | 1, result: unknown, error?: WireError, ran = true): void {
-    if (ran && --this.#running < this.#maxRunning && this.#queue.length > 0) this.#pump();
     const { id, reply_to: replyTo } = req;
     if (replyTo === undefined) {
       if (error) this.#log.error(`Cast "${req.method}" failed: ${error.type}: ${error.message}`, { id });
-      return this.#done();
+      this.#done();
+    } else {
+      const reply: ReplyEnvelope = error ? { v: 1, id, error } : { v: 1, id, result: result ?? null };
+      this.#reply(replyTo, reply, qos, req.batch === true, req.method);
     }
-    const reply: ReplyEnvelope = error ? { v: 1, id, error } : { v: 1, id, result: result ?? null };
-    this.#reply(replyTo, reply, qos, req.batch === true, req.method);
+    // The slot goes to the next queued request once this one's reply is on its way: in order.
+    if (ran && --this.#running < this.#maxRunning && this.#queued() > 0) this.#pump();
   }
 
   /** Run the method: its result, or a promise of it. Throws what the lookup or the method throws. */
@@ -2497,10 +2546,18 @@ function positiveInt(v: unknown, what: string, min = 1): number {
 // A secret per process, so that nobody can make a message that fingerprints like another.
 const FINGERPRINT_SEED = crypto.getRandomValues(new Uint32Array(1))[0]!;
 
-/** A 32-bit fingerprint of a message's bytes (FNV-1a, seeded), never 0 (in-process messages). */
+/**
+ * A 32-bit fingerprint of a message (FNV-1a, seeded), never 0 (that is for in-process messages):
+ * its length and its first and last 512 bytes, which hold the ids, deadlines and contexts (random
+ * request ids, timestamps) of its first and last requests. A redelivery has the same; a message
+ * made by someone who has not seen the real one has another. A large message costs no more.
+ */
 function fingerprint(bytes: Uint8Array): number {
-  let h = 0x811c9dc5 ^ FINGERPRINT_SEED;
-  for (let i = 0; i < bytes.length; i++) h = Math.imul(h ^ bytes[i]!, 0x01000193);
+  const n = bytes.length;
+  let h = Math.imul(0x811c9dc5 ^ FINGERPRINT_SEED ^ n, 0x01000193);
+  const head = Math.min(n, 512);
+  for (let i = 0; i < head; i++) h = Math.imul(h ^ bytes[i]!, 0x01000193);
+  for (let i = Math.max(head, n - 512); i < n; i++) h = Math.imul(h ^ bytes[i]!, 0x01000193);
   return (h >>> 0) || 1;
 }
 
@@ -2515,7 +2572,8 @@ class ClientWindow {
   counters: Float64Array;
   fps: Int32Array;
   until: Float64Array;
-  lastUsed = 0;
+  /** The latest `until` of its ids: once past, the whole window may go. */
+  latest = 0;
   constructor(readonly prefix: string, size: number) {
     this.counters = new Float64Array(size).fill(-1);
     this.fps = new Int32Array(size);
@@ -2547,20 +2605,23 @@ class ClientWindow {
  * So nobody who learns or guesses a client's next ids can have its real calls dropped by
  * sending other messages under them first: those run as what they are, and so do the real ones.
  *
- * An id is kept until its request's deadline. Ids of novalet's form are kept per client, in a
- * window that grows as needed (see ClientWindow), the windows together holding at most `max`
- * ids: past that a window forgets its own oldest, and a new client takes the room of the client
- * idle longest. Other ids (foreign clients) are kept apart, oldest first, at most `max` of them.
- * So junk ids of one kind never push out ids of another, and within a kind a flood must bring
- * more than `max` ids within a deadline to push out a real one.
+ * An id is kept until its request's deadline (an id is live while `until >= now`, as a request
+ * is). Ids of novalet's form are kept per client, in a window that grows as needed (see
+ * ClientWindow), at most `maxSlots` for one client and `max` for all windows together: past that
+ * a window forgets its own oldest ids. A window goes once all its ids expired; while the windows
+ * have no room for a new client, its ids are kept with the others. Those (other forms, and new
+ * clients in a flood) are kept apart, oldest first, at most `max` of them. So a flood of junk
+ * ids, of any form, never pushes out the ids of a client that has a window, and pushes out other
+ * ids only by bringing more than `max` within a deadline.
  */
 class RecentIds {
+  /** In the order they were made: the head is the first to check for expiry. */
   #clients = new Map<string, ClientWindow>();
   /** The client of the last id: calls come from few clients, often one after another. */
   #last?: ClientWindow;
   /** Slots of all windows together. */
   #slots = 0;
-  /** Ids of other forms, and repeated ids of other messages: `id` + "\n" + fingerprint. */
+  /** Ids kept as strings (other forms, new clients in a flood): `id` + "\n" + fingerprint. */
   #strings = new Set<string>();
   #ring: string[] = [];
   #ringUntil: number[] = [];
@@ -2577,64 +2638,78 @@ class RecentIds {
   /** Remember `id` (seen in a message of fingerprint `fp`) until `until`; false if it was seen. */
   add(id: string, fp: number, until: number, now: number, log: Logger): boolean {
     const n = idCounter(id);
-    if (n >= 0) {
-      const w = this.#window(id, now, log);
-      let i = n & (w.size - 1);
-      if (w.counters[i] === n && w.until[i]! > now) {
-        if (w.fps[i] === (fp | 0)) return false;
-        return this.#addString(`${id}\n${fp}`, until, now, log); // the same id in another message
-      }
-      // A live id of this client in the way: make room, or forget it if there is none.
-      while (w.until[i]! > now && w.counters[i] !== -1) {
-        if (w.size >= RecentIds.maxSlots || this.#slots + w.size > this.#max) {
-          this.#full(log, now);
-          break;
-        }
-        this.#slots += w.size;
-        w.grow();
-        i = n & (w.size - 1);
-      }
-      w.counters[i] = n;
-      w.fps[i] = fp;
-      w.until[i] = until;
-      return true;
+    const w = n < 0 ? undefined : this.#window(id, now);
+    if (w === undefined) return this.#addString(`${id}\n${fp}`, until, now, log, fp);
+    let i = n & (w.size - 1);
+    if (w.counters[i] === n && w.until[i]! >= now) {
+      if (w.fps[i] === (fp | 0)) return false;
+      return this.#addString(`${id}\n${fp}`, until, now, log, fp); // the same id in another message
     }
-    return this.#addString(`${id}\n${fp}`, until, now, log);
+    // A live id of this client in the way: make room, or forget it if there is none.
+    while (w.counters[i] !== -1 && w.until[i]! >= now) {
+      if (w.size >= RecentIds.maxSlots || (this.#slots + w.size > this.#max && !this.#reclaim(now, w.size))) {
+        this.#full(log, now, fp);
+        break;
+      }
+      this.#slots += w.size;
+      w.grow();
+      i = n & (w.size - 1);
+    }
+    w.counters[i] = n;
+    w.fps[i] = fp;
+    w.until[i] = until;
+    if (until > w.latest) w.latest = until;
+    return true;
   }
 
-  #window(id: string, now: number, log: Logger): ClientWindow {
-    let w = this.#last;
-    if (w === undefined || !id.startsWith(w.prefix)) {
-      const prefix = id.slice(0, ID_CLIENT_LENGTH);
-      w = this.#clients.get(prefix);
-      if (w === undefined) {
-        while (this.#slots + RecentIds.firstSlots > this.#max && this.#clients.size > 0) this.#dropIdlest(log, now);
-        this.#clients.set(prefix, w = new ClientWindow(prefix, RecentIds.firstSlots));
-        this.#slots += RecentIds.firstSlots;
-      }
-      this.#last = w;
+  /** Forget `id` again (its request was refused, so a resend must run). */
+  forget(id: string, fp: number): void {
+    const n = idCounter(id);
+    const w = n < 0 ? undefined : this.#clients.get(id.slice(0, ID_CLIENT_LENGTH));
+    const i = w === undefined ? -1 : n & (w.size - 1);
+    if (w !== undefined && w.counters[i] === n && w.fps[i] === (fp | 0)) w.counters[i] = -1;
+    else this.#strings.delete(`${id}\n${fp}`);
+  }
+
+  /** The window of the client of `id`; undefined when there is no room for a new one. */
+  #window(id: string, now: number): ClientWindow | undefined {
+    const last = this.#last;
+    if (last !== undefined && id.startsWith(last.prefix)) return last;
+    const prefix = id.slice(0, ID_CLIENT_LENGTH);
+    let w = this.#clients.get(prefix);
+    if (w === undefined) {
+      if (this.#slots + RecentIds.firstSlots > this.#max && !this.#reclaim(now, RecentIds.firstSlots)) return undefined;
+      this.#clients.set(prefix, w = new ClientWindow(prefix, RecentIds.firstSlots));
+      this.#slots += RecentIds.firstSlots;
     }
-    w.lastUsed = now;
+    this.#last = w;
     return w;
   }
 
-  #dropIdlest(log: Logger, now: number): void {
-    let idlest: ClientWindow | undefined;
-    for (const w of this.#clients.values()) if (idlest === undefined || w.lastUsed < idlest.lastUsed) idlest = w;
-    this.#clients.delete(idlest!.prefix);
-    this.#slots -= idlest!.size;
-    if (this.#last === idlest) this.#last = undefined;
-    this.#full(log, now);
+  /** Drop windows whose ids all expired, oldest first, until `slots` more fit; false if they do
+   * not. A window in use met on the way goes to the back: a few looks per call, never a scan. */
+  #reclaim(now: number, slots: number): boolean {
+    for (let looks = 0; looks < 8 && this.#slots + slots > this.#max; looks++) {
+      const w = this.#clients.values().next().value;
+      if (w === undefined) break;
+      this.#clients.delete(w.prefix);
+      if (w.latest >= now) this.#clients.set(w.prefix, w);
+      else {
+        this.#slots -= w.size;
+        if (this.#last === w) this.#last = undefined;
+      }
+    }
+    return this.#slots + slots <= this.#max;
   }
 
-  #addString(key: string, until: number, now: number, log: Logger): boolean {
+  #addString(key: string, until: number, now: number, log: Logger, fp: number): boolean {
     const ring = this.#ring;
-    while (this.#head < ring.length && this.#ringUntil[this.#head]! <= now) this.#strings.delete(ring[this.#head++]!);
+    while (this.#head < ring.length && this.#ringUntil[this.#head]! < now) this.#strings.delete(ring[this.#head++]!);
     const size = this.#strings.size;
     if (this.#strings.add(key).size === size) return false;
     if (ring.length - this.#head >= this.#max) {
       this.#strings.delete(ring[this.#head++]!);
-      this.#full(log, now);
+      this.#full(log, now, fp);
     }
     ring.push(key);
     this.#ringUntil.push(until);
@@ -2647,10 +2722,12 @@ class RecentIds {
     return true;
   }
 
-  #full(log: Logger, now: number): void {
-    if (now - this.#warnedAt < 60_000) return;
+  /** An id is forgotten before its deadline: worth a warning (once a minute) unless in-process
+   * (`fp` 0), where redeliveries do not happen and a fast caller always outruns the bound. */
+  #full(log: Logger, now: number, fp: number): void {
+    if (fp === 0 || now - this.#warnedAt < 60_000) return;
     this.#warnedAt = now;
-    log.warn(`Duplicate suppression is full (${this.#max} ids, dedupSize): forgetting ids before their deadline`);
+    log.warn(`Duplicate suppression is full (dedupSize ${this.#max}): forgetting ids before their deadline`);
   }
 }
 
@@ -3361,36 +3438,44 @@ export class Service {
   }
 
   async #teardown(kill: boolean): Promise<boolean> {
+    // Every step gets what is left of the graceful time (a moment at least, so a close can start):
+    // a broker or registry that hangs cannot hold stop() past it, and the later steps still run.
     const end = performance.now() + this.gracefulShutdownTimeout * 1000;
-    // topic.host is detached, not unsubscribed: with a persistent session, work sent to this host
-    // while it is away waits in the broker. kill() removes it for good below.
-    for (const s of this.#subs.splice(0)) await s.unsubscribe().catch(() => {});
-    const own = this.#hostSub;
-    this.#hostSub = undefined;
-    await (own?.detach ?? own?.unsubscribe)?.call(own).catch(() => {});
-    if (kill && this.#transport?.forget) {
-      await this.#transport.forget(this.#topics.forAddress(`${this.topic}.${this.host}`)).catch(() => {});
-    }
-    if (this.#dispatcher) this.#group.track(this.#dispatcher.drained());
-    const clean = await this.#group.stop(this.gracefulShutdownTimeout);
-    if (!clean) this.logger.warn(`Stopped with work still running after ${this.gracefulShutdownTimeout} s`);
-    // What is left (a registry that hangs, a broker gone) gets the rest of the graceful time.
-    const rest = async () => {
-      if (kill && this.record) {
-        await this.#registry?.remove(this.record.id).catch((e) => {
-          this.logger.warn("Could not delete the registry row", { error: e });
-        });
-      }
-      await this.#rpc?.close();
-      for (const o of this.#owned.splice(0).reverse()) {
-        await o.close().catch((e) => this.logger.warn("Could not close", { error: e }));
+    const left = () => Math.max(0.05, (end - performance.now()) / 1000);
+    let clean = true;
+    const step = async (what: string, run: () => Promise<unknown> | undefined, logErrors = true) => {
+      try {
+        if (await within(Promise.resolve().then(run), left()) !== TIMED_OUT) return;
+        clean = false;
+        this.logger.warn(`Gave up waiting to ${what}: the graceful time (${this.gracefulShutdownTimeout} s) is over`);
+      } catch (e) {
+        if (logErrors) this.logger.warn(`Could not ${what}`, { error: e });
       }
     };
-    const left = Math.max(0.1, (end - performance.now()) / 1000);
-    if (await within(rest(), left) === TIMED_OUT) {
-      this.logger.warn(`Gave up closing the registry and transport after ${this.gracefulShutdownTimeout} s`);
-      return false;
+    // topic.host is detached, not unsubscribed: with a persistent session, work sent to this host
+    // while it is away waits in the broker. kill() removes it for good below.
+    for (const s of this.#subs.splice(0)) await step("unsubscribe", () => s.unsubscribe(), false);
+    const own = this.#hostSub;
+    this.#hostSub = undefined;
+    if (own) await step("detach topic.host", () => (own.detach ?? own.unsubscribe).call(own), false);
+    const transport = this.#transport;
+    if (kill && transport?.forget) {
+      const hostTopic = this.#topics.forAddress(`${this.topic}.${this.host}`);
+      await step("forget topic.host", () => transport.forget!(hostTopic), false);
     }
+    if (this.#dispatcher) this.#group.track(this.#dispatcher.drained());
+    if (!await this.#group.stop(left())) {
+      clean = false;
+      const dropped = this.#dispatcher?.abandonQueued() ?? 0;
+      this.logger.warn(
+        `Stopped with work still running after ${this.gracefulShutdownTimeout} s` +
+          (dropped > 0 ? `; ${dropped} queued request(s) dropped unrun` : ""),
+      );
+    }
+    const record = this.record;
+    if (kill && record) await step("delete the registry row", () => this.#registry?.remove(record.id));
+    await step("close the RPC client", () => this.#rpc?.close());
+    for (const o of this.#owned.splice(0).reverse()) await step("close", () => o.close());
     return clean;
   }
 }

@@ -696,11 +696,11 @@ describe("Dispatcher: duplicate requests", () => {
   });
 
   it("keeps other ids apart from a client's: dedupSize foreign ids push out the oldest foreign one only", () => {
-    const { send, ran } = setup(3);
-    send(own(A, 1), "foreign-1", "foreign-2", "foreign-3");
-    send("foreign-4"); // the fourth foreign id: "foreign-1" goes, own(A, 1) stays
-    send(own(A, 1), "foreign-2", "foreign-1");
-    assert.deepEqual(ran(), [own(A, 1), "foreign-1", "foreign-2", "foreign-3", "foreign-4", "foreign-1"]);
+    const { send, ran } = setup(64); // room for one client's first window, and 64 other ids
+    const foreign = Array.from({ length: 65 }, (_, i) => `foreign-${i}`);
+    send(own(A, 1), ...foreign); // the 65th foreign id pushes out "foreign-0", not own(A, 1)
+    send(own(A, 1), "foreign-1", "foreign-0");
+    assert.deepEqual(ran(), [own(A, 1), ...foreign, "foreign-0"]);
   });
 
   it("a client's window forgets its own oldest ids once all windows hold dedupSize ids", () => {

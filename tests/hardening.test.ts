@@ -5,10 +5,12 @@
 import { after, describe, it } from "node:test";
 import assert from "node:assert/strict";
 import {
+  ClosedError,
   Dispatcher,
   LoopGroup,
   LoopingCall,
   Manager,
+  MAX_BATCH,
   MAX_JSON_DEPTH,
   MAX_SECONDS,
   parseFlags,
@@ -51,6 +53,10 @@ class Echo extends Manager {
   runs: unknown[] = [];
   echo(_c: RequestContext, args: unknown) {
     this.runs.push(args);
+    return args;
+  }
+  async later(_c: RequestContext, args: unknown) {
+    await sleep(30);
     return args;
   }
   record(_c: RequestContext, args: { n?: number }) {
@@ -194,7 +200,7 @@ describe("bounded work", () => {
     await d.drained();
     assert.equal(m.most, 3);
     const done = replies().filter((r) => r.result === "done").map((r) => r.id);
-    assert.deepEqual(done.sort(), Array.from({ length: 8 }, (_, i) => `r${i}`).sort());
+    assert.deepEqual(done, Array.from({ length: 8 }, (_, i) => `r${i}`), "answered in the order they ran");
     // and once idle, everything runs again
     d.handle(utf8(request("f2", "fast", {})), "t/rpc/s", { qos: 1 });
     await waitFor(() => replies().some((r) => r.id === "f2" && r.result === "fast"), "f2 answered");
@@ -241,6 +247,65 @@ describe("bounded work", () => {
     }
   });
 
+  it("a request refused as Overloaded runs when its very message is sent again", async () => {
+    const { transport, replies } = recorder();
+    const m = new Slow();
+    const d = new Dispatcher(m, transport, { prefix: "t", logger: new MemoryLogger(), maxRunning: 1, maxQueued: 0 });
+    d.handle(utf8(request("r0", "slow", {})), "t/rpc/s");
+    const again = utf8(request("r1", "fast", {}));
+    d.handle(again, "t/rpc/s");
+    await waitFor(() => replies().length === 1, "the refusal");
+    assert.equal(replies()[0].error.type, "Overloaded");
+    m.release.shift()!();
+    await waitFor(() => replies().length === 2, "r0 answered");
+    d.handle(again, "t/rpc/s"); // the caller retries with the same message: not a duplicate
+    await waitFor(() => replies().length === 3, "r1 answered");
+    assert.equal(replies()[2].result, "fast");
+  });
+
+  it(`a message of more than ${MAX_BATCH} requests is logged and dropped whole`, () => {
+    const { transport, published } = recorder();
+    const log = new MemoryLogger();
+    const m = new Echo();
+    const d = new Dispatcher(m, transport, { prefix: "t", logger: log });
+    const batch = Array.from({ length: MAX_BATCH + 1 }, (_, i) => request(`r${i}`, "echo", {}));
+    d.handle(utf8(`[${batch.join(",")}]`), "t/rpc/e");
+    assert.deepEqual(m.runs, []);
+    assert.deepEqual(published, []);
+    assert.ok(log.has("warn", /a batch of 10001 requests, over the limit of 10000/));
+  });
+
+  it("a stop that times out drops the requests still queued: they never start on a stopped service", async () => {
+    const transport = new MemoryTransport(new MemoryHub());
+    const registry = await openSqlRegistry();
+    const log = new MemoryLogger();
+    const svc = Service.create({
+      host: "h1",
+      topic: "slow",
+      manager: Slow,
+      transport,
+      registry,
+      prefix: uniquePrefix("abandon"),
+      logger: log,
+      maxRunningHandlers: 1,
+      flags: parseFlags(["--graceful_shutdown_timeout=0.2"]),
+    });
+    await svc.start();
+    const m = svc.manager as Slow;
+    const rpc = new Rpc(transport, { prefix: svc.rpc.topics.prefix });
+    for (let i = 0; i < 3; i++) void rpc.cast(ctx, "slow", { method: "slow" });
+    await waitFor(() => svc.dispatcher!.load.queued === 2, "one running, two queued");
+    assert.equal(await svc.stop(), false);
+    assert.ok(log.has("warn", /2 queued request\(s\) dropped unrun/));
+    m.release.shift()!(); // the hung handler finishes after all
+    await sleep(20);
+    assert.equal(m.release.length, 0, "nothing queued started");
+    assert.equal(svc.dispatcher!.inFlight, 0);
+    await rpc.close();
+    await registry.close();
+    await transport.close();
+  });
+
   it("the limits are flags, checked", () => {
     const f = parseFlags(["--max_running_handlers=8", "--max_queued_handlers=0"]);
     assert.equal(f.maxRunningHandlers, 8);
@@ -276,7 +341,8 @@ describe("durations beyond a timer's limit", () => {
     const d = new Dispatcher(new Echo(), server, { prefix, logger: new MemoryLogger() });
     await server.subscribe(`${prefix}/rpc/echo`, d.handle, { local: true });
     const rpc = new Rpc(new MemoryTransport(hub), { prefix });
-    assert.deepEqual(await rpc.call(ctx, "echo", { method: "echo", args: { a: 1 } }, { timeout: month }), { a: 1 });
+    // answered after 30 ms: an overflowed timer would have fired after 1 ms
+    assert.deepEqual(await rpc.call(ctx, "echo", { method: "later", args: { a: 1 } }, { timeout: month }), { a: 1 });
     await rpc.close();
     await server.close();
   });
@@ -307,6 +373,22 @@ describe("duplicate suppression that a publisher cannot flush or poison", () => 
     assert.equal(m.runs.filter((n) => n === 1).length, 1);
   });
 
+  it("a flood of ids from 5,000 new clients does not push out a known client's id", () => {
+    const { transport } = recorder();
+    const m = new Echo();
+    const d = new Dispatcher(m, transport, { prefix: "t", logger: new MemoryLogger() });
+    const real = utf8(cast(own(1), 1));
+    d.handle(real, "t/rpc/e", { qos: 1 });
+    const fake = (i: number) => `${i.toString(16).padStart(8, "0")}-9d81-8c4e-9d4b-000000000001`;
+    const junk = Array.from({ length: 5_000 }, (_, i) => cast(fake(i), -1));
+    const t0 = performance.now();
+    d.handle(utf8(`[${junk.join(",")}]`), "t/rpc/e", { qos: 1 });
+    assert.ok(performance.now() - t0 < 2000, "no scan per new client");
+    d.handle(real, "t/rpc/e", { qos: 1 });
+    assert.equal(m.runs.filter((n) => n === 1).length, 1);
+    assert.equal(m.runs.length, 5_001, "every junk request ran once");
+  });
+
   it("another message sent first under a client's next id does not make its real request a duplicate", () => {
     const { transport } = recorder();
     const m = new Echo();
@@ -329,7 +411,7 @@ describe("duplicate suppression that a publisher cannot flush or poison", () => 
     await sleep(40);
     // Their deadlines passed: a copy now is dropped as late, and their room is free again.
     for (let i = 2; i <= 5; i++) d.handle(utf8(cast(`f${i}`, 10 + i)), "t/rpc/e", { qos: 1 });
-    assert.ok(log.has("warn", /Duplicate suppression is full \(3 ids/));
+    assert.ok(log.has("warn", /Duplicate suppression is full \(dedupSize 3\)/));
     d.handle(utf8(cast("f2", 12)), "t/rpc/e", { qos: 1 }); // pushed out by the bound: runs again
     d.handle(utf8(cast("f5", 15)), "t/rpc/e", { qos: 1 }); // kept: dropped
     assert.deepEqual(m.runs, [1, 11, 12, 13, 14, 15, 12]);
@@ -444,28 +526,28 @@ describe("a registry that hangs", () => {
     await svc.stop();
   });
 
-  it("stop() returns within graceful_shutdown_timeout while the registry hangs, kill() too", async () => {
+  it("stop() and kill() return within graceful_shutdown_timeout while the registry hangs, and close what they opened", async () => {
     for (const how of ["stop", "kill"] as const) {
       const inner = await openSqlRegistry();
       opened.push(inner);
       const { reg, state } = hanging(inner);
-      const transport = new MemoryTransport(new MemoryHub());
-      opened.push(transport);
       const svc = Service.create({
         host: "h1",
         topic: "hb",
         manager: Echo,
-        transport,
-        registry: reg,
+        registry: reg, // the transport (memory://) is the service's own
         logger: new MemoryLogger(),
         flags: parseFlags(["--report_interval=0.2", "--service_down_time=1", "--graceful_shutdown_timeout=1"]),
       });
       await svc.start();
+      const transport = svc.transport;
       state.hang = true;
       await waitFor(() => state.hung > 0, "a hung heartbeat");
       const t0 = performance.now();
-      await svc[how]();
-      assert.ok(performance.now() - t0 < 2500, `${how}() took ${Math.round(performance.now() - t0)} ms`);
+      await svc[how](); // kill() also waits on the registry's remove(), which hangs
+      const took = performance.now() - t0;
+      assert.ok(took < 1500, `${how}() took ${Math.round(took)} ms`);
+      await assert.rejects(transport.publish("x/y", utf8("z")), ClosedError, `${how}() closed its transport`);
     }
   });
 });
