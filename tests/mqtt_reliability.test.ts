@@ -453,6 +453,34 @@ describe("Message expiry on the wire (MQTT 5, Mosquitto)", { skip: needs("mosqui
     assert.deepEqual([...optionKeys].filter((k) => !["qos", "retain", "dup"].includes(k)), []);
   });
 
+  it("an expiry beyond what MQTT 5 can carry (4,294,967,295 s) is sent as that maximum; the connection stays up", async () => {
+    seen.length = 0;
+    let closes = 0;
+    const onClose = () => void closes++;
+    transport.client.on("close", onClose);
+    const bytes = (s: string) => new TextEncoder().encode(s);
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    try {
+      const sent = Promise.all([
+        transport.publish(topic, bytes("far"), { qos: 1, expiry: 2 ** 33 }),
+        transport.publish(topic, bytes("next"), { qos: 1, expiry: 30 }),
+      ]).then(() => "sent");
+      const outcome = await Promise.race([
+        sent,
+        new Promise<string>((r) => (timer = setTimeout(() => r("not acknowledged within 5 s"), 5000))),
+      ]);
+      assert.equal(outcome, "sent");
+      await waitFor(() => seen.length === 2, "both messages", 5000);
+    } finally {
+      clearTimeout(timer);
+      transport.client.off("close", onClose);
+    }
+    const byText = Object.fromEntries(seen.map((s) => [s.text, s.expiry]));
+    assert.ok(byText.far! > 0xffff_ffff - 10 && byText.far! <= 0xffff_ffff, `far: ${byText.far}`);
+    assert.equal(closes, 0, "the connection stayed up");
+    assert.ok(transport.client.connected);
+  });
+
   it("a publish that mqtt.js queues while it replays its store after a reconnect keeps its expiry", async () => {
     seen.length = 0;
     // The state mqtt.js is in while it sends its stored packets again after a reconnect: new

@@ -164,6 +164,9 @@ type SendPacket = (packet: PacketOut, cb?: unknown, cbStorePut?: unknown, noStor
 /** The part of mqtt.js's client that has no public form: sending a packet as it is. */
 type Internals = { _sendPacket: SendPacket };
 
+/** The largest message expiry interval MQTT 5 can carry: four bytes, in seconds (136 years). */
+const MAX_EXPIRY = 0xffff_ffff;
+
 /** What handlers learn about a message: shared, never changed. */
 const AT_QOS_0: MessageMeta = Object.freeze({ qos: 0 });
 const AT_QOS_1: MessageMeta = Object.freeze({ qos: 1 });
@@ -449,7 +452,10 @@ export class MqttTransport implements Transport {
     const expiring = this.#v5 && qos > 0 && opts.expiry !== undefined;
     if (expiring) {
       this.#expiringPayload = bytes;
-      this.#expirySeconds = Math.max(1, Math.ceil(opts.expiry!));
+      // At most the four-byte field's maximum: more would not encode, and the client would
+      // reconnect again and again (NaN gets it too).
+      const seconds = Math.ceil(opts.expiry!);
+      this.#expirySeconds = seconds < 1 ? 1 : seconds < MAX_EXPIRY ? seconds : MAX_EXPIRY;
     }
     // mqtt.js answers a QoS 0 publish before publish() returns, unless the socket is backed up or
     // it is replaying its store: then no promise is made for it (this is every reply and request
