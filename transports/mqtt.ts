@@ -98,6 +98,11 @@ interface BrokerSub {
   next: number;
   /** Subscribed at the broker (false while a subscribe or unsubscribe is in flight). */
   ready: Promise<void>;
+  /** Set while its UNSUBSCRIBE is in flight: until the broker confirms, what it delivers for this
+   * subscription still goes to the handler being removed. Resolves (never rejects) once gone. */
+  leaving?: Promise<void>;
+  /** Forget it now, without waiting for the broker's confirmation (close()). */
+  left?: () => void;
 }
 
 /** Whether some topic matches both filters (true when in doubt, which only costs an identifier). */
@@ -163,6 +168,12 @@ interface PacketOut {
 type SendPacket = (packet: PacketOut, cb?: unknown, cbStorePut?: unknown, noStore?: unknown) => void;
 /** The part of mqtt.js's client that has no public form: sending a packet as it is. */
 type Internals = { _sendPacket: SendPacket };
+
+/** How long close() waits for the broker to confirm that the subscriptions are removed. */
+const CLOSE_UNSUBSCRIBE_MS = 5000;
+/** How long an unsubscribe waits, after the broker confirmed it, for what the broker had already
+ * queued for the subscription (see #quiet); what comes later finds no handler. */
+const LEAVE_QUIET_MS = 3000;
 
 /** The largest message expiry interval MQTT 5 can carry: four bytes, in seconds (136 years). */
 const MAX_EXPIRY = 0xffff_ffff;
@@ -234,7 +245,9 @@ export class MqttTransport implements Transport {
         this.#acks.push(packet.messageId!);
         return callback(ACK_LATER);
       }
-      if (this.persistent && packet.qos > 0 && !this.#closed) {
+      if (this.persistent && packet.qos > 0) {
+        // Closing: not held for a handler, but still not acknowledged: the session keeps it.
+        if (this.#closed) return callback(new Error("closing: left for the next connection"));
         this.#log.debug(`Holding a message on ${packet.topic}: no handler takes it yet`, { topic: packet.topic });
         this.#held.push(packet);
         return callback(new Error("held: no handler"));
@@ -416,6 +429,7 @@ export class MqttTransport implements Transport {
     // A broker that kept our session kept our subscriptions; otherwise make them again.
     if (!connack.sessionPresent && this.#subs.size > 0) {
       for (const s of this.#subs.values()) {
+        if (s.leaving !== undefined) continue;
         s.ready = this.#brokerSubscribe(s).catch((e) => {
           this.#log.error(`Cannot subscribe again to ${s.key} after a reconnect`, { error: e });
         });
@@ -521,6 +535,12 @@ export class MqttTransport implements Transport {
     }
     const key = group === undefined ? filter : `$share/${group}/${filter}`;
     let sub = this.#subs.get(key);
+    // Being unsubscribed at the broker: a new subscription for the key is made once that is done.
+    while (sub?.leaving !== undefined) {
+      await sub.leaving;
+      if (this.#closed) throw new ClosedError(`Cannot subscribe to ${filter}: the transport is closed`);
+      sub = this.#subs.get(key);
+    }
     if (!sub) {
       const exact = !/[+#]/.test(filter);
       sub = {
@@ -567,16 +587,24 @@ export class MqttTransport implements Transport {
       });
     }
     const s = sub;
-    let active = true;
-    const remove = async (fromBroker: boolean) => {
-      if (!active) return;
-      active = false;
-      s.handlers = s.handlers.filter((h) => h !== handler);
-      if (s.handlers.length > 0 || this.#subs.get(key) !== s) return;
-      this.#drop(s);
-      if (fromBroker && !this.#closed) {
-        await this.client.unsubscribeAsync(key).catch((e) => this.#log.warn(`Cannot unsubscribe ${key}`, { error: e }));
+    let removed: Promise<void> | undefined;
+    const remove = (fromBroker: boolean): Promise<void> => {
+      if (removed !== undefined) return removed;
+      if (s.leaving !== undefined) return removed = s.leaving; // close() is removing it
+      if (s.handlers.length > 1 || this.#subs.get(key) !== s) {
+        // Others share the broker subscription (a group's messages go to them now), or it is gone.
+        const i = s.handlers.indexOf(handler);
+        if (i >= 0) s.handlers = s.handlers.filter((_, j) => j !== i);
+        return removed = RESOLVED;
       }
+      // The last handler keeps what the broker delivers until it confirms: acknowledged, that
+      // must be handled. A clean session that is down has nothing left at the broker.
+      if (fromBroker && !this.#closed && (this.persistent || this.client.connected)) return removed = this.#leave(s);
+      // detach() of a persistent session: what comes now has no handler and is not acknowledged,
+      // so the broker delivers it again on a later connection.
+      s.handlers = [];
+      this.#drop(s);
+      return removed = RESOLVED;
     };
     return {
       unsubscribe: () => remove(true),
@@ -585,10 +613,76 @@ export class MqttTransport implements Transport {
     };
   }
 
+  /**
+   * Unsubscribe at the broker; its handlers still take what it delivers for `s` until it
+   * confirms, and after that what it had already queued for this client (MQTT lets it, Mosquitto
+   * does): until a ping round trip brings no message (see #quiet). Then `s` is forgotten. Never
+   * rejects.
+   */
+  #leave(s: BrokerSub): Promise<void> {
+    return s.leaving ??= new Promise<void>((resolve) => {
+      s.left = () => {
+        s.handlers = [];
+        this.#drop(s);
+        resolve();
+      };
+      this.client.unsubscribe(s.key, (e) => {
+        if (!e) return void this.#quiet(LEAVE_QUIET_MS).then(s.left);
+        this.#log.warn(`Cannot unsubscribe ${s.key}`, { error: e });
+        s.left!();
+      });
+    });
+  }
+
+  /**
+   * Resolve once the broker has sent what it had queued for this client: the broker answers a
+   * PINGREQ after sending what the PUBACKs before it let through, so a ping round trip in which no
+   * message arrives means there is no more. Resolves false after `ms` (a connection that never
+   * goes quiet) or when the connection is lost.
+   */
+  #quiet(ms: number): Promise<boolean> {
+    const client = this.client;
+    return new Promise((resolve) => {
+      let sent = 0; // PINGREQs written since we started, ours or the keepalive's
+      let answered = 0;
+      let ours = 0; // the count of PINGREQs when ours went out
+      let received = 0;
+      const round = () => {
+        received = 0;
+        // This turn's acknowledgements first: the PINGREQ must follow them.
+        if (this.#corked !== undefined) this.#releaseWrites();
+        client.sendPing();
+        ours = sent;
+      };
+      const onSend = (p: { cmd: string }) => void (p.cmd === "pingreq" && sent++);
+      const onReceive = (p: { cmd: string }) => {
+        if (p.cmd === "publish") received++;
+        else if (p.cmd === "pingresp" && ++answered === ours) {
+          if (received === 0) finish(true);
+          else round();
+        }
+      };
+      const finish = (ok: boolean) => {
+        clearTimeout(timer);
+        client.off("packetsend", onSend);
+        client.off("packetreceive", onReceive);
+        client.off("close", lost);
+        resolve(ok);
+      };
+      const lost = () => finish(false);
+      const timer = setTimeout(lost, ms);
+      client.on("packetsend", onSend);
+      client.on("packetreceive", onReceive);
+      client.on("close", lost);
+      if (client.connected) round();
+      else finish(false);
+    });
+  }
+
   /** Forget a subscription here (with its identifier); the broker is told by the caller. */
   #drop(s: BrokerSub): void {
-    this.#subs.delete(s.key);
-    if (s.id !== undefined) this.#byId.delete(s.id);
+    if (this.#subs.get(s.key) === s) this.#subs.delete(s.key);
+    if (s.id !== undefined && this.#byId.get(s.id) === s) this.#byId.delete(s.id);
   }
 
   /** Give `s` an identifier: stable for its key, as a persistent session keeps it across runs. */
@@ -704,14 +798,35 @@ export class MqttTransport implements Transport {
     await this.client.unsubscribeAsync(key);
   }
 
-  /** Disconnect (an owned client). Held messages stay unacknowledged for the broker to resend. */
+  /**
+   * Remove the subscriptions and disconnect (an owned client). On a clean session they are
+   * removed at the broker first, and what it delivers until it confirms still reaches their
+   * handlers (that session and what it holds end with the connection). A persistent session
+   * keeps them: what arrives now, like the held messages, is left unacknowledged for the next run.
+   */
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
+    const leaving: Promise<void>[] = [];
+    for (const s of this.#subs.values()) {
+      if (s.leaving !== undefined) leaving.push(s.leaving);
+      else if (!this.persistent && this.client.connected) leaving.push(this.#leave(s));
+    }
+    if (leaving.length > 0) {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      await Promise.race([
+        Promise.all(leaving),
+        new Promise((r) => (timer = setTimeout(r, CLOSE_UNSUBSCRIBE_MS))),
+      ]);
+      clearTimeout(timer);
+    }
+    for (const s of this.#subs.values()) s.left?.();
     this.#subs.clear();
     this.#byId.clear();
     this.#held = [];
     this.#laterExpiry.clear();
+    // This turn's acknowledgements go out before the DISCONNECT.
+    if (this.#corked !== undefined) this.#releaseWrites();
     if (this.#owned) await this.client.endAsync();
   }
 }
