@@ -72,8 +72,9 @@ export class Mosquitto {
     this.url = `mqtt://127.0.0.1:${port}`;
   }
 
-  /** Start one; with `users`, anonymous clients are refused and these may connect. */
-  static async start(opts: { users?: Record<string, string> } = {}): Promise<Mosquitto> {
+  /** Start one; with `users`, anonymous clients are refused and these may connect; `conf`: more
+   * configuration lines. */
+  static async start(opts: { users?: Record<string, string>; conf?: string } = {}): Promise<Mosquitto> {
     if (!MOSQUITTO) throw new Error("mosquitto is not installed");
     const dir = mkdtempSync(join(tmpdir(), "novalet-mosq-"));
     const port = await freePort();
@@ -85,6 +86,7 @@ export class Mosquitto {
       for (const [u, p] of Object.entries(opts.users)) execFileSync("mosquitto_passwd", ["-b", pw, u, p]);
       conf = conf.replace("allow_anonymous true", "allow_anonymous false") + `password_file ${pw}\n`;
     }
+    if (opts.conf) conf += `${opts.conf}\n`;
     const file = join(dir, "mosquitto.conf");
     writeFileSync(file, conf);
     const m = new Mosquitto(dir, file, port);

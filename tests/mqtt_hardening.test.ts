@@ -1,12 +1,15 @@
 /**
  * The MQTT transport under edges that lose or wedge things: a subscription removed while the
- * broker is still delivering to it.
+ * broker is still delivering to it, a publish the broker refuses by disconnecting, and a message
+ * expiry beyond what the protocol can carry.
  */
 import { after, afterEach, before, describe, it } from "node:test";
 import assert from "node:assert/strict";
+import { DeliveryError } from "../mod.ts";
 import { MqttTransport, type MqttTransportOptions } from "../transports/mqtt.ts";
-import { sleep, uniquePrefix, waitFor } from "./helpers.ts";
+import { MemoryLogger, sleep, text, uniquePrefix, utf8, waitFor } from "./helpers.ts";
 import { mqttFixture, NO_SHARED } from "./mqtt_fixture.ts";
+import { Mosquitto, needs } from "./mosquitto.ts";
 
 /** A numbered message: 4 bytes, big-endian. */
 const numbered = (n: number): Uint8Array => {
@@ -133,5 +136,86 @@ describe("MQTT transport: removing a subscription loses no acknowledged message"
     await sub2.unsubscribe(); // leaves nothing in the broker's session
     const lost = missing(counts);
     assert.deepEqual(lost, [], `${lost.length} of ${n} messages lost`);
+  });
+});
+
+describe("MQTT transport: a publish the broker refuses by disconnecting", { skip: needs("mosquitto") }, () => {
+  // A broker limit the transport's own check does not catch: it keeps payloads 1 KiB under the
+  // broker's maximum packet size, and a topic longer than that makes the packet too large.
+  const MAX_PACKET = 2048;
+  let m: Mosquitto;
+  const opened: MqttTransport[] = [];
+  before(async () => {
+    m = await Mosquitto.start({ conf: `max_packet_size ${MAX_PACKET}` });
+  });
+  after(async () => {
+    for (const t of opened.reverse()) await t.close();
+    await m.stop();
+  });
+  const connect = async (extra: Partial<MqttTransportOptions> = {}) => {
+    const t = await MqttTransport.connect({ url: m.url, logger: new MemoryLogger(), ...extra });
+    opened.push(t);
+    return t;
+  };
+
+  it("is dropped after the broker closed the connection on it again and again; publish() fails, the rest goes on", async () => {
+    const prefix = uniquePrefix("poison");
+    const log = new MemoryLogger();
+    const t = await connect({ logger: log, reconnectMin: 0.1, reconnectMax: 0.4 });
+    const watcher = await connect();
+    const got = new Set<string>();
+    await watcher.subscribe(`${prefix}/ok`, (p) => void got.add(text(p)), { qos: 1 });
+    let closes = 0;
+    t.client.on("close", () => closes++);
+
+    const poisonTopic = `${prefix}/${"x".repeat(1500)}`;
+    const good = (i: number) => t.publish(`${prefix}/ok`, utf8(`good ${i}`), { qos: 1 });
+    const before = Array.from({ length: 20 }, (_, i) => good(i));
+    const poison = t.publish(poisonTopic, new Uint8Array(1000), { qos: 1 });
+    const afterIt = Array.from({ length: 20 }, (_, i) => good(20 + i));
+    const t0 = Date.now();
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const outcome = await Promise.race([
+      poison.then(() => "resolved", (e: Error) => e),
+      new Promise<string>((r) => (timer = setTimeout(() => r("still pending after 10 s"), 10_000))),
+    ]);
+    clearTimeout(timer);
+    assert.ok(outcome instanceof DeliveryError, `the poison publish was refused (got ${String(outcome)})`);
+    assert.ok(outcome.message.includes(poisonTopic), "the error names the topic");
+    assert.match(outcome.message, /the broker closed the connection/);
+    assert.ok(closes >= 3, `the broker refused it: ${closes} disconnects`);
+    assert.equal(log.lines.filter((l) => l.level === "error" && /Dropped a QoS 1 message/.test(l.msg)).length, 1);
+
+    // Every good message around it is delivered, and the connection serves again.
+    await Promise.all([...before, ...afterIt]);
+    await waitFor(() => got.size === 40, "the 40 good messages", 5000);
+    const own = new Set<string>();
+    await t.subscribe(`${prefix}/own`, (p) => void own.add(text(p)), { qos: 1 });
+    await t.publish(`${prefix}/own`, utf8("round trip"), { qos: 1 });
+    await waitFor(() => own.has("round trip"), "a round trip on the same transport", 5000);
+    assert.ok(t.client.connected);
+    assert.ok(Date.now() - t0 < 5000, `serving again ${Date.now() - t0} ms after the poison publish`);
+  });
+
+  it("a network flap costs no message: cut right after a message is sent, and after it is sent again", async () => {
+    const prefix = uniquePrefix("flap");
+    const log = new MemoryLogger();
+    const t = await connect({ logger: log, reconnectMin: 0.05, reconnectMax: 0.05 });
+    const watcher = await connect();
+    const got = new Set<string>();
+    await watcher.subscribe(`${prefix}/ok`, (p) => void got.add(text(p)), { qos: 1 });
+    // The first send, and the re-send after the reconnect, are each followed by a lost connection.
+    let cuts = 0;
+    const onSend = (p: { cmd: string }) => {
+      if (p.cmd !== "publish" || cuts >= 2) return;
+      cuts++;
+      setImmediate(() => (t.client.stream as unknown as { destroy(): void }).destroy());
+    };
+    t.client.on("packetsend", onSend);
+    await t.publish(`${prefix}/ok`, utf8("flapped"), { qos: 1 });
+    t.client.off("packetsend", onSend);
+    await waitFor(() => got.has("flapped"), "the message", 5000);
+    assert.equal(cuts, 2);
+    assert.equal(log.lines.filter((l) => /Dropped/.test(l.msg)).length, 0);
   });
 });

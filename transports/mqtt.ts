@@ -160,14 +160,25 @@ function parseUrl(url: string): { url: string; opts: Partial<MqttTransportOption
 /** A packet on its way out through mqtt.js's (internal) `_sendPacket`. */
 interface PacketOut {
   cmd: string;
+  topic?: string | Buffer;
   payload?: unknown;
   properties?: Record<string, unknown>;
   messageId?: number;
   reasonCode?: number;
 }
+/** `noStore` is true only when mqtt.js sends a stored QoS 1 packet again after a reconnect. */
 type SendPacket = (packet: PacketOut, cb?: unknown, cbStorePut?: unknown, noStore?: unknown) => void;
 /** The part of mqtt.js's client that has no public form: sending a packet as it is. */
 type Internals = { _sendPacket: SendPacket };
+
+/** mqtt.js's internals that the transport uses, checked once per client (tested with mqtt 5.16). */
+function internals(client: MqttClient): Internals {
+  const c = client as unknown as Internals;
+  if (typeof c._sendPacket !== "function") {
+    throw new Error("This version of mqtt.js has no MqttClient._sendPacket, which novalet's MQTT transport needs");
+  }
+  return c;
+}
 
 /** How long close() waits for the broker to confirm that the subscriptions are removed. */
 const CLOSE_UNSUBSCRIBE_MS = 5000;
@@ -177,6 +188,19 @@ const LEAVE_QUIET_MS = 3000;
 
 /** The largest message expiry interval MQTT 5 can carry: four bytes, in seconds (136 years). */
 const MAX_EXPIRY = 0xffff_ffff;
+
+/**
+ * A QoS 1 message that mqtt.js sends again after a reconnect, and that the broker answers by
+ * closing the connection (within POISON_WINDOW_MS, before acknowledging it) POISON_STRIKES times
+ * in a row, is one the broker refuses: it is dropped, or the client would never serve again. A
+ * network flap does not repeat itself right after the same message twice.
+ */
+const POISON_STRIKES = 2;
+const POISON_WINDOW_MS = 5000;
+/** MQTT 5 DISCONNECT reasons that are not about a packet the client sent: normal, server busy,
+ * shutting down, keep alive timeout, session taken over, message rate, quota, administrative
+ * action, use another server, server moved, connection rate, maximum connect time. */
+const NOT_ABOUT_A_PACKET = new Set([0, 0x89, 0x8b, 0x8d, 0x8e, 0x96, 0x97, 0x98, 0x9c, 0x9d, 0x9f, 0xa0]);
 
 /** What handlers learn about a message: shared, never changed. */
 const AT_QOS_0: MessageMeta = Object.freeze({ qos: 0 });
@@ -222,6 +246,14 @@ export class MqttTransport implements Transport {
   #expirySeconds = 0;
   /** Expiries of publishes that mqtt.js queued to send later (while it replays its store). */
   #laterExpiry = new Map<Buffer, number>();
+  /** The stored QoS 1 packet that mqtt.js last sent again on this connection, and when. */
+  #resent?: PacketOut;
+  #resentAt = 0;
+  /** Why the broker closed this connection, when it said (an MQTT 5 DISCONNECT). */
+  #closeReason?: number;
+  /** The re-sent packet that the last connections were closed on, and how many in a row. */
+  #suspect?: PacketOut;
+  #strikes = 0;
 
   private constructor(client: MqttClient, opts: MqttTransportOptions, owned: boolean) {
     this.client = client;
@@ -265,16 +297,21 @@ export class MqttTransport implements Transport {
     // defaults lack makes a new hidden class every time (checked with %HaveSameMap: never the
     // same). That was ~1 µs per publish alone, and the hidden classes made the publish path's
     // inline caches megamorphic: A/B, 24-28 µs less client CPU per QoS 1 call without it.
-    const internal = client as unknown as Internals;
+    const internal = internals(client);
     const send = internal._sendPacket;
     internal._sendPacket = (packet, cb, cbStorePut, noStore) => {
-      if (packet.cmd === "publish" && (this.#expiringPayload !== undefined || this.#laterExpiry.size > 0)) {
-        this.#addExpiry(packet);
+      if (packet.cmd === "publish") {
+        if (this.#expiringPayload !== undefined || this.#laterExpiry.size > 0) this.#addExpiry(packet);
+        // mqtt.js re-sends its stored messages one at a time, each after the previous PUBACK.
+        if (noStore === true) {
+          this.#resent = packet;
+          this.#resentAt = Date.now();
+        }
       }
       return send.call(client, packet, cb, cbStorePut, noStore);
     };
-    // Unacknowledged messages of a lost connection come again, with the session, on the next one.
-    client.on("close", () => void (this.#held = []));
+    client.on("disconnect", (p) => void (this.#closeReason = p.reasonCode));
+    client.on("close", () => this.#onClose());
   }
 
   /**
@@ -422,6 +459,9 @@ export class MqttTransport implements Transport {
   }
 
   #onConnect(connack: IConnackPacket): void {
+    // Emitted once mqtt.js has re-sent its whole store: none of it was refused.
+    this.#resent = this.#suspect = undefined;
+    this.#strikes = 0;
     this.#noDelay();
     this.#sharedAvailable = connack.properties?.sharedSubscriptionAvailable !== false;
     const max = connack.properties?.maximumPacketSize;
@@ -435,6 +475,51 @@ export class MqttTransport implements Transport {
         });
       }
     }
+  }
+
+  /**
+   * The connection is lost. If the broker closed it right after a message re-sent from mqtt.js's
+   * store, before acknowledging it, that message is a suspect; the same one POISON_STRIKES times
+   * in a row is refused by the broker (a topic it rejects, a packet over its size limit...): it
+   * is dropped and its publish() fails, instead of being sent again on every reconnect forever.
+   */
+  #onClose(): void {
+    // Unacknowledged messages of a lost connection come again, with the session, on the next one.
+    if (this.#held.length > 0) this.#held = [];
+    const packet = this.#resent;
+    const reason = this.#closeReason;
+    this.#resent = this.#closeReason = undefined;
+    if (packet === undefined) return; // nothing re-sent: no news about the suspect
+    const refused = !this.#closed && !this.client.disconnecting &&
+      this.client.outgoing[packet.messageId!] !== undefined && Date.now() - this.#resentAt <= POISON_WINDOW_MS &&
+      (reason === undefined || !NOT_ABOUT_A_PACKET.has(reason));
+    if (!refused) {
+      this.#suspect = undefined;
+      this.#strikes = 0;
+      return;
+    }
+    this.#strikes = this.#suspect === packet ? this.#strikes + 1 : 1;
+    this.#suspect = packet;
+    // After mqtt.js's own close handlers: its replay of the store is over by then.
+    if (this.#strikes >= POISON_STRIKES) queueMicrotask(() => this.#dropRefused(packet, reason));
+  }
+
+  /** Take a message the broker refuses out of mqtt.js's store and fail its publish(). */
+  #dropRefused(packet: PacketOut, reason: number | undefined): void {
+    const id = packet.messageId!;
+    const entry = this.client.outgoing[id];
+    this.#suspect = undefined;
+    const strikes = this.#strikes;
+    this.#strikes = 0;
+    if (entry === undefined || this.client.connected) return;
+    const topic = String(packet.topic);
+    const why = `the broker closed the connection right after it, the last ${strikes} times it was sent` +
+      (reason === undefined ? "" : ` (reason code ${reason})`);
+    this.#log.error(`Dropped a QoS 1 message to ${topic}: ${why}`, { topic });
+    // mqtt.js calls the publish's callback with "Message removed"; it gets the reason instead.
+    const cb = entry.cb;
+    entry.cb = (_e, p) => cb(new Error(why), p);
+    this.client.removeOutgoingMessage(id);
   }
 
   publish(topic: string, payload: Uint8Array, opts: PublishOptions = {}): Promise<void> {
