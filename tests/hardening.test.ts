@@ -551,3 +551,17 @@ describe("a registry that hangs", () => {
     }
   });
 });
+
+describe("MqttTransport.connect() refuses what it cannot carry, before connecting", () => {
+  it("a URL that does not parse or names no host, and fields over their protocol's size, name the problem", async () => {
+    const { MqttTransport } = await import("../transports/mqtt.ts");
+    const refused = async (opts: Record<string, unknown>, re: RegExp) =>
+      await assert.rejects(MqttTransport.connect({ connectTimeout: 1, ...opts }), re);
+    await refused({ url: "mqtt://[::1" }, /Invalid broker URL "mqtt:\/\/\[::1": not a URL/);
+    await refused({ url: "mqtt://h:99999" }, /Invalid broker URL/);
+    await refused({ url: "mqtt://" }, /names no host/);
+    await refused({ url: "mqtt://127.0.0.1:1?session_expiry=4294967296" }, /sessionExpiry 4294967296/);
+    await refused({ url: "mqtt://127.0.0.1:1", keepalive: 65_536 }, /keepalive 65536/);
+    await refused({ url: "mqtt://127.0.0.1:1", reconnectMax: 3e6 }, /reconnectMax/);
+  });
+});

@@ -126,9 +126,34 @@ function stableId(key: string): number {
   return (h % 268_435_454) + 1;
 }
 
+/** The largest values the protocol's fields (and a timer, for waits) can hold. */
+const LIMITS: [keyof MqttTransportOptions, number][] = [
+  ["sessionExpiry", 0xffff_ffff], // a four-byte field, seconds
+  ["keepalive", 65_535], // a two-byte field, seconds
+  ["connectTimeout", 2_147_483], // one timer
+  ["reconnectMin", 2_147_483],
+  ["reconnectMax", 2_147_483],
+];
+
+/** Refuse a number of seconds the protocol or a timer cannot hold, naming the option. */
+function checkLimits(opts: MqttTransportOptions): void {
+  for (const [name, max] of LIMITS) {
+    const v = opts[name];
+    if (v !== undefined && !(typeof v === "number" && v >= 0 && v <= max)) {
+      throw new RangeError(`Invalid ${name} ${quote(v)}: must be seconds from 0 to ${max}`);
+    }
+  }
+}
+
 /** Read novalet's query parameters from a broker URL and return the URL without them. */
 function parseUrl(url: string): { url: string; opts: Partial<MqttTransportOptions> } {
-  const u = new URL(url);
+  let u: URL;
+  try {
+    u = new URL(url);
+  } catch {
+    throw new TypeError(`Invalid broker URL ${quote(redactUrl(url))}: not a URL (check the host and the port)`);
+  }
+  if (u.hostname === "") throw new TypeError(`Invalid broker URL ${quote(redactUrl(url))}: it names no host`);
   const opts: Partial<MqttTransportOptions> = {};
   const num = (name: string) => {
     const v = u.searchParams.get(name);
@@ -331,6 +356,7 @@ export class MqttTransport implements Transport {
     for (const [k, v] of Object.entries(parsed.opts) as [keyof MqttTransportOptions, never][]) {
       if (opts[k] === undefined) opts[k] = v;
     }
+    checkLimits(opts);
     const sessionExpiry = opts.sessionExpiry ?? 0;
     const protocolVersion = opts.protocolVersion ?? 5;
     const reconnectMin = (opts.reconnectMin ?? 0.5) * 1000;
