@@ -19,6 +19,7 @@ import {
   RequestContext,
   Rpc,
   Service,
+  type ServiceOptions,
   type Transport,
   validateFilter,
   validateTopic,
@@ -206,9 +207,9 @@ describe("bounded work", () => {
     await waitFor(() => replies().some((r) => r.id === "f2" && r.result === "fast"), "f2 answered");
   });
 
-  it("a refused call reaches the caller as RemoteError of type Overloaded; the service keeps serving", async () => {
-    const hub = new MemoryHub();
-    const transport = new MemoryTransport(hub);
+  /** A started service of Slow on its own hub; `close()` releases what it was given. */
+  async function slowService(extra: Partial<ServiceOptions>) {
+    const transport = new MemoryTransport(new MemoryHub());
     const registry = await openSqlRegistry();
     const svc = Service.create({
       host: "h1",
@@ -216,13 +217,22 @@ describe("bounded work", () => {
       manager: Slow,
       transport,
       registry,
-      prefix: uniquePrefix("over"),
+      prefix: uniquePrefix("slow"),
       logger: new MemoryLogger(),
-      maxRunningHandlers: 2,
-      maxQueuedHandlers: 1,
       flags: parseFlags([]),
+      ...extra,
     });
     await svc.start();
+    const close = async () => {
+      await svc.stop();
+      await registry.close();
+      await transport.close();
+    };
+    return { svc, transport, close };
+  }
+
+  it("a refused call reaches the caller as RemoteError of type Overloaded; the service keeps serving", async () => {
+    const { svc, close } = await slowService({ maxRunningHandlers: 2, maxQueuedHandlers: 1 });
     try {
       const calls = Array.from({ length: 5 }, () => svc.rpc.call(ctx, "slow", { method: "slow" }, { timeout: 5 }));
       const settled = Promise.allSettled(calls);
@@ -241,9 +251,7 @@ describe("bounded work", () => {
       assert.deepEqual(results.slice(0, 3).map((r) => r.status), ["fulfilled", "fulfilled", "fulfilled"]);
       assert.equal(await svc.rpc.call(ctx, "slow", { method: "fast" }), "fast");
     } finally {
-      await svc.stop();
-      await registry.close();
-      await transport.close();
+      await close();
     }
   });
 
@@ -276,21 +284,9 @@ describe("bounded work", () => {
   });
 
   it("a stop that times out drops the requests still queued: they never start on a stopped service", async () => {
-    const transport = new MemoryTransport(new MemoryHub());
-    const registry = await openSqlRegistry();
     const log = new MemoryLogger();
-    const svc = Service.create({
-      host: "h1",
-      topic: "slow",
-      manager: Slow,
-      transport,
-      registry,
-      prefix: uniquePrefix("abandon"),
-      logger: log,
-      maxRunningHandlers: 1,
-      flags: parseFlags(["--graceful_shutdown_timeout=0.2"]),
-    });
-    await svc.start();
+    const flags = parseFlags(["--graceful_shutdown_timeout=0.2"]);
+    const { svc, transport, close } = await slowService({ logger: log, maxRunningHandlers: 1, flags });
     const m = svc.manager as Slow;
     const rpc = new Rpc(transport, { prefix: svc.rpc.topics.prefix });
     for (let i = 0; i < 3; i++) void rpc.cast(ctx, "slow", { method: "slow" });
@@ -302,8 +298,7 @@ describe("bounded work", () => {
     assert.equal(m.release.length, 0, "nothing queued started");
     assert.equal(svc.dispatcher!.inFlight, 0);
     await rpc.close();
-    await registry.close();
-    await transport.close();
+    await close();
   });
 
   it("the limits are flags, checked", () => {
