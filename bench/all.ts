@@ -13,9 +13,9 @@ const parts = [
     cpus()[0]?.model ?? "cpu"
   }\n`,
 ];
-for (const name of ["memory", "mqtt", "registry", "startup"]) {
+for (const name of ["memory", "mqtt", "registry", "startup", "flood"]) {
   console.error(`--- bench/${name}.ts`);
-  const out = execFileSync(process.execPath, ["--import", "tsx", new URL(`${name}.ts`, here).pathname], {
+  const out = execFileSync(process.execPath, ["--expose-gc", "--import", "tsx", new URL(`${name}.ts`, here).pathname], {
     encoding: "utf8",
     stdio: ["ignore", "pipe", "inherit"],
     maxBuffer: 64 * 1024 * 1024,
