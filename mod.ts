@@ -182,7 +182,9 @@ export function redactUrl(url: string): string {
 export function quote(value: unknown, max = 60): string {
   let s: string;
   try {
-    s = typeof value === "string" ? JSON.stringify(value) : String(JSON.stringify(value));
+    s = typeof value === "string" ? JSON.stringify(value) : typeof value === "number" && !Number.isFinite(value) // JSON would say null
+      ? String(value)
+      : String(JSON.stringify(value));
   } catch {
     // A BigInt, a cycle, a structure too deep for the stack, a throwing toJSON: never throw here.
     try {
@@ -2164,6 +2166,12 @@ export interface DispatcherOptions {
   maxRunning?: number;
   /** Requests that may wait for a running slot; more are refused with `Overloaded`. Default 1,000. */
   maxQueued?: number;
+  /**
+   * Bytes of requests (each its share of the message it came in) held at once, running and
+   * queued; more are refused with `Overloaded`, except that one request is always taken when
+   * nothing is held. Default 32 MiB.
+   */
+  maxHeldBytes?: number;
   qos?: 0 | 1;
 }
 
@@ -2171,6 +2179,8 @@ export interface DispatcherOptions {
 interface Queued {
   req: RequestEnvelope;
   qos: 0 | 1;
+  /** Its share of the bytes of the message it came in (see maxHeldBytes). */
+  bytes: number;
 }
 
 function versionOk(requested: string, ours: string): boolean {
@@ -2210,6 +2220,8 @@ export class Dispatcher {
   #queue: Queued[] = [];
   #queueHead = 0;
   #maxQueued: number;
+  #heldBytes = 0;
+  #maxHeldBytes: number;
   #pumping = false;
   /** Requests refused as overloaded since the last log line about it, and when that was. */
   #refused = 0;
@@ -2228,6 +2240,7 @@ export class Dispatcher {
     this.#dedupWindowMs = checkTimeout(opts.dedupWindow ?? 600, "dedupWindow") * 1000;
     this.#maxRunning = positiveInt(opts.maxRunning ?? 64, "maxRunning");
     this.#maxQueued = positiveInt(opts.maxQueued ?? 1000, "maxQueued", 0);
+    this.#maxHeldBytes = positiveInt(opts.maxHeldBytes ?? 32 * 1024 * 1024, "maxHeldBytes");
     this.#outbox = new Outbox(transport, this.#codec);
     this.#local = transport.publishLocal !== undefined && this.#codec.copy !== undefined;
     this.#maxBytes = opts.maxMessageBytes ?? 16 * 1024 * 1024;
@@ -2244,9 +2257,10 @@ export class Dispatcher {
     return this.#inFlight;
   }
 
-  /** Handlers running now, and requests queued for a running slot (see maxRunning, maxQueued). */
-  get load(): { running: number; queued: number } {
-    return { running: this.#running, queued: this.#queued() };
+  /** Handlers running now, requests queued for a running slot, and the bytes of both (see
+   * maxRunning, maxQueued, maxHeldBytes). */
+  get load(): { running: number; queued: number; bytes: number } {
+    return { running: this.#running, queued: this.#queued(), bytes: this.#heldBytes };
   }
 
   /** Resolves when no request is being handled. */
@@ -2263,7 +2277,7 @@ export class Dispatcher {
   handle = (payload: Uint8Array, topic: string, meta?: MessageMeta): void => {
     this.#inFlight++; // the message itself, while its requests are read
     try {
-      if (meta?.local !== undefined) this.#run(requestOrBad(meta.local), topic, this.#qos, 0);
+      if (meta?.local !== undefined) this.#run(requestOrBad(meta.local), topic, this.#qos, 0, 0);
       else this.#handle(payload, topic, meta?.qos === 0 ? 0 : this.#qos);
     } catch (e) {
       this.#failed(e, topic);
@@ -2297,16 +2311,18 @@ export class Dispatcher {
       items = [asBadRequest(e)]; // the message as a whole is unreadable
     }
     const fp = fingerprint(payload);
-    for (const item of items) this.#run(item, topic, qos, fp);
+    const bytes = Math.ceil(payload.byteLength / items.length);
+    for (const item of items) this.#run(item, topic, qos, fp, bytes);
   }
 
   /** One request, counted in flight until #done (on every path, exactly once). `fp`: the
-   * fingerprint of the message it came in (0 for an in-process message). */
-  #run(item: RequestEnvelope | BadRequest, topic: string, qos: 0 | 1, fp: number): void {
+   * fingerprint of the message it came in (0 for an in-process message); `bytes`: its share of
+   * that message's bytes (0 in-process: the sender's own objects). */
+  #run(item: RequestEnvelope | BadRequest, topic: string, qos: 0 | 1, fp: number, bytes: number): void {
     this.#inFlight++;
     try {
       if (item instanceof BadRequest) this.#refuse(item, topic, qos);
-      else this.#one(item, topic, qos, fp);
+      else this.#one(item, topic, qos, fp, bytes);
     } catch (e) {
       this.#failed(e, topic); // a bug of ours: #one and #refuse answer what they catch
       this.#done();
@@ -2326,7 +2342,7 @@ export class Dispatcher {
 
   /** Run one request (now, or queued for a slot) and answer it (in a batch with other replies when
    * the caller reads them). */
-  #one(req: RequestEnvelope, topic: string, qos: 0 | 1, fp: number): void {
+  #one(req: RequestEnvelope, topic: string, qos: 0 | 1, fp: number, bytes: number): void {
     const { id, reply_to: replyTo } = req;
     if (replyTo !== undefined && !this.#replyTopicOk(replyTo)) {
       this.#log.warn(
@@ -2344,9 +2360,14 @@ export class Dispatcher {
       this.#log.debug(`Dropped a duplicate of request ${id} ("${req.method}")`, { id });
       return this.#done();
     }
-    if (this.#running < this.#maxRunning && this.#queued() === 0) return this.#start(req, qos, topic);
-    if (this.#queued() < this.#maxQueued) {
-      this.#queue.push({ req, qos });
+    const fits = this.#heldBytes === 0 || this.#heldBytes + bytes <= this.#maxHeldBytes;
+    if (fits && this.#running < this.#maxRunning && this.#queued() === 0) {
+      this.#heldBytes += bytes;
+      return this.#start(req, qos, topic, bytes);
+    }
+    if (fits && this.#queued() < this.#maxQueued) {
+      this.#heldBytes += bytes;
+      this.#queue.push({ req, qos, bytes });
       return;
     }
     this.#recent.forget(id, fp); // refused: a resend of the same message must run
@@ -2363,7 +2384,7 @@ export class Dispatcher {
     const now = performance.now();
     if (now - this.#refusedLoggedAt >= 10_000) {
       this.#log.warn(
-        `Overloaded: refused ${this.#refused} request(s) (${this.#running} handlers running, ${this.#queued()} queued: maxRunning, maxQueued)`,
+        `Overloaded: refused ${this.#refused} request(s) (${this.#running} handlers running, ${this.#queued()} queued, ${this.#heldBytes} bytes held: maxRunning, maxQueued, maxHeldBytes)`,
         { method: req.method, id: req.id },
       );
       this.#refused = 0;
@@ -2373,7 +2394,7 @@ export class Dispatcher {
     // The wire form of an Overloaded error, without making one (and its stack): refusing is cheap.
     const message = `The server of "${req.method}" is overloaded (${this.#running} running, ${this.#queued()} ` +
       "queued); nothing ran, retry later";
-    this.#answer(req, qos, undefined, { type: "Overloaded", message }, false);
+    this.#answer(req, qos, undefined, { type: "Overloaded", message });
   }
 
   /** Start queued requests while there are free slots. */
@@ -2382,14 +2403,15 @@ export class Dispatcher {
     this.#pumping = true;
     try {
       while (this.#running < this.#maxRunning && this.#queued() > 0) {
-        const { req, qos } = this.#take();
+        const { req, qos, bytes } = this.#take();
         if (req.deadline !== undefined && Date.now() > req.deadline) {
           this.#log.warn(`Dropped "${req.method}": its deadline passed while it was queued`, { id: req.id });
+          this.#heldBytes -= bytes;
           this.#done();
           continue;
         }
         try {
-          this.#start(req, qos, undefined);
+          this.#start(req, qos, undefined, bytes);
         } catch (e) {
           this.#failed(e, req.method);
           this.#done();
@@ -2421,35 +2443,38 @@ export class Dispatcher {
    */
   abandonQueued(): number {
     const n = this.#queued();
-    for (let i = 0; i < n; i++) this.#done();
+    for (let i = 0; i < n; i++) {
+      this.#heldBytes -= this.#queue[this.#queueHead + i]!.bytes;
+      this.#done();
+    }
     this.#queue = [];
     this.#queueHead = 0;
     return n;
   }
 
   /** Run the method now, in a running slot, and answer with its outcome. */
-  #start(req: RequestEnvelope, qos: 0 | 1, topic: string | undefined): void {
+  #start(req: RequestEnvelope, qos: 0 | 1, topic: string | undefined, bytes: number): void {
     this.#running++;
     let result: unknown;
     try {
       result = this.#invoke(req);
     } catch (e) {
-      return this.#answer(req, qos, undefined, errorToWire(e, this.#debug));
+      return this.#answer(req, qos, undefined, errorToWire(e, this.#debug), bytes);
     }
     // A synchronous handler's result is used as is: no extra turn of the event loop.
-    if (!(result instanceof Promise)) return this.#answer(req, qos, result);
+    if (!(result instanceof Promise)) return this.#answer(req, qos, result, undefined, bytes);
     result.then(
-      (r) => this.#answer(req, qos, r),
-      (e) => this.#answer(req, qos, undefined, errorToWire(e, this.#debug)),
+      (r) => this.#answer(req, qos, r, undefined, bytes),
+      (e) => this.#answer(req, qos, undefined, errorToWire(e, this.#debug), bytes),
     ).catch((e) => { // a bug of ours, as in #run
       this.#failed(e, topic ?? req.method);
       this.#done();
     });
   }
 
-  /** Reply with the result or the error (a cast's error is logged); `ran`: it had a running slot,
-   * which is free now. */
-  #answer(req: RequestEnvelope, qos: 0 | 1, result: unknown, error?: WireError, ran = true): void {
+  /** Reply with the result or the error (a cast's error is logged). `held`: the bytes of a
+   * request that ran, whose running slot is free now (undefined for a refused one). */
+  #answer(req: RequestEnvelope, qos: 0 | 1, result: unknown, error?: WireError, held?: number): void {
     const { id, reply_to: replyTo } = req;
     if (replyTo === undefined) {
       if (error) this.#log.error(`Cast "${req.method}" failed: ${error.type}: ${error.message}`, { id });
@@ -2459,7 +2484,9 @@ export class Dispatcher {
       this.#reply(replyTo, reply, qos, req.batch === true, req.method);
     }
     // The slot goes to the next queued request once this one's reply is on its way: in order.
-    if (ran && --this.#running < this.#maxRunning && this.#queued() > 0) this.#pump();
+    if (held === undefined) return;
+    this.#heldBytes -= held;
+    if (--this.#running < this.#maxRunning && this.#queued() > 0) this.#pump();
   }
 
   /** Run the method: its result, or a promise of it. Throws what the lookup or the method throws. */
@@ -2505,8 +2532,25 @@ export class Dispatcher {
   }
 
   #replySent = (e: Error | undefined, replyTo: string, id?: string): void => {
-    if (e !== undefined) this.#replyFailed(e, replyTo, id);
+    if (e !== undefined) {
+      this.#replyFailed(e, replyTo, id);
+      // Too large for the transport (a RangeError, refused before sending): the caller is told
+      // so in a small error reply instead of waiting out its timeout.
+      if (e instanceof RangeError && id !== undefined) {
+        const error: WireError = { type: "ReplyTooLarge", message: `The reply could not be sent: ${e.message}` };
+        try {
+          const bytes = encodeBytes(this.#codec, { v: 1, id, error });
+          this.#outbox.sendAlone(replyTo, bytes, { qos: this.#qos }, this.#errorReplySent, id);
+        } catch (e2) {
+          this.#replyFailed(e2, replyTo, id);
+        }
+      }
+    }
     this.#done();
+  };
+
+  #errorReplySent = (e: Error | undefined, replyTo: string, id?: string): void => {
+    if (e !== undefined) this.#replyFailed(e, replyTo, id);
   };
 
   #replyFailed(e: unknown, replyTo: string, id?: string): void {
@@ -2933,6 +2977,8 @@ export interface Flags {
   maxRunningHandlers: number;
   /** Requests a service queues for a running slot; more are refused (`Overloaded`). Default 1000. */
   maxQueuedHandlers: number;
+  /** Bytes of requests a service holds, running and queued; more are refused. Default 32 MiB. */
+  maxHeldBytes: number;
   /** Default: the machine's hostname. */
   host: string;
   /** `memory://` (default), `mqtt://user:pass@host:1883`, `mqtts://...`. */
@@ -3012,6 +3058,7 @@ const FLAGS: Record<string, FlagSpec> = {
   graceful_shutdown_timeout: { key: "gracefulShutdownTimeout", parse: seconds("positive") },
   max_running_handlers: { key: "maxRunningHandlers", parse: count(1) },
   max_queued_handlers: { key: "maxQueuedHandlers", parse: count(0) },
+  max_held_bytes: { key: "maxHeldBytes", parse: count(1) },
   host: { key: "host", parse: (v, n) => checkName("host", v, `--${n}`) },
   transport_url: {
     key: "transportUrl",
@@ -3035,6 +3082,7 @@ export function defaultFlags(): Flags {
     gracefulShutdownTimeout: 60,
     maxRunningHandlers: 64,
     maxQueuedHandlers: 1000,
+    maxHeldBytes: 32 * 1024 * 1024,
     host: hostname(),
     transportUrl: "memory://",
     registryUrl: "sqljs::memory:",
@@ -3168,6 +3216,8 @@ export interface ServiceOptions {
   /** Requests queued for a running slot; more are refused with `Overloaded`. Default
    * `flags.maxQueuedHandlers` (1000). */
   maxQueuedHandlers?: number;
+  /** Bytes of requests held, running and queued. Default `flags.maxHeldBytes` (32 MiB). */
+  maxHeldBytes?: number;
 }
 
 /** Load `"./path.ts#ClassName"` (path relative to the working directory, or a package name). */
@@ -3348,6 +3398,7 @@ export class Service {
       maxMessageBytes: this.#opts.maxMessageBytes,
       maxRunning: this.#opts.maxRunningHandlers ?? this.flags.maxRunningHandlers,
       maxQueued: this.#opts.maxQueuedHandlers ?? this.flags.maxQueuedHandlers,
+      maxHeldBytes: this.#opts.maxHeldBytes ?? this.flags.maxHeldBytes,
     });
     this.#dispatcher = dispatcher;
     const handle = dispatcher.handle; // it counts its in-flight handlers; stop() waits for them

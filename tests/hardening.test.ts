@@ -185,7 +185,7 @@ describe("bounded work", () => {
     const batch = Array.from({ length: 20 }, (_, i) => request(`r${i}`, "slow", {}));
     d.handle(utf8(`[${batch.join(",")}]`), "t/rpc/s", { qos: 1 });
     assert.equal(m.running, 3);
-    assert.deepEqual(d.load, { running: 3, queued: 5 });
+    assert.deepEqual({ running: d.load.running, queued: d.load.queued }, { running: 3, queued: 5 });
     await waitFor(() => replies().length === 12, "12 refusals");
     assert.ok(replies().every((r) => r.error?.type === "Overloaded"), JSON.stringify(replies()[0]));
     assert.deepEqual(replies().map((r) => r.id), Array.from({ length: 12 }, (_, i) => `r${i + 8}`));
@@ -299,6 +299,46 @@ describe("bounded work", () => {
     assert.equal(svc.dispatcher!.inFlight, 0);
     await rpc.close();
     await close();
+  });
+
+  it("requests held at once are bounded in bytes too: large ones past maxHeldBytes are refused", async () => {
+    const { transport, replies } = recorder();
+    const m = new Slow();
+    const d = new Dispatcher(m, transport, { prefix: "t", logger: new MemoryLogger(), maxHeldBytes: 10_000 });
+    const big = (id: string) => utf8(request(id, "slow", { pad: "x".repeat(4_000) }));
+    for (let i = 0; i < 5; i++) d.handle(big(`b${i}`), "t/rpc/s");
+    // two fit in 10,000 bytes (running: slots are free); the rest are refused, not queued
+    assert.deepEqual({ running: d.load.running, queued: d.load.queued }, { running: 2, queued: 0 });
+    await waitFor(() => replies().length === 3, "three refusals");
+    assert.ok(replies().every((r) => r.error?.type === "Overloaded"));
+    // one request larger than the bound is still taken when nothing is held
+    while (m.release.length > 0) m.release.shift()!();
+    await waitFor(() => d.load.bytes === 0, "nothing held");
+    d.handle(utf8(request("huge", "slow", { pad: "x".repeat(20_000) })), "t/rpc/s");
+    assert.equal(d.load.running, 1);
+    m.release.shift()!();
+    await d.drained();
+    assert.equal(d.load.bytes, 0);
+  });
+
+  it("a reply too large for the transport reaches the caller as ReplyTooLarge, not as a timeout", async () => {
+    const published: string[] = [];
+    const transport: Transport = {
+      publish: (_t, p) => {
+        if (p.byteLength > 1_000) return Promise.reject(new RangeError(`Cannot publish ${p.byteLength} bytes`));
+        published.push(text(p));
+        return Promise.resolve();
+      },
+      subscribe: () => Promise.resolve({ unsubscribe: () => Promise.resolve() }),
+      close: () => Promise.resolve(),
+    };
+    const d = new Dispatcher(new Echo(), transport, { prefix: "t", logger: new MemoryLogger() });
+    d.handle(utf8(request("r1", "echo", { pad: "x".repeat(5_000) })), "t/rpc/e");
+    await waitFor(() => published.length === 1, "the error reply");
+    const reply = JSON.parse(published[0]!);
+    assert.equal(reply.id, "r1");
+    assert.equal(reply.error.type, "ReplyTooLarge");
+    assert.match(reply.error.message, /Cannot publish \d+ bytes/);
   });
 
   it("the limits are flags, checked", () => {
@@ -559,5 +599,6 @@ describe("MqttTransport.connect() refuses what it cannot carry, before connectin
     await refused({ url: "mqtt://127.0.0.1:1?session_expiry=4294967296" }, /sessionExpiry 4294967296/);
     await refused({ url: "mqtt://127.0.0.1:1", keepalive: 65_536 }, /keepalive 65536/);
     await refused({ url: "mqtt://127.0.0.1:1", reconnectMax: 3e6 }, /reconnectMax/);
+    await refused({ url: "mqtt://127.0.0.1:1?keepalive=5" }, /Unknown parameter "keepalive"/);
   });
 });

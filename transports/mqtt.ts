@@ -175,6 +175,17 @@ function parseUrl(url: string): { url: string; opts: Partial<MqttTransportOption
     opts.sharedSubscriptions = shared !== "false" && shared !== "0";
     u.searchParams.delete("shared");
   }
+  // Over TCP the rest of the query goes nowhere (mqtt.js reads clientId only): a typo must not
+  // pass silently. (A WebSocket URL keeps its query: it is part of the address.)
+  if (!u.protocol.startsWith("ws")) {
+    const unknown = [...u.searchParams.keys()].filter((k) => k !== "clientId");
+    if (unknown.length > 0) {
+      throw new TypeError(
+        `Unknown parameter ${quote(unknown[0])} in broker URL ${quote(redactUrl(url))}: ` +
+          "known are session_expiry, protocol_version, qos, shared and clientId",
+      );
+    }
+  }
   if (u.username) opts.username = decodeURIComponent(u.username);
   if (u.password) opts.password = decodeURIComponent(u.password);
   u.username = "";
