@@ -43,7 +43,7 @@ Flags (also NOVALET_<NAME> in the environment):
   --transport_url=memory://|mqtt://user:pass@host:1883   --registry_url=sqljs::memory:|sqljs:PATH|postgres://...
   --prefix=novalet  --host=NAME  --report_interval=10  --periodic_interval=60  --periodic_fuzzy_delay=60
   --service_down_time=60  --rpc_response_timeout=60  --graceful_shutdown_timeout=60
-  --max_running_handlers=64  --max_queued_handlers=1000
+  --max_running_handlers=64  --max_queued_handlers=1000  --max_held_bytes=33554432
   --log_format=text|json  --log_level=info  --debug
 
 Exit status: 0 done, 1 the operation failed, 2 bad arguments.`;

@@ -64,6 +64,11 @@ describe("novalet CLI", () => {
       [["call", "compute", "run", "--timeout=0"], /Invalid --timeout/],
       [["serve"], /"serve" needs at least one SPEC/],
       [["serve", "./tests/fixtures/managers.ts#Nope"], /"Nope" is not an exported Manager subclass/],
+      [["call", "c", "m", "--transport_url=mqtt://[::1"], /Invalid --transport_url="mqtt:\/\/\[::1": not a valid URL/],
+      [["call", "c", "m", "--transport_url=mqtt://h:99999"], /Invalid --transport_url="mqtt:\/\/h:99999"/],
+      [["call", "c", "m", "--transport_url=mqtt://"], /Invalid --transport_url="mqtt:\/\/": names no host/],
+      [["services", "list", "--registry_url=postgres://[bad"], /Invalid --registry_url="postgres:\/\/\[bad"/],
+      [["services", "list", "--periodic_interval=4294967296"], /Invalid --periodic_interval=.*at most 4294967295/],
     ];
     for (const [args, re] of cases) {
       const r = await cli(args);
