@@ -2524,20 +2524,40 @@ export class Dispatcher {
         this.#transport.publishLocal!(replyTo, message, { qos }).catch((e) => this.#replyFailed(e, replyTo, reply.id));
         return this.#done();
       }
-      if (batch) this.#outbox.send(replyTo, message, { qos }, this.#replySent, reply.id);
-      else this.#outbox.sendAlone(replyTo, message, { qos }, this.#replySent, reply.id);
+      // The callback keeps the method and the bytes, for the error reply and the retry alone.
+      const sent: Sent = (e, topic) => this.#replySent(e, topic, reply.id, method, batch ? message : undefined, qos);
+      if (batch) this.#outbox.send(replyTo, message, { qos }, sent);
+      else this.#outbox.sendAlone(replyTo, message, { qos }, sent);
     } catch (e) {
-      this.#replySent(asError(e), replyTo, reply.id);
+      this.#replySent(asError(e), replyTo, reply.id, method);
     }
   }
 
-  #replySent = (e: Error | undefined, replyTo: string, id?: string): void => {
+  /** `batched`: the reply's bytes when it may have left in a batch with others (QoS `qos`). */
+  #replySent(
+    e: Error | undefined,
+    replyTo: string,
+    id: string,
+    method?: string,
+    batched?: Uint8Array,
+    qos: 0 | 1 = this.#qos,
+  ): void {
     if (e !== undefined) {
+      // Too large for the transport (a RangeError, refused before sending). A batch may be too
+      // large where its replies are not: each is sent again alone. A reply still too large is
+      // answered by a small error reply, so that the caller does not wait out its timeout.
+      if (e instanceof RangeError && batched !== undefined) {
+        this.#outbox.sendAlone(replyTo, batched, { qos }, (e2, topic) => {
+          this.#replySent(e2, topic, id, method);
+        });
+        return;
+      }
       this.#replyFailed(e, replyTo, id);
-      // Too large for the transport (a RangeError, refused before sending): the caller is told
-      // so in a small error reply instead of waiting out its timeout.
-      if (e instanceof RangeError && id !== undefined) {
-        const error: WireError = { type: "ReplyTooLarge", message: `The reply could not be sent: ${e.message}` };
+      if (e instanceof RangeError) {
+        const error: WireError = {
+          type: "ReplyTooLarge",
+          message: `The reply to ${quote(method)} could not be sent: ${e.message}`,
+        };
         try {
           const bytes = encodeBytes(this.#codec, { v: 1, id, error });
           this.#outbox.sendAlone(replyTo, bytes, { qos: this.#qos }, this.#errorReplySent, id);
@@ -2547,7 +2567,7 @@ export class Dispatcher {
       }
     }
     this.#done();
-  };
+  }
 
   #errorReplySent = (e: Error | undefined, replyTo: string, id?: string): void => {
     if (e !== undefined) this.#replyFailed(e, replyTo, id);
@@ -2562,9 +2582,11 @@ export class Dispatcher {
     try {
       return encodeFor(this.#codec, this.#local, reply);
     } catch (e) {
-      // The result does not serialise (a cycle, a BigInt): tell the caller instead of hanging it.
+      // The result has no JSON form (a BigInt, a cycle, a toJSON() that throws): tell the caller
+      // at once, in the same words on both paths (V8's cycle message adds lines on one of them).
       const wire = errorToWire(e, this.#debug);
-      wire.message = `Cannot encode the result of ${quote(method)}: ${wire.message}`;
+      wire.message = `Cannot encode the result of ${quote(method)}: ${wire.message.split("\n", 1)[0]}`;
+      wire.type = "ResultNotSerializable";
       const error: ReplyEnvelope = { v: 1, id: reply.id, error: wire };
       return encodeFor(this.#codec, this.#local, error);
     }

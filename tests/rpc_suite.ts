@@ -78,6 +78,16 @@ function makeCalc(seen: Seen) {
       o.self = o;
       return o;
     }
+    unencodable(_ctx: RequestContext, { how }: { how: string }) {
+      if (how === "bigint") return { n: [1n] };
+      return {
+        when: {
+          toJSON: () => {
+            throw new RangeError("Invalid time value");
+          },
+        },
+      };
+    }
     /** A naive deep merge, the classic way args pollute Object.prototype. */
     merge(_ctx: RequestContext, args: Record<string, unknown>) {
       const deepMerge = (t: Record<string, unknown>, s: Record<string, unknown>) => {
@@ -579,12 +589,26 @@ export function rpcSuite(
       assert.deepEqual(seen.casts, [], "nothing was sent");
     });
 
-    it("a result that cannot be serialised is a RemoteError, not a hang", async () => {
+    it("a result that cannot be serialised is a RemoteError naming the method and the cause, not a hang", async () => {
       const rpc = await setup("h1");
-      await assert.rejects(
-        rpc.call(ctx, "calc", { method: "cyclic" }, { timeout: 5 }),
-        (e: RemoteError) => e instanceof RemoteError && /Cannot encode the result of "cyclic"/.test(e.message),
-      );
+      const cases: [string, Record<string, unknown>, string][] = [
+        ["cyclic", {}, "Converting circular structure to JSON"],
+        ["unencodable", { how: "bigint" }, "Do not know how to serialize a BigInt"],
+        ["unencodable", { how: "toJSON" }, "Invalid time value"],
+      ];
+      for (const [method, args, cause] of cases) {
+        const started = Date.now();
+        const e = await rpc.call(ctx, "calc", { method, args }, { timeout: 5 }).then(
+          () => assert.fail(`${method} resolved`),
+          (e: unknown) => e,
+        );
+        assert.ok(e instanceof RemoteError, String(e));
+        assert.equal(e.type, "ResultNotSerializable");
+        // The same words on every path: one line, the method, what JSON said.
+        assert.equal(e.message, `Cannot encode the result of "${method}": ${cause}`);
+        assert.ok(Date.now() - started < 2_000, "at once, not at the timeout");
+      }
+      assert.equal(await rpc.call(ctx, "calc", { method: "add", args: { a: 1, b: 2 } }), 3, "still serving");
     });
 
     it("10,000 concurrent calls all resolve and the pending table is empty afterwards", async () => {
