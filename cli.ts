@@ -7,6 +7,7 @@
  * @module
  */
 
+import { existsSync, readFileSync } from "node:fs";
 import process from "node:process";
 import {
   type Flags,
@@ -23,23 +24,36 @@ import {
   type ServiceRecord,
 } from "./mod.ts";
 
-const USAGE = `novalet — run and operate novalet services
-
-Usage:
-  novalet serve SPEC... [--topic=T] [flags]       run managers; SPEC is ./path.ts#ClassName
-  novalet call ADDRESS METHOD [JSON] [--timeout=S] [flags]
-  novalet cast ADDRESS METHOD [JSON] [flags]
-  novalet services list [--topic=T] [--host=H] [--binary=B] [--json] [flags]
+/** Each command's usage lines and what it does: `novalet help COMMAND` prints one. */
+const COMMANDS: Record<string, { usage: string; about: string }> = {
+  serve: {
+    usage: "  novalet serve SPEC... [--topic=T] [flags]       run managers; SPEC is ./path.ts#ClassName",
+    about: `serve takes the topic from --topic or the class name (ComputeManager -> compute), and the
+binary "nova-TOPIC". On the default memory:// transport only this process can reach it: use
+--transport_url=mqtt://... to serve other processes. A sqljs:PATH registry file is created.`,
+  },
+  call: {
+    usage: "  novalet call ADDRESS METHOD [JSON] [--timeout=S] [flags]",
+    about: `Prints the result as JSON. A remote error prints its type, message and data on stderr, exit 1.
+ADDRESS is a topic ("compute") or topic.host ("compute.node1"); JSON is the args object.`,
+  },
+  cast: {
+    usage: "  novalet cast ADDRESS METHOD [JSON] [--fanout] [flags]",
+    about: `Sends without waiting for a result. --fanout sends to every server of topic ADDRESS (a topic,
+no ".host"). ADDRESS is a topic ("compute") or topic.host ("compute.node1"); JSON is the args object.`,
+  },
+  services: {
+    usage: `  novalet services list [--topic=T] [--host=H] [--binary=B] [--json] [flags]
   novalet services enable ID [--json] [flags]
   novalet services disable ID [--reason=TEXT] [--json] [flags]
   novalet services force-down ID [--unset] [--json] [flags]
-  novalet services delete ID [flags]
+  novalet services delete ID [flags]`,
+    about: `Reads and edits the registry at --registry_url, as "openstack compute service" does. A
+sqljs:PATH file must exist (novalet serve creates it).`,
+  },
+};
 
-ADDRESS is a topic ("compute") or topic.host ("compute.node1"); JSON is the args object.
-serve takes the topic from --topic or the class name (ComputeManager -> compute), and the
-binary "nova-TOPIC".
-
-Flags (also NOVALET_<NAME> in the environment):
+const FLAGS = `Flags (also NOVALET_<NAME> in the environment):
   --transport_url=memory://|mqtt://user:pass@host:1883   --registry_url=sqljs::memory:|sqljs:PATH|postgres://...
   --prefix=novalet  --host=NAME  --report_interval=10  --periodic_interval=60  --periodic_fuzzy_delay=60
   --service_down_time=60  --rpc_response_timeout=60  --graceful_shutdown_timeout=60
@@ -48,8 +62,41 @@ Flags (also NOVALET_<NAME> in the environment):
 
 Exit status: 0 done, 1 the operation failed, 2 bad arguments.`;
 
-/** A mistake in the command line: usage and exit 2. */
-class UsageError extends Error {}
+const USAGE = `novalet — run and operate novalet services
+
+Usage:
+${Object.values(COMMANDS).map((c) => c.usage).join("\n")}
+  novalet help COMMAND | novalet COMMAND --help   one command's usage
+  novalet --version
+
+ADDRESS is a topic ("compute") or topic.host ("compute.node1"); JSON is the args object.
+serve takes the topic from --topic or the class name (ComputeManager -> compute), and the
+binary "nova-TOPIC".
+
+${FLAGS}`;
+
+/** The usage of one command. */
+function commandUsage(command: string): string {
+  const c = COMMANDS[command]!;
+  return `Usage:\n${c.usage}\n\n${c.about}\n\n${FLAGS}`;
+}
+
+/** The package's version, from the package.json next to this file (or one level up, in dist/). */
+function version(): string {
+  for (const path of ["./package.json", "../package.json"]) {
+    try {
+      const pkg = JSON.parse(readFileSync(new URL(path, import.meta.url), "utf8"));
+      if (pkg.name === "novalet" && typeof pkg.version === "string") return pkg.version;
+    } catch { /* not there: the next place */ }
+  }
+  throw new Error(`Cannot read the version: no package.json of novalet next to ${import.meta.url}`);
+}
+
+/** A mistake in the command line: one line pointing at --help, and exit 2. */
+class UsageError extends Error {
+  /** The command whose --help to point at, when known. */
+  command?: string;
+}
 
 /** Take the named CLI options (`--json`, `--reason=x`) out of argv; the rest are flags. */
 function options(argv: string[], names: string[]): { opts: Record<string, string>; rest: string[] } {
@@ -142,6 +189,15 @@ async function services(argv: string[]): Promise<number> {
     throw new UsageError(`Wrong arguments for "services ${action}"`);
   }
   const flags = flagsFrom(flagArgs);
+  // Opening a sqljs file that is not there would create an empty registry: a typo in the path
+  // would list no services, and edits would go to a new file nobody serves from.
+  const file = /^sqljs:(?!:memory:$)(.+)$/s.exec(flags.registryUrl)?.[1];
+  if (file !== undefined && !existsSync(file)) {
+    console.error(
+      `novalet: Cannot open the registry ${JSON.stringify(file)}: the file does not exist (novalet serve creates it)`,
+    );
+    return 1;
+  }
   const registry = await openRegistry(flags.registryUrl);
   const json = "json" in opts;
   try {
@@ -169,10 +225,15 @@ async function services(argv: string[]): Promise<number> {
 }
 
 async function callOrCast(kind: "call" | "cast", argv: string[]): Promise<number> {
-  const { opts, rest } = options(argv, ["timeout"]);
+  const { opts, rest } = options(argv, ["timeout", "fanout"]);
   const { args, flagArgs } = positional(rest);
   const [address, method, json, ...extra] = args;
   if (!address || !method || extra.length) throw new UsageError(`"${kind}" needs ADDRESS METHOD [JSON]`);
+  const fanout = "fanout" in opts;
+  if (fanout && kind === "call") throw new UsageError(`--fanout works with "cast" only: a call waits for one reply`);
+  if (fanout && address.includes(".")) {
+    throw new UsageError(`--fanout sends to every server of a topic: ${JSON.stringify(address)} names a host`);
+  }
   const flags = flagsFrom(flagArgs);
   const timeout = opts.timeout === undefined ? flags.rpcResponseTimeout : Number(opts.timeout);
   if (!(timeout > 0)) throw new UsageError(`Invalid --timeout=${JSON.stringify(opts.timeout)}: must be seconds > 0`);
@@ -182,6 +243,7 @@ async function callOrCast(kind: "call" | "cast", argv: string[]): Promise<number
   const ctx = RequestContext.admin({ userId: "novalet-cli" });
   try {
     if (kind === "call") console.log(JSON.stringify(await rpc.call(ctx, address, msg), null, 2));
+    else if (fanout) await rpc.fanoutCast(ctx, address, msg, { timeout });
     else await rpc.cast(ctx, address, msg, { timeout });
     return 0;
   } catch (e) {
@@ -192,6 +254,7 @@ async function callOrCast(kind: "call" | "cast", argv: string[]): Promise<number
       ? " (the memory transport only reaches services in this process: use --transport_url=mqtt://...)"
       : "";
     console.error(`novalet ${kind} ${address} ${method} failed: ${what}${hint}`);
+    if (e instanceof RemoteError && e.data !== undefined) console.error(`data: ${JSON.stringify(e.data)}`);
     return 1;
   } finally {
     await rpc.close();
@@ -213,6 +276,12 @@ async function serveCommand(argv: string[]): Promise<number> {
     const topic = opts.topic ?? (manager.name.replace(/Manager$/, "").toLowerCase() || "service");
     list.push(Service.create({ manager, topic, binary: `nova-${topic}`, flags }));
   }
+  if (flags.transportUrl.startsWith("memory:")) {
+    list[0]!.logger.warn(
+      "Serving on the memory:// transport: only this process can reach these services " +
+        "(use --transport_url=mqtt://HOST:1883 to serve other processes)",
+    );
+  }
   const launcher = await serve(...list);
   for (const s of list) s.logger.info(`Serving ${s.topic}.${s.host} (${s.dispatcher?.methods.join(", ")})`);
   return await launcher.done;
@@ -223,17 +292,38 @@ export async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   try {
     if (command === undefined) throw new UsageError("No command given");
-    if (command === "--help" || command === "-h" || command === "help") {
+    if (command === "--help" || command === "-h" || (command === "help" && rest.length === 0)) {
       console.log(USAGE);
       return 0;
     }
-    if (command === "serve") return await serveCommand(rest);
-    if (command === "call" || command === "cast") return await callOrCast(command, rest);
-    if (command === "services") return await services(rest);
-    throw new UsageError(`Unknown command ${JSON.stringify(command)}`);
+    if (command === "--version" || command === "-V") {
+      console.log(version());
+      return 0;
+    }
+    if (command === "help") {
+      if (rest.length > 1 || !Object.hasOwn(COMMANDS, rest[0]!)) {
+        throw new UsageError(`Unknown command ${JSON.stringify(rest.join(" "))} for help`);
+      }
+      console.log(commandUsage(rest[0]!));
+      return 0;
+    }
+    if (!Object.hasOwn(COMMANDS, command)) throw new UsageError(`Unknown command ${JSON.stringify(command)}`);
+    if (rest.includes("--help") || rest.includes("-h")) {
+      console.log(commandUsage(command));
+      return 0;
+    }
+    try {
+      if (command === "serve") return await serveCommand(rest);
+      if (command === "call" || command === "cast") return await callOrCast(command, rest);
+      return await services(rest);
+    } catch (e) {
+      if (e instanceof UsageError) e.command ??= command;
+      throw e;
+    }
   } catch (e) {
     if (e instanceof UsageError) {
-      console.error(`novalet: ${e.message}\n\n${USAGE}`);
+      const help = e.command === undefined ? "novalet --help" : `novalet ${e.command} --help`;
+      console.error(`novalet: ${e.message} (see ${help})`);
       return 2;
     }
     console.error(`novalet: ${(e as Error).message}`);

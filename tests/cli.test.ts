@@ -1,7 +1,7 @@
 import { after, before, describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import process from "node:process";
@@ -49,7 +49,37 @@ describe("novalet CLI", () => {
     },
   );
 
-  it("bad arguments print the usage and exit 2, saying what was wrong", async () => {
+  it("novalet --version prints the version in package.json", async () => {
+    const pkg = JSON.parse(readFileSync(new URL("../package.json", import.meta.url), "utf8"));
+    const r = await cli(["--version"]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.stdout, `${pkg.version}\n`);
+  });
+
+  it("novalet help COMMAND and novalet COMMAND --help print that command's usage, exit 0", async () => {
+    const own: Record<string, RegExp> = {
+      serve: /novalet serve SPEC\.\.\./,
+      call: /novalet call ADDRESS METHOD/,
+      cast: /novalet cast ADDRESS METHOD \[JSON\] \[--fanout\]/,
+      services: /novalet services list .*\n\s+novalet services enable/,
+    };
+    for (const [command, re] of Object.entries(own)) {
+      for (const args of [["help", command], [command, "--help"], [command, "list", "-h"]]) {
+        const r = await cli(args);
+        assert.equal(r.code, 0, `${args.join(" ")}: ${r.stderr}`);
+        assert.match(r.stdout, re, args.join(" "));
+        assert.match(r.stdout, /--max_held_bytes=/, "the flags too");
+        for (const [other, otherRe] of Object.entries(own)) {
+          if (other !== command) assert.doesNotMatch(r.stdout, otherRe, `${args.join(" ")} shows only ${command}`);
+        }
+      }
+    }
+    const all = await cli(["help"]);
+    assert.equal(all.code, 0);
+    assert.match(all.stdout, /novalet serve SPEC[^]*novalet cast[^]*novalet services delete[^]*novalet --version/);
+  });
+
+  it("bad arguments print one line and exit 2, saying what was wrong and pointing at --help", async () => {
     const cases: [string[], RegExp][] = [
       [[], /No command given/],
       [["launch"], /Unknown command "launch"/],
@@ -69,12 +99,18 @@ describe("novalet CLI", () => {
       [["call", "c", "m", "--transport_url=mqtt://"], /Invalid --transport_url="mqtt:\/\/": names no host/],
       [["services", "list", "--registry_url=postgres://[bad"], /Invalid --registry_url="postgres:\/\/\[bad"/],
       [["services", "list", "--periodic_interval=4294967296"], /Invalid --periodic_interval=.*at most 4294967295/],
+      [["help", "launch"], /Unknown command "launch" for help/],
+      [["cast", "compute.node1", "ping", "--fanout"], /--fanout sends to every server of a topic: "compute.node1"/],
+      [["call", "compute", "ping", "--fanout"], /--fanout works with "cast" only/],
     ];
     for (const [args, re] of cases) {
       const r = await cli(args);
       assert.equal(r.code, 2, `${args.join(" ")}: ${r.stderr}`);
       assert.match(r.stderr, re, args.join(" "));
-      if (args.length) assert.match(r.stderr, /Usage:/);
+      assert.doesNotMatch(r.stderr, /Usage:/, args.join(" "));
+      assert.equal(r.stderr.trimEnd().split("\n").length, 1, `one line: ${r.stderr}`);
+      const command = ["serve", "call", "cast", "services"].includes(args[0]!) ? `${args[0]} ` : "";
+      assert.ok(r.stderr.trimEnd().endsWith(`(see novalet ${command}--help)`), r.stderr);
     }
   });
 
@@ -119,6 +155,37 @@ describe("novalet CLI", () => {
     assert.match(gone.stderr, new RegExp(`Service ${b.id} not found`));
   });
 
+  it("services commands refuse a sqljs file that does not exist, and create none", async () => {
+    const path = join(dir, "typo.db");
+    for (const args of [["services", "list"], ["services", "disable", "1"], ["services", "delete", "1"]]) {
+      const r = await cli([...args, `--registry_url=sqljs:${path}`]);
+      assert.equal(r.code, 1, `${args.join(" ")}: ${r.stderr}`);
+      assert.equal(
+        r.stderr,
+        `novalet: Cannot open the registry ${
+          JSON.stringify(path)
+        }: the file does not exist (novalet serve creates it)\n`,
+      );
+    }
+    assert.equal(existsSync(path), false);
+  });
+
+  it("serve on the memory transport warns that only this process can reach it", async () => {
+    const [cmd, ...args] = childCommand(CLI, ["serve", "./tests/fixtures/managers.ts#EchoManager", "--host=mem-host"]);
+    const server = spawn(cmd!, args, { stdio: ["ignore", "pipe", "pipe"], env });
+    let log = "";
+    server.stderr.setEncoding("utf8").on("data", (d: string) => (log += d));
+    server.stdout.resume();
+    const exited = new Promise((r) => server.on("close", r));
+    try {
+      await waitFor(() => /Serving echo\.mem-host/.test(log), "the server to be ready", 20_000);
+      assert.match(log, /WARN.*memory:\/\/ transport: only this process can reach .*--transport_url=mqtt:\/\//);
+    } finally {
+      process.kill(server.pid!, "SIGTERM");
+    }
+    await exited;
+  });
+
   it("call over the memory transport fails with a hint, exit 1", async () => {
     const r = await cli(["call", "compute", "run", "--timeout=2"]);
     assert.equal(r.code, 1);
@@ -136,6 +203,41 @@ describe("novalet CLI", () => {
       }
     });
     after(async () => await broker?.close());
+
+    it("cast --fanout reaches every server of the topic; call prints a remote error's type, message and data", async () => {
+      const common = [`--transport_url=${url}`, `--prefix=${uniquePrefix("fleet")}`];
+      const servers = ["fleet-a", "fleet-b"].map((host) => {
+        const [cmd, ...args] = childCommand(CLI, [
+          "serve",
+          "./tests/fixtures/cli_managers.ts#FleetManager",
+          `--host=${host}`,
+          "--periodic_fuzzy_delay=0",
+          ...common,
+        ]);
+        const child = spawn(cmd!, args, { stdio: ["ignore", "pipe", "pipe"], env });
+        const out = { log: "", stdout: "", exited: new Promise((r) => child.on("close", r)), child };
+        child.stderr.setEncoding("utf8").on("data", (d: string) => (out.log += d));
+        child.stdout.setEncoding("utf8").on("data", (d: string) => (out.stdout += d));
+        return out;
+      });
+      try {
+        for (const s of servers) await waitFor(() => /Serving fleet\./.test(s.log), "the servers to be ready", 20_000);
+        const cast = await cli(["cast", "fleet", "ping", '{"n":7}', "--fanout", ...common]);
+        assert.equal(cast.code, 0, cast.stderr);
+        await waitFor(() => servers.every((s) => /PING 7 at fleet-/.test(s.stdout)), "both servers to get the fanout");
+        assert.match(servers[0]!.stdout, /PING 7 at fleet-a/);
+        assert.match(servers[1]!.stdout, /PING 7 at fleet-b/);
+
+        const r = await cli(["call", "fleet.fleet-a", "refuse", '{"id":"i-9"}', "--timeout=10", ...common]);
+        assert.equal(r.code, 1);
+        assert.equal(r.stdout, "");
+        assert.match(r.stderr, /failed: InstanceLocked: Instance i-9 is locked\n/);
+        assert.match(r.stderr, /\ndata: \{"id":"i-9","locked":true\}\n$/);
+      } finally {
+        for (const s of servers) process.kill(s.child.pid!, "SIGTERM");
+      }
+      await Promise.all(servers.map((s) => s.exited));
+    });
 
     it("novalet serve answers novalet call and cast, and stops on SIGTERM", async () => {
       const path = join(dir, "served.db");
