@@ -2006,11 +2006,28 @@ export interface PeriodicTaskInfo {
 }
 
 // Keyed by the method function itself: Node 20 has no Symbol.metadata, and a WeakMap needs
-// neither metadata nor per-instance initialisers.
-const periodicRegistry = new WeakMap<object, PeriodicTaskInfo>();
+// neither metadata nor per-instance initialisers. Shared through the global symbol registry, so
+// a manager decorated with one copy of novalet (dist/mod.js, say) is run by another (the sources).
+const periodicRegistry: WeakMap<object, PeriodicTaskInfo> =
+  ((globalThis as Record<symbol, unknown>)[Symbol.for("novalet.periodicTasks")] ??= new WeakMap()) as WeakMap<
+    object,
+    PeriodicTaskInfo
+  >;
 
 /**
- * Marks a manager method as a periodic task (TC39 decorator). It runs as `method(ctx)`.
+ * What `periodicTask(opts)` returns: a decorator for TC39 decorators (the default), for
+ * `experimentalDecorators`, and a function to call by hand in plain JavaScript.
+ */
+export interface PeriodicTaskDecorator {
+  /** TC39 decorator. */
+  <T extends (this: Manager, ctx: RequestContext) => unknown>(method: T, context: ClassMethodDecoratorContext): T;
+  /** `experimentalDecorators`, or by hand: `periodicTask(opts)(MyManager.prototype, "name")`. */
+  (target: object, key: string, descriptor?: PropertyDescriptor): void;
+}
+
+/**
+ * Marks a manager method as a periodic task. It runs as `method(ctx)`. Works as a TC39
+ * decorator, under `experimentalDecorators`, and without decorators (plain JavaScript).
  * @example
  * ```ts
  * class Compute extends Manager {
@@ -2018,22 +2035,60 @@ const periodicRegistry = new WeakMap<object, PeriodicTaskInfo>();
  *   async updateAvailableResources(ctx: RequestContext) {}
  * }
  * ```
+ * @example Plain JavaScript
+ * ```js
+ * class Compute extends Manager {
+ *   async updateAvailableResources(ctx) {}
+ * }
+ * periodicTask({ spacing: 600 })(Compute.prototype, "updateAvailableResources");
+ * ```
  */
-export function periodicTask(opts: PeriodicTaskOptions = {}) {
+export function periodicTask(opts: PeriodicTaskOptions = {}): PeriodicTaskDecorator {
   const spacing = opts.spacing ?? 0;
   if (typeof spacing !== "number" || !(spacing >= 0) || !Number.isFinite(spacing)) {
     throw new RangeError(`Invalid periodic task spacing ${quote(spacing)}: must be seconds >= 0`);
   }
-  return function <T extends (this: Manager, ctx: RequestContext) => unknown>(
-    method: T,
-    context: ClassMethodDecoratorContext,
-  ): T {
-    if (context.kind !== "method" || context.static || context.private || typeof context.name !== "string") {
+  const runImmediately = opts.runImmediately ?? true;
+  function decorate(method: unknown, context: unknown, descriptor?: PropertyDescriptor): unknown {
+    if (typeof context === "string") {
+      // experimentalDecorators (target, key, descriptor), or a call by hand (prototype, key).
+      const target = method as object | null;
+      const d = descriptor ?? (target ? Object.getOwnPropertyDescriptor(target, context) : undefined);
+      if (typeof target !== "object" || target === null || typeof d?.value !== "function") {
+        throw new TypeError(`periodicTask applies to public instance methods only: ${quote(context)} is not one`);
+      }
+      periodicRegistry.set(d.value, { name: context, spacing, runImmediately });
+      return undefined;
+    }
+    const ctx = context as ClassMethodDecoratorContext | undefined;
+    if (
+      typeof method !== "function" || ctx?.kind !== "method" || ctx.static || ctx.private ||
+      typeof ctx.name !== "string"
+    ) {
       throw new TypeError("@periodicTask applies to public instance methods only");
     }
-    periodicRegistry.set(method, { name: context.name, spacing, runImmediately: opts.runImmediately ?? true });
+    periodicRegistry.set(method, { name: ctx.name, spacing, runImmediately });
     return method;
-  };
+  }
+  return decorate as PeriodicTaskDecorator;
+}
+
+/**
+ * Marks `Manager.prototype`. Two copies of novalet (dist/mod.js imported by an application,
+ * the sources run by the CLI) have two Manager classes: `instanceof` tells them apart, this does not.
+ */
+const MANAGER = Symbol.for("novalet.Manager");
+
+/** Whether `cls` is a subclass of Manager, from this copy of novalet or another. */
+export function isManagerClass(cls: unknown): cls is ManagerClass {
+  if (typeof cls !== "function" || !cls.prototype) return false;
+  const proto: unknown = cls.prototype;
+  return !Object.hasOwn(proto as object, MANAGER) && isManager(proto);
+}
+
+/** Whether `value` is a Manager (or a Manager subclass's prototype), from any copy of novalet. */
+export function isManager(value: unknown): value is Manager {
+  return (typeof value === "object" && value !== null) && (value as Record<symbol, unknown>)[MANAGER] === true;
 }
 
 /** Names a Manager subclass can never expose, whatever it declares. */
@@ -2041,7 +2096,7 @@ const LIFECYCLE = new Set(["constructor", "initHost", "periodicTasks", "preStart
 
 /** Walk the prototypes a subclass of Manager declares, most derived first. */
 function* managerPrototypes(manager: object): Generator<object> {
-  for (let p = Object.getPrototypeOf(manager); p && p !== Manager.prototype && p !== Object.prototype;) {
+  for (let p = Object.getPrototypeOf(manager); p && !Object.hasOwn(p, MANAGER) && p !== Object.prototype;) {
     yield p;
     p = Object.getPrototypeOf(p);
   }
@@ -2102,6 +2157,9 @@ export class Manager {
   /** `major.minor`: a request's major must match, its minor must be <= ours. */
   rpcApiVersion = "1.0";
   #tasks?: TaskState[];
+  static {
+    Object.defineProperty(this.prototype, MANAGER, { value: true });
+  }
 
   /** Called after registration, before consuming starts. */
   initHost(): Promise<void> | void {}
@@ -3258,7 +3316,7 @@ export async function loadManager(spec: string): Promise<ManagerClass> {
     throw new TypeError(`Cannot load manager ${quote(spec)}: ${(e as Error).message}`, { cause: e });
   }
   const cls = mod[name];
-  if (typeof cls !== "function" || !(cls.prototype instanceof Manager)) {
+  if (!isManagerClass(cls)) {
     throw new TypeError(`Cannot load manager ${quote(spec)}: ${quote(name)} is not an exported Manager subclass`);
   }
   return cls as ManagerClass;
@@ -3395,7 +3453,7 @@ export class Service {
 
   async #start(): Promise<void> {
     const m = this.#opts.manager ?? this.flags.managers[this.topic]!;
-    const manager = m instanceof Manager ? m : new (typeof m === "string" ? await loadManager(m) : m)();
+    const manager = isManager(m) ? m : new (typeof m === "string" ? await loadManager(m) : m)();
     manager.host = this.host;
     manager.service = this;
     this.#manager = manager;

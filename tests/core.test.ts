@@ -414,6 +414,23 @@ describe("Manager method table", () => {
       { name: "heal", spacing: 0, runImmediately: false },
     ]);
   });
+  it("periodicTask() also registers under experimentalDecorators and when called by hand (plain JavaScript)", () => {
+    class Legacy extends Manager {
+      tick(_ctx: RequestContext) {}
+      tock(_ctx: RequestContext) {}
+      call() {}
+    }
+    // The call experimentalDecorators makes: (prototype, name, descriptor).
+    periodicTask({ spacing: 5 })(Legacy.prototype, "tick", Object.getOwnPropertyDescriptor(Legacy.prototype, "tick"));
+    // The documented call for JavaScript without decorators: (prototype, name).
+    periodicTask({ runImmediately: false })(Legacy.prototype, "tock");
+    assert.deepEqual(listPeriodicTasks(new Legacy()), [
+      { name: "tick", spacing: 5, runImmediately: true },
+      { name: "tock", spacing: 0, runImmediately: false },
+    ]);
+    assert.deepEqual([...rpcMethods(new Legacy()).keys()], ["call"]);
+    assert.throws(() => periodicTask()(Legacy.prototype, "missing"), TypeError);
+  });
   it("periodicTask() refuses a negative spacing", () => {
     assert.throws(() => periodicTask({ spacing: -1 }), RangeError);
   });

@@ -5,10 +5,12 @@
  */
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { after, before, describe, it } from "node:test";
 import { fileURLToPath } from "node:url";
 import { buildDist, ENTRIES } from "../build.ts";
+import { listPeriodicTasks, loadManager, openRegistry, RequestContext, rpcMethods, Service } from "../mod.ts";
+import { MemoryHub, MemoryTransport } from "../transports/memory.ts";
 import { mqttFixture } from "./mqtt_fixture.ts";
 
 const root = fileURLToPath(new URL("..", import.meta.url));
@@ -64,6 +66,39 @@ describe("dist: novalet built into plain JavaScript for Node (build.ts)", () => 
       services: ["h1"],
       tsx: false,
     });
+  });
+
+  it("loadManager() from the sources accepts a manager extending the Manager of dist/mod.js, and serves it", async () => {
+    // As `novalet serve` (the sources, through tsx) loads a manager whose file imports "novalet" (dist).
+    writeFileSync(
+      `${out}/dist_manager.mjs`,
+      `import { Manager, periodicTask } from "./mod.js";
+export class DistShop extends Manager {
+  add(_ctx, { a, b }) { return a + b; }
+  tick(_ctx) {}
+}
+periodicTask({ spacing: 7 })(DistShop.prototype, "tick");
+`,
+    );
+    const cls = await loadManager(`${out}/dist_manager.mjs#DistShop`);
+    const registry = await openRegistry("sqljs::memory:");
+    const transport = new MemoryTransport(new MemoryHub());
+    const svc = Service.create({ host: "h1", topic: "shop", manager: cls, transport, registry });
+    try {
+      await svc.start();
+      assert.deepEqual(listPeriodicTasks(svc.manager), [{ name: "tick", spacing: 7, runImmediately: true }]);
+      assert.deepEqual([...rpcMethods(svc.manager).keys()], ["add"]);
+      const sum = await svc.rpc.call(new RequestContext(), "shop", { method: "add", args: { a: 2, b: 3 } });
+      assert.equal(sum, 5);
+      // An instance made from the dist class is accepted as a manager too.
+      const svc2 = Service.create({ host: "h2", topic: "shop", manager: new cls(), transport, registry });
+      await svc2.start();
+      await svc2.stop();
+    } finally {
+      await svc.stop();
+      await transport.close();
+      await registry.close();
+    }
   });
 
   it("runs a service over MQTT from the build (the transport chunk is loaded on demand)", async () => {
