@@ -1,7 +1,9 @@
 /**
- * Build dist/: plain JavaScript for Node, one ES module per entry point with the code they share
- * split into chunks, mqtt.js and kysely bundled in. Run by `npm run build` (and by `prepare`, so
- * `npm install` of a clone or a git dependency has it). Deno and tsx users run the .ts sources.
+ * Build dist/: plain JavaScript for Node (and Deno from npm), one ES module per entry point with
+ * the code they share split into chunks, mqtt.js and kysely bundled in, with source maps; and with
+ * `--declarations`, the `.d.ts` files `tsc -p tsconfig.build.json` emits, their `.ts` import
+ * specifiers rewritten to `.js` (tsc keeps them as written) so that a consumer needs neither
+ * `allowImportingTsExtensions` nor our sources. `npm run build` (run by `npm pack`) does both.
  *
  * Why bundle the dependencies: Node keeps a lot per loaded module. kysely is 280 ES modules,
  * mqtt.js with its dependencies some 400 CommonJS files; loaded as such they add ~17 and ~18 MB of
@@ -9,10 +11,11 @@
  * difference that matters. sql.js (one file that finds its .wasm next to itself), pg and aedes
  * stay external.
  *
- *   tsx build.ts [OUTDIR] [EXTRA_ENTRY...]     (bench/startup.ts adds its child to measure a bundle)
+ *   tsx build.ts [--declarations] [OUTDIR] [EXTRA_ENTRY...]     (bench/startup.ts adds its child to measure a bundle)
  */
-import { rmSync } from "node:fs";
-import { resolve } from "node:path";
+import { execFileSync } from "node:child_process";
+import { readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { join, resolve } from "node:path";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
 import { build } from "esbuild";
@@ -50,14 +53,42 @@ export async function buildDist(outdir: string, extra: string[] = []): Promise<s
       js: 'import { createRequire as __novaletRequire } from "node:module";\n' +
         "const require = __novaletRequire(import.meta.url);",
     },
+    sourcemap: true,
     metafile: true,
     logLevel: "warning",
   });
   return Object.keys(result.metafile!.outputs);
 }
 
+/** Emit the declarations into `outdir` (tsconfig.build.json), `.ts` specifiers made `.js`. */
+export function buildDeclarations(outdir: string): string[] {
+  const root = fileURLToPath(new URL(".", import.meta.url));
+  const tsc = resolve(root, "node_modules/typescript/bin/tsc");
+  execFileSync(process.execPath, [tsc, "-p", "tsconfig.build.json", "--outDir", outdir], {
+    cwd: root,
+    stdio: "inherit",
+  });
+  const written: string[] = [];
+  const walk = (dir: string) => {
+    for (const e of readdirSync(dir, { withFileTypes: true })) {
+      const path = join(dir, e.name);
+      if (e.isDirectory()) walk(path);
+      else if (e.name.endsWith(".d.ts")) {
+        const text = readFileSync(path, "utf8");
+        writeFileSync(path, text.replace(/(\bfrom\s+|\bimport\s*\(\s*)(["'])(\.{1,2}\/[^"']*?)\.ts\2/g, "$1$2$3.js$2"));
+        written.push(path);
+      }
+    }
+  };
+  walk(resolve(root, outdir));
+  return written;
+}
+
 if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
-  const [outdir = "dist", ...extra] = process.argv.slice(2);
+  const args = process.argv.slice(2);
+  const declarations = args[0] === "--declarations";
+  const [outdir = "dist", ...extra] = declarations ? args.slice(1) : args;
   const files = await buildDist(outdir, extra);
-  console.log(`built ${files.length} files into ${outdir}/`);
+  const types = declarations ? buildDeclarations(outdir) : [];
+  console.log(`built ${files.length} files and ${types.length} declarations into ${outdir}/`);
 }

@@ -8,7 +8,23 @@
  */
 
 import type { PostgresCursor, PostgresPool, PostgresPoolClient, PostgresQueryResult } from "kysely";
-import type pg from "pg";
+
+/** The part of a `pg` client used here; typed locally so pg's types stay out of novalet's. */
+interface PgClient {
+  query(sql: string, parameters: unknown[]): Promise<unknown>;
+  release(err?: Error | boolean): void;
+  on(event: "error", listener: (err: Error) => void): unknown;
+  once(event: "end", listener: () => void): unknown;
+  connection?: { stream?: { destroy(): void } };
+}
+
+/** The part of a `pg` Pool used here. */
+export interface PgPool {
+  connect(): Promise<PgClient>;
+  end(): Promise<void>;
+  on(event: "error", listener: (err: Error) => void): unknown;
+  on(event: "connect", listener: (client: PgClient) => void): unknown;
+}
 
 /** A registry query or operation that got no answer within its time limit. */
 export class RegistryTimeoutError extends Error {
@@ -33,15 +49,15 @@ async function settlesWithin(ms: number, p: Promise<unknown>): Promise<boolean> 
 
 /** The {@link PostgresPool} kysely is given; `name` (a redacted URL) is for messages. */
 export class GuardedPool implements PostgresPool {
-  readonly #pool: pg.Pool;
+  readonly #pool: PgPool;
   readonly #limitMs: number;
   readonly #name: string;
   /** Connected clients, until their connection ends, with a promise of that end. */
-  readonly #clients = new Map<pg.PoolClient, Promise<void>>();
+  readonly #clients = new Map<PgClient, Promise<void>>();
   /** The clients kysely holds now. */
-  readonly #lent = new Set<pg.PoolClient>();
+  readonly #lent = new Set<PgClient>();
 
-  constructor(pool: pg.Pool, opts: { limitMs: number; name: string }) {
+  constructor(pool: PgPool, opts: { limitMs: number; name: string }) {
     this.#pool = pool;
     this.#limitMs = opts.limitMs;
     this.#name = opts.name;
@@ -76,7 +92,7 @@ export class GuardedPool implements PostgresPool {
   }
 
   /** @internal A client goes back to the pool, or is destroyed when `err` is given. */
-  release(client: pg.PoolClient, err: Error | boolean | undefined): void {
+  release(client: PgClient, err: Error | boolean | undefined): void {
     this.#lent.delete(client);
     client.release(err);
   }
@@ -100,16 +116,16 @@ export class GuardedPool implements PostgresPool {
   }
 }
 
-function destroy(client: pg.PoolClient): void {
+function destroy(client: PgClient): void {
   client.connection?.stream?.destroy();
 }
 
 class GuardedClient implements PostgresPoolClient {
   readonly #pool: GuardedPool;
-  readonly #client: pg.PoolClient;
+  readonly #client: PgClient;
   #timedOut?: RegistryTimeoutError;
 
-  constructor(pool: GuardedPool, client: pg.PoolClient) {
+  constructor(pool: GuardedPool, client: PgClient) {
     this.#pool = pool;
     this.#client = client;
   }

@@ -4,12 +4,14 @@
  * subscriptions: connect to it with `protocolVersion: 4` and `sharedSubscriptions: false`,
  * as {@link EmbeddedBroker.transportOptions} does.
  *
+ * aedes is an optional peer dependency of novalet: `npm install aedes` to use this module.
+ *
  * @module
  */
 
 import { createServer, type Server, type Socket } from "node:net";
 import type { AddressInfo } from "node:net";
-import { Aedes } from "aedes";
+import type { Aedes } from "aedes";
 import type { MqttTransportOptions } from "./mqtt.ts";
 
 /** A running embedded broker. */
@@ -38,6 +40,12 @@ export class EmbeddedBroker {
    */
   static async start(opts: { port?: number; users?: Record<string, string> } = {}): Promise<EmbeddedBroker> {
     const users = opts.users;
+    const { Aedes } = await import("aedes").catch((e: unknown) => {
+      throw new Error(
+        'The embedded MQTT broker needs the package "aedes", an optional dependency of novalet: run `npm install aedes`',
+        { cause: e },
+      );
+    });
     const aedes = await Aedes.createBroker(
       users
         ? {
