@@ -2,7 +2,7 @@
 # novalet as a user gets it: `npm pack`, installed into a fresh project outside the repository.
 # Type-checks strict NodeNext projects (TC39 and experimentalDecorators, no skipLibCheck), runs a
 # plain .mjs program and a Deno program, and, with MQTT_URL and PG_URL set, `npx novalet serve`
-# with `npx novalet call` from a second process.
+# with `npx novalet call`, `cast --fanout` and `services list --json` from other processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -101,7 +101,7 @@ NO_COLOR=1 timeout 120 "$DENO" run -A deno_app.ts
 NO_COLOR=1 timeout 120 "$DENO" check deno_app.ts
 
 if [ -n "${MQTT_URL:-}" ] && [ -n "${PG_URL:-}" ]; then
-  step "npx novalet serve, npx novalet call from a second process"
+  step "npx novalet serve; npx novalet call, cast --fanout and services list --json from other processes"
   LOG=$WORK/serve.log
   # Its own process group: npx exits on SIGTERM without waiting for the node it started, so the
   # signal goes to the whole group, and the group must be gone afterwards.
@@ -118,6 +118,16 @@ if [ -n "${MQTT_URL:-}" ] && [ -n "${PG_URL:-}" ]; then
     kill -0 "$SERVE_PID" 2>/dev/null || break
     sleep 0.5
   done
+  # While it serves: a fanout cast reaches it, and the registry lists it up.
+  fanout=
+  listed=
+  if [ -n "$ok" ]; then
+    timeout 20 npx novalet cast shop add '{"a":1,"b":1}' --fanout --transport_url="$MQTT_URL" \
+      --registry_url="$PG_URL" >/dev/null && fanout=1
+    rows=$(timeout 20 npx novalet services list --json --host="consumer-$$" --registry_url="$PG_URL")
+    node -e 'const r = JSON.parse(process.argv[1]); process.exit(r.length === 1 && r[0].topic === "shop" && r[0].state === "up" ? 0 : 1)' \
+      "$rows" && listed=1
+  fi
   kill -TERM -- "-$SERVE_PID"
   wait "$SERVE_PID" || true
   left=
@@ -127,8 +137,9 @@ if [ -n "${MQTT_URL:-}" ] && [ -n "${PG_URL:-}" ]; then
     sleep 0.5
   done
   if kill -0 -- "-$SERVE_PID" 2>/dev/null; then left=still; else left=; fi
-  if [ -z "$ok" ] || [ -n "$left" ]; then
-    echo "FAILED: novalet serve/call (call ok: ${ok:-no}, serve still running after SIGTERM: ${left:-no})" >&2
+  if [ -z "$ok" ] || [ -z "$fanout" ] || [ -z "$listed" ] || [ -n "$left" ]; then
+    echo "FAILED: novalet serve (call ok: ${ok:-no}, cast --fanout ok: ${fanout:-no}, listed up: ${listed:-no}," \
+      "serve still running after SIGTERM: ${left:-no})" >&2
     cat "$LOG" >&2
     exit 1
   fi
