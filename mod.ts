@@ -2169,7 +2169,7 @@ export class Manager {
    * so a slow one does not hold back the others; a failing one is logged and runs again at its
    * next slot. Resolves when the tasks started now have finished.
    */
-  periodicTasks(ctx: RequestContext, now = Date.now()): Promise<void> {
+  periodicTasks(ctx: RequestContext, now: number = Date.now()): Promise<void> {
     this.#tasks ??= listPeriodicTasks(this).map((info) => ({
       info,
       nextRun: info.runImmediately ? 0 : now + info.spacing * 1000,

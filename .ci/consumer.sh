@@ -51,7 +51,7 @@ tsconfig() {
   cat >tsconfig.json <<EOF
 {
   "compilerOptions": {
-    "target": "ES2022", "module": "nodenext", "moduleResolution": "nodenext", "strict": true,
+    "target": "ES2022", "module": "${2:-nodenext}", "moduleResolution": "${3:-nodenext}", "strict": true,
     "exactOptionalPropertyTypes": true, "noUncheckedIndexedAccess": true, "noEmit": true,
     "types": ["node"]$1
   },
@@ -64,6 +64,9 @@ tsconfig ""
 npx tsc -p .
 step "tsc: the same with experimentalDecorators"
 tsconfig ', "experimentalDecorators": true'
+npx tsc -p .
+step "tsc: the same with module esnext, moduleResolution bundler"
+tsconfig "" esnext bundler
 npx tsc -p .
 rm tsconfig.json
 
