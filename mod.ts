@@ -1150,6 +1150,7 @@ export const jsonCodec: Codec = {
 };
 
 const RESOLVED = Promise.resolve();
+const EMPTY_BYTES = new Uint8Array(0);
 
 /** The wire form of a thrown value: type from `name` (or the class when `name` is "Error"). */
 export function errorToWire(err: unknown, debug = false): WireError {
@@ -1191,13 +1192,15 @@ function printable(v: unknown): string {
 
 /** Told once a message was handed over (`error` undefined) or could not be; `label` is the
  * sender's (a reply's id, for its log line). One function for many messages: no closure each. */
-type Sent = (error: Error | undefined, topic: string, label?: string) => void;
+type Sent = (error: Error | undefined, topic: string, label?: string, item?: Outgoing, batched?: boolean) => void;
 
 interface Outgoing {
   bytes: Uint8Array;
   opts: PublishOptions;
   done?: Sent;
   label?: string;
+  /** The method a reply answers (for the dispatcher's error reply when it cannot be sent). */
+  method?: string;
 }
 
 /**
@@ -1240,8 +1243,8 @@ class Outbox {
   }
 
   /** Queue `bytes` for `topic`; `done` is told when the transport took it (or failed to). */
-  send(topic: string, bytes: Uint8Array, opts: PublishOptions, done?: Sent, label?: string): void {
-    const item: Outgoing = { bytes, opts, done, label };
+  send(topic: string, bytes: Uint8Array, opts: PublishOptions, done?: Sent, label?: string, method?: string): void {
+    const item: Outgoing = { bytes, opts, done, label, method };
     // Quiet traffic and nothing waiting in this turn: at once (see the class comment).
     if (this.#open.length === 0 && this.#unsettled === 0 && this.#loneTurns >= Outbox.quietAfter) {
       this.#sentAtOnce = true;
@@ -1262,8 +1265,15 @@ class Outbox {
   }
 
   /** Publish `bytes` alone, now (a message whose reader does not read batches); `done` as in send(). */
-  sendAlone(topic: string, bytes: Uint8Array, opts: PublishOptions, done?: Sent, label?: string): void {
-    this.#publish(topic, [{ bytes, opts, done, label }]);
+  sendAlone(
+    topic: string,
+    bytes: Uint8Array,
+    opts: PublishOptions,
+    done?: Sent,
+    label?: string,
+    method?: string,
+  ): void {
+    this.#publish(topic, [{ bytes, opts, done, label, method }]);
   }
 
   /** send(), as a promise. */
@@ -1317,7 +1327,8 @@ class Outbox {
 
   #settle(chunk: Outgoing[], topic: string, error: Error | undefined): void {
     this.#unsettled--;
-    for (const c of chunk) c.done?.(error, topic, c.label);
+    const batched = chunk.length > 1;
+    for (const c of chunk) c.done?.(error, topic, c.label, c, batched);
   }
 }
 
@@ -2582,50 +2593,42 @@ export class Dispatcher {
         this.#transport.publishLocal!(replyTo, message, { qos }).catch((e) => this.#replyFailed(e, replyTo, reply.id));
         return this.#done();
       }
-      // The callback keeps the method and the bytes, for the error reply and the retry alone.
-      const sent: Sent = (e, topic) => this.#replySent(e, topic, reply.id, method, batch ? message : undefined, qos);
-      if (batch) this.#outbox.send(replyTo, message, { qos }, sent);
-      else this.#outbox.sendAlone(replyTo, message, { qos }, sent);
+      // One callback for every reply (no closure each): the outbox hands back the id, the method
+      // and the message, for an error reply or a retry alone.
+      if (batch) this.#outbox.send(replyTo, message, { qos }, this.#replySent, reply.id, method);
+      else this.#outbox.sendAlone(replyTo, message, { qos }, this.#replySent, reply.id, method);
     } catch (e) {
-      this.#replySent(asError(e), replyTo, reply.id, method);
+      this.#replySent(asError(e), replyTo, reply.id, { bytes: EMPTY_BYTES, opts: { qos }, method }, false);
     }
   }
 
   /** `batched`: the reply's bytes when it may have left in a batch with others (QoS `qos`). */
-  #replySent(
-    e: Error | undefined,
-    replyTo: string,
-    id: string,
-    method?: string,
-    batched?: Uint8Array,
-    qos: 0 | 1 = this.#qos,
-  ): void {
+  #replySent = (e: Error | undefined, replyTo: string, id?: string, item?: Outgoing, batched?: boolean): void => {
     if (e !== undefined) {
+      const method = item?.method;
       // Too large for the transport (a RangeError, refused before sending). A batch may be too
       // large where its replies are not: each is sent again alone. A reply still too large is
       // answered by a small error reply, so that the caller does not wait out its timeout.
-      if (e instanceof RangeError && batched !== undefined) {
-        this.#outbox.sendAlone(replyTo, batched, { qos }, (e2, topic) => {
-          this.#replySent(e2, topic, id, method);
-        });
+      if (e instanceof RangeError && batched && item !== undefined) {
+        this.#outbox.sendAlone(replyTo, item.bytes, item.opts, this.#replySent, id, method);
         return;
       }
       this.#replyFailed(e, replyTo, id);
-      if (e instanceof RangeError) {
+      if (e instanceof RangeError && id !== undefined) {
         const error: WireError = {
           type: "ReplyTooLarge",
           message: `The reply to ${quote(method)} could not be sent: ${e.message}`,
         };
         try {
           const bytes = encodeBytes(this.#codec, { v: 1, id, error });
-          this.#outbox.sendAlone(replyTo, bytes, { qos: this.#qos }, this.#errorReplySent, id);
+          this.#outbox.sendAlone(replyTo, bytes, { qos: item?.opts.qos ?? this.#qos }, this.#errorReplySent, id);
         } catch (e2) {
           this.#replyFailed(e2, replyTo, id);
         }
       }
     }
     this.#done();
-  }
+  };
 
   #errorReplySent = (e: Error | undefined, replyTo: string, id?: string): void => {
     if (e !== undefined) this.#replyFailed(e, replyTo, id);
