@@ -37,7 +37,9 @@ export interface SqlJsDialectConfig {
   onCommit?: (db: SqlJsDatabaseLike) => void;
 }
 
-const READS = new Set(["select", "pragma", "explain", "with", "savepoint", "release"]);
+// Not "with": a common table expression may lead an INSERT, UPDATE or DELETE, so it counts as a
+// write (a WITH … SELECT outside a transaction then saves the file once more, which is harmless).
+const READS = new Set(["select", "pragma", "explain", "savepoint", "release"]);
 
 /** What a statement does to the transaction state: begin, commit, rollback, read or write. */
 function statementKind(sql: string): string {

@@ -4,6 +4,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "no
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import process from "node:process";
+import { sql } from "kysely";
 import pg from "pg";
 import { redactUrl } from "../mod.ts";
 import { openSqlRegistry } from "../registry/sql.ts";
@@ -159,5 +160,17 @@ describe("openSqlRegistry()", () => {
     writeFileSync(`${path}.lock`, "");
     const r = await openSqlRegistry(`sqljs:${path}`);
     await r.close();
+  });
+
+  it("a write that starts with WITH (a CTE) outside a transaction reaches the file", async () => {
+    const path = tempPath();
+    const first = await openSqlRegistry(`sqljs:${path}`);
+    const now = new Date().toISOString();
+    await sql`with v(h) as (select 'cte-host') insert into services (host, "binary", topic, created_at, updated_at)
+      select h, 'b', 't', ${now}, ${now} from v`.execute(first.db);
+    await first.close();
+    const second = await openSqlRegistry(`sqljs:${path}`);
+    assert.deepEqual((await second.list()).map((r) => r.host), ["cte-host"]);
+    await second.close();
   });
 });
