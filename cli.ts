@@ -22,6 +22,7 @@ import {
   serve,
   Service,
   type ServiceRecord,
+  UsageError,
 } from "./mod.ts";
 
 /** Each command's usage lines and what it does: `novalet help COMMAND` prints one. */
@@ -90,12 +91,6 @@ function version(): string {
     } catch { /* not there: the next place */ }
   }
   throw new Error(`Cannot read the version: no package.json of novalet next to ${import.meta.url}`);
-}
-
-/** A mistake in the command line: one line pointing at --help, and exit 2. */
-class UsageError extends Error {
-  /** The command whose --help to point at, when known. */
-  command?: string;
 }
 
 /** Take the named CLI options (`--json`, `--reason=x`) out of argv; the rest are flags. */

@@ -90,86 +90,77 @@ export interface NovaletErrorOptions {
   data?: unknown;
 }
 
-function errorInit(name: string, self: Error, opts?: NovaletErrorOptions): void {
-  self.name = name;
-  if (opts?.data !== undefined) (self as { data?: unknown }).data = opts.data;
+/**
+ * The base of novalet's errors: `name` is the class's name (so it crosses the wire as the
+ * remote `type`), `cause` and `data` as given. Catch the subclasses; this one says "novalet's".
+ */
+export class NovaletError extends Error {
+  /** JSON-serialisable details; they cross the wire as `error.data`. */
+  readonly data?: unknown;
+  constructor(message: string, opts?: NovaletErrorOptions) {
+    super(message, { cause: opts?.cause });
+    this.name = new.target.name;
+    if (opts?.data !== undefined) this.data = opts.data;
+  }
 }
 
 /** A handler on the server threw: `type`, `message` and `data` are the server's. */
-export class RemoteError extends Error {
+export class RemoteError extends NovaletError {
   /** The remote error's type: its `name`, or its class name when the name was `"Error"`. */
   readonly type: string;
-  readonly data?: unknown;
   /** The server's stack trace, present only when the server runs with `debug`. */
   readonly remoteStack?: string;
   constructor(type: string, message: string, opts?: NovaletErrorOptions & { remoteStack?: string }) {
-    super(message, { cause: opts?.cause });
-    this.name = "RemoteError";
+    super(message, opts);
     this.type = type;
-    if (opts?.data !== undefined) this.data = opts.data;
     if (opts?.remoteStack !== undefined) this.remoteStack = opts.remoteStack;
   }
 }
 
 /** No reply arrived within the call's timeout. */
-export class RpcTimeoutError extends Error {
-  constructor(message: string, opts?: NovaletErrorOptions) {
-    super(message, { cause: opts?.cause });
-    errorInit("RpcTimeoutError", this, opts);
-  }
-}
+export class RpcTimeoutError extends NovaletError {}
 
 /** A message could not be handed to anyone: no subscriber, a transport failure, or too many
  * calls already waiting. Nothing was executed remotely. */
-export class DeliveryError extends Error {
-  constructor(message: string, opts?: NovaletErrorOptions) {
-    super(message, { cause: opts?.cause });
-    errorInit("DeliveryError", this, opts);
-  }
-}
+export class DeliveryError extends NovaletError {}
 
 /** An object was used after `close()` / `stop()`. */
-export class ClosedError extends Error {
-  constructor(message: string, opts?: NovaletErrorOptions) {
-    super(message, { cause: opts?.cause });
-    errorInit("ClosedError", this, opts);
-  }
-}
+export class ClosedError extends NovaletError {}
 
 /** Remote type: the manager has no callable method of that name. */
-export class NoSuchMethod extends Error {
-  constructor(message: string, opts?: NovaletErrorOptions) {
-    super(message, { cause: opts?.cause });
-    errorInit("NoSuchMethod", this, opts);
-  }
-}
+export class NoSuchMethod extends NovaletError {}
 
 /** Remote type: the requested API version is not served (major differs or minor is newer). */
-export class UnsupportedVersion extends Error {
-  constructor(message: string, opts?: NovaletErrorOptions) {
-    super(message, { cause: opts?.cause });
-    errorInit("UnsupportedVersion", this, opts);
-  }
-}
+export class UnsupportedVersion extends NovaletError {}
 
 /** Remote type: the server had no room for the request (too many handlers running and queued):
  * nothing ran, and the caller may retry later. */
-export class Overloaded extends Error {
-  constructor(message: string, opts?: NovaletErrorOptions) {
-    super(message, { cause: opts?.cause });
-    errorInit("Overloaded", this, opts);
-  }
-}
+export class Overloaded extends NovaletError {}
 
 /** Remote type: the envelope was malformed. `id` and `replyTo` are set when they could be read. */
-export class BadRequest extends Error {
+export class BadRequest extends NovaletError {
   id?: string;
   replyTo?: string;
   constructor(message: string, opts?: NovaletErrorOptions & { id?: string; replyTo?: string }) {
-    super(message, { cause: opts?.cause });
-    errorInit("BadRequest", this, opts);
+    super(message, opts);
     if (opts?.id !== undefined) this.id = opts.id;
     if (opts?.replyTo !== undefined) this.replyTo = opts.replyTo;
+  }
+}
+
+/** A registry lookup named an id that has no row. */
+export class NotFound extends NovaletError {}
+
+/** A registry operation got no answer within its time limit (a dead or half-open connection). */
+export class RegistryTimeoutError extends NovaletError {}
+
+/** A command line the `novalet` command cannot use (exit status 2); `command` names the command
+ * whose `--help` to read, when known. */
+export class UsageError extends NovaletError {
+  command?: string;
+  constructor(message: string, opts?: NovaletErrorOptions & { command?: string }) {
+    super(message, opts);
+    if (opts?.command !== undefined) this.command = opts.command;
   }
 }
 
@@ -3017,14 +3008,6 @@ export interface Registry {
   setForcedDown(id: number, forcedDown: boolean): Promise<ServiceRecord>;
   remove(id: number): Promise<void>;
   close(): Promise<void>;
-}
-
-/** A registry lookup named an id that has no row. */
-export class NotFound extends Error {
-  constructor(message: string, opts?: NovaletErrorOptions) {
-    super(message, { cause: opts?.cause });
-    errorInit("NotFound", this, opts);
-  }
 }
 
 /**

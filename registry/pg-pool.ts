@@ -8,6 +8,7 @@
  */
 
 import type { PostgresCursor, PostgresPool, PostgresPoolClient, PostgresQueryResult } from "kysely";
+import { RegistryTimeoutError } from "../mod.ts";
 
 /** The part of a `pg` client used here; typed locally so pg's types stay out of novalet's. */
 interface PgClient {
@@ -24,14 +25,6 @@ export interface PgPool {
   end(): Promise<void>;
   on(event: "error", listener: (err: Error) => void): unknown;
   on(event: "connect", listener: (client: PgClient) => void): unknown;
-}
-
-/** A registry query or operation that got no answer within its time limit. */
-export class RegistryTimeoutError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = "RegistryTimeoutError";
-  }
 }
 
 const settles = (p: Promise<unknown>): Promise<void> => p.then(() => {}, () => {});

@@ -24,11 +24,20 @@ import {
   sql,
   type Updateable,
 } from "kysely";
-import { ClosedError, NotFound, quote, redactUrl, type Registry, type ServiceRecord } from "../mod.ts";
-import { GuardedPool, RegistryTimeoutError } from "./pg-pool.ts";
+import {
+  ClosedError,
+  NotFound,
+  quote,
+  redactUrl,
+  type Registry,
+  RegistryTimeoutError,
+  type ServiceRecord,
+} from "../mod.ts";
+import { GuardedPool } from "./pg-pool.ts";
 import { type SqlJsDatabaseLike, SqlJsDialect } from "./sqljs-dialect.ts";
 import { SqlJsFile } from "./sqljs-file.ts";
 
+// Kept for imports from here; the class lives with the other errors in mod.ts.
 export { RegistryTimeoutError };
 
 /** The default time limit of one PostgreSQL registry operation, in seconds. */

@@ -375,6 +375,24 @@ describe("RequestContext", () => {
   });
 });
 
+describe("errors", () => {
+  it("every error class is a NovaletError whose name is its class name, with cause and data", async () => {
+    const mod = await import("../mod.ts");
+    const classes = Object.entries(mod).filter(([, v]) => typeof v === "function" && v.prototype instanceof Error);
+    assert.ok(classes.length >= 12, classes.map(([k]) => k).join(", "));
+    for (const [name, cls] of classes) {
+      const C = cls as new (...a: unknown[]) => Error & { data?: unknown };
+      const e = name === "RemoteError" ? new C("T", "m", { cause: 1, data: 2 }) : new C("m", { cause: 1, data: 2 });
+      assert.ok(e instanceof mod.NovaletError, name);
+      assert.equal(e.name, name);
+      assert.equal(e.cause, 1, name);
+      assert.equal(e.data, 2, name);
+    }
+    class QuotaExceeded extends mod.NovaletError {}
+    assert.equal(mod.errorToWire(new QuotaExceeded("over")).type, "QuotaExceeded");
+  });
+});
+
 describe("errorToWire()", () => {
   it("uses the name when set, else the class name, and keeps data", () => {
     class QuotaExceeded extends Error {}

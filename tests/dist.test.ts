@@ -65,6 +65,7 @@ describe("dist: novalet built into plain JavaScript for Node (build.ts)", () => 
       message: "no item x",
       services: ["h1"],
       tsx: false,
+      misnamed: [],
     });
   });
 
