@@ -7,6 +7,9 @@ import { MemoryLogger, sleep, text, utf8, waitFor } from "./helpers.ts";
 transportConformance("memory", () => {
   const hub = new MemoryHub({ logger: new MemoryLogger() });
   return Promise.resolve({ open: () => Promise.resolve(new MemoryTransport(hub)) });
+}, {
+  detach: "the memory transport keeps no sessions: unsubscribe() is all it has",
+  forget: "the memory transport keeps no sessions: nothing to forget",
 });
 
 describe("MemoryTransport", () => {

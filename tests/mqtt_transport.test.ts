@@ -12,6 +12,7 @@ transportConformance("mqtt", () => mqttFixture(), {
   groupAndPlain: NO_SHARED,
   mandatory: NO_V5,
   bytes: BIG_STALLS,
+  publishLocal: "messages cross processes as bytes: MqttTransport has no publishLocal()",
 });
 
 // Deno + aedes cannot carry 1 MiB (see BIG_STALLS): the huge inputs are 200 KB there.

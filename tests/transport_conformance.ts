@@ -35,6 +35,10 @@ export const CASES = {
   invalid: "invalid topics and filters are refused with a TypeError",
   mandatory: "a mandatory publish that nobody subscribes to rejects with DeliveryError",
   close: "close() is idempotent; publish and subscribe after it reject with ClosedError",
+  // Optional abilities: a transport without one skips its case, saying so.
+  publishLocal: "publishLocal() gives local subscriptions a private copy, the others the bytes",
+  detach: "Subscription.detach() stops delivery to that subscription",
+  forget: "forget() removes a subscription for good: nothing more is delivered to it",
 } as const;
 
 export function transportConformance(
@@ -274,6 +278,49 @@ export function transportConformance(
       await a.close();
       await assert.rejects(a.publish(`${p}/c`, utf8("x")), ClosedError);
       await assert.rejects(a.subscribe(`${p}/c`, () => {}), ClosedError);
+    });
+
+    test("publishLocal", async () => {
+      const [a, b] = [await connect(), await connect()];
+      assert.ok(a.publishLocal, "the transport has publishLocal()");
+      const local: unknown[] = [];
+      const bytes: string[] = [];
+      await b.subscribe(`${p}/l`, (payload, _t, meta) => void local.push([payload.byteLength, meta?.local]), {
+        local: true,
+      });
+      await b.subscribe(`${p}/l`, (payload) => void bytes.push(text(payload)));
+      const value = { n: 1 };
+      await a.publishLocal!(`${p}/l`, { copy: () => structuredClone(value), bytes: () => utf8('{"n":1}') });
+      value.n = 2; // the sender may change its objects once publishLocal() returned
+      await waitFor(() => local.length === 1 && bytes.length === 1, "both deliveries");
+      assert.deepEqual(local, [[0, { n: 1 }]]);
+      assert.deepEqual(bytes, ['{"n":1}']);
+    });
+
+    test("detach", async () => {
+      const [a, b] = [await connect(), await connect()];
+      const { got, sub } = await collect(b, `${p}/d`);
+      const { got: end } = await collect(b, `${p}/end`);
+      assert.ok(sub.detach, "the subscription has detach()");
+      await sub.detach!();
+      await a.publish(`${p}/d`, utf8("after"), { qos: 1 });
+      await a.publish(`${p}/end`, utf8("end"), { qos: 1 });
+      await waitFor(() => end.length === 1, "the end marker");
+      await sleep(20);
+      assert.deepEqual(got, []);
+    });
+
+    test("forget", async () => {
+      const [a, b] = [await connect(), await connect()];
+      const { got } = await collect(b, `${p}/f`);
+      const { got: end } = await collect(b, `${p}/end`);
+      assert.ok(b.forget, "the transport has forget()");
+      await b.forget!(`${p}/f`);
+      await a.publish(`${p}/f`, utf8("after"), { qos: 1 });
+      await a.publish(`${p}/end`, utf8("end"), { qos: 1 });
+      await waitFor(() => end.length === 1, "the end marker");
+      await sleep(20);
+      assert.deepEqual(got, []);
     });
   });
 }
