@@ -1181,14 +1181,15 @@ function printable(v: unknown): string {
 // RPC client
 // ---------------------------------------------------------------------------------------------
 
-/** Told once a message was handed over (`error` undefined) or could not be; `label` is the
- * sender's (a reply's id, for its log line). One function for many messages: no closure each. */
-type Sent = (error: Error | undefined, topic: string, label?: string, item?: Outgoing, batched?: boolean) => void;
+/** Told once a message was handed over (`error` undefined) or could not be, with the message as
+ * it was queued and whether it left in a batch. One function for many messages: no closure each. */
+type Sent = (error: Error | undefined, topic: string, item: Outgoing, batched: boolean) => void;
 
 interface Outgoing {
   bytes: Uint8Array;
   opts: PublishOptions;
   done?: Sent;
+  /** The sender's: a reply's id, for its log line. */
   label?: string;
   /** The method a reply answers (for the dispatcher's error reply when it cannot be sent). */
   method?: string;
@@ -1319,7 +1320,7 @@ class Outbox {
   #settle(chunk: Outgoing[], topic: string, error: Error | undefined): void {
     this.#unsettled--;
     const batched = chunk.length > 1;
-    for (const c of chunk) c.done?.(error, topic, c.label, c, batched);
+    for (const c of chunk) c.done?.(error, topic, c, batched);
   }
 }
 
@@ -2235,6 +2236,36 @@ export interface DispatcherOptions {
   qos?: 0 | 1;
 }
 
+/** A queue: push at the back, take from the front in O(1); taken slots are cut off the front now
+ * and then, not one by one (Array.shift() copies the rest each time). */
+class Fifo<T> {
+  #items: (T | undefined)[] = [];
+  #head = 0;
+  get size(): number {
+    return this.#items.length - this.#head;
+  }
+  push(item: T): void {
+    this.#items.push(item);
+  }
+  /** The front item, still in the queue; undefined when empty. */
+  peek(): T | undefined {
+    return this.#items[this.#head];
+  }
+  /** Take the front item; the queue must not be empty. */
+  take(): T {
+    const item = this.#items[this.#head]!;
+    this.#items[this.#head++] = undefined;
+    if (this.#head === this.#items.length) {
+      this.#items = [];
+      this.#head = 0;
+    } else if (this.#head > 1024 && this.#head * 2 > this.#items.length) {
+      this.#items = this.#items.slice(this.#head);
+      this.#head = 0;
+    }
+    return item;
+  }
+}
+
 /** A request admitted but waiting for a running slot. */
 interface Queued {
   req: RequestEnvelope;
@@ -2276,9 +2307,8 @@ export class Dispatcher {
   /** Handlers running now (started, result not yet settled), and the requests waiting for one. */
   #running = 0;
   #maxRunning: number;
-  /** Requests waiting for a slot: `#queue` from `#queueHead` on. */
-  #queue: Queued[] = [];
-  #queueHead = 0;
+  /** Requests waiting for a slot. */
+  #queue = new Fifo<Queued>();
   #maxQueued: number;
   #heldBytes = 0;
   #maxHeldBytes: number;
@@ -2435,7 +2465,7 @@ export class Dispatcher {
   }
 
   #queued(): number {
-    return this.#queue.length - this.#queueHead;
+    return this.#queue.size;
   }
 
   /** Refuse a request for want of room: `Overloaded` (nothing ran; the caller may retry). */
@@ -2463,7 +2493,7 @@ export class Dispatcher {
     this.#pumping = true;
     try {
       while (this.#running < this.#maxRunning && this.#queued() > 0) {
-        const { req, qos, bytes } = this.#take();
+        const { req, qos, bytes } = this.#queue.take();
         if (req.deadline !== undefined && Date.now() > req.deadline) {
           this.#log.warn(`Dropped "${req.method}": its deadline passed while it was queued`, { id: req.id });
           this.#heldBytes -= bytes;
@@ -2482,33 +2512,16 @@ export class Dispatcher {
     }
   }
 
-  /** The first queued request, out of the queue. */
-  #take(): Queued {
-    const q = this.#queue[this.#queueHead]!;
-    this.#queue[this.#queueHead++] = undefined as unknown as Queued;
-    // Taken slots are cut off the front now and then, not one by one.
-    if (this.#queueHead === this.#queue.length) {
-      this.#queue = [];
-      this.#queueHead = 0;
-    } else if (this.#queueHead > 1024 && this.#queueHead * 2 > this.#queue.length) {
-      this.#queue = this.#queue.slice(this.#queueHead);
-      this.#queueHead = 0;
-    }
-    return q;
-  }
-
   /**
    * After a stop that timed out: forget the requests still queued (they would start on a
    * stopped service), each counted out once. Returns how many.
    */
   abandonQueued(): number {
-    const n = this.#queued();
-    for (let i = 0; i < n; i++) {
-      this.#heldBytes -= this.#queue[this.#queueHead + i]!.bytes;
+    const n = this.#queue.size;
+    while (this.#queue.size > 0) {
+      this.#heldBytes -= this.#queue.take().bytes;
       this.#done();
     }
-    this.#queue = [];
-    this.#queueHead = 0;
     return n;
   }
 
@@ -2589,18 +2602,18 @@ export class Dispatcher {
       if (batch) this.#outbox.send(replyTo, message, { qos }, this.#replySent, reply.id, method);
       else this.#outbox.sendAlone(replyTo, message, { qos }, this.#replySent, reply.id, method);
     } catch (e) {
-      this.#replySent(asError(e), replyTo, reply.id, { bytes: EMPTY_BYTES, opts: { qos }, method }, false);
+      this.#replySent(asError(e), replyTo, { bytes: EMPTY_BYTES, opts: { qos }, label: reply.id, method }, false);
     }
   }
 
-  /** `batched`: the reply's bytes when it may have left in a batch with others (QoS `qos`). */
-  #replySent = (e: Error | undefined, replyTo: string, id?: string, item?: Outgoing, batched?: boolean): void => {
+  /** A reply was handed over or not (see Sent); its request is #done either way, once. */
+  #replySent = (e: Error | undefined, replyTo: string, item: Outgoing, batched: boolean): void => {
     if (e !== undefined) {
-      const method = item?.method;
+      const { label: id, method } = item;
       // Too large for the transport (a RangeError, refused before sending). A batch may be too
       // large where its replies are not: each is sent again alone. A reply still too large is
       // answered by a small error reply, so that the caller does not wait out its timeout.
-      if (e instanceof RangeError && batched && item !== undefined) {
+      if (e instanceof RangeError && batched) {
         this.#outbox.sendAlone(replyTo, item.bytes, item.opts, this.#replySent, id, method);
         return;
       }
@@ -2612,7 +2625,7 @@ export class Dispatcher {
         };
         try {
           const bytes = encodeBytes(this.#codec, { v: 1, id, error });
-          this.#outbox.sendAlone(replyTo, bytes, { qos: item?.opts.qos ?? this.#qos }, this.#errorReplySent, id);
+          this.#outbox.sendAlone(replyTo, bytes, { qos: item.opts.qos ?? this.#qos }, this.#errorReplySent, id);
         } catch (e2) {
           this.#replyFailed(e2, replyTo, id);
         }
@@ -2621,8 +2634,8 @@ export class Dispatcher {
     this.#done();
   };
 
-  #errorReplySent = (e: Error | undefined, replyTo: string, id?: string): void => {
-    if (e !== undefined) this.#replyFailed(e, replyTo, id);
+  #errorReplySent = (e: Error | undefined, replyTo: string, item: Outgoing): void => {
+    if (e !== undefined) this.#replyFailed(e, replyTo, item.label);
   };
 
   #replyFailed(e: unknown, replyTo: string, id?: string): void {
@@ -2685,8 +2698,8 @@ function fingerprint(bytes: Uint8Array): number {
  * The ids of one client that makes novalet's message ids (see MessageIds), in a window indexed
  * by counter: slot `counter & mask` holds the counter, the fingerprint of its message and the
  * time until which it is kept. A client's counters come in order, so its slots are visited in
- * order too: no hashing, no allocation, and few cache misses however many ids are kept (a Map
- * of 100,000 ids cost a fifth of an in-process call in cache misses alone).
+ * order too: no hashing, no allocation, and few cache misses however many ids are kept (one Map
+ * of all ids costs a cache miss per request once it outgrows the cache: see bench/README.md).
  */
 class ClientWindow {
   counters: Float64Array;
@@ -2743,9 +2756,8 @@ class RecentIds {
   #slots = 0;
   /** Ids kept as strings (other forms, new clients in a flood): `id` + "\n" + fingerprint. */
   #strings = new Set<string>();
-  #ring: string[] = [];
-  #ringUntil: number[] = [];
-  #head = 0;
+  /** The strings in arrival order, with the time until which each is kept. */
+  #ring = new Fifo<{ key: string; until: number }>();
   #max: number;
   #warnedAt = -Infinity;
   static readonly firstSlots = 64;
@@ -2822,21 +2834,14 @@ class RecentIds {
 
   #addString(key: string, until: number, now: number, log: Logger, fp: number): boolean {
     const ring = this.#ring;
-    while (this.#head < ring.length && this.#ringUntil[this.#head]! < now) this.#strings.delete(ring[this.#head++]!);
+    while (ring.size > 0 && ring.peek()!.until < now) this.#strings.delete(ring.take().key);
     const size = this.#strings.size;
     if (this.#strings.add(key).size === size) return false;
-    if (ring.length - this.#head >= this.#max) {
-      this.#strings.delete(ring[this.#head++]!);
+    if (ring.size >= this.#max) {
+      this.#strings.delete(ring.take().key);
       this.#full(log, now, fp);
     }
-    ring.push(key);
-    this.#ringUntil.push(until);
-    // Forgotten slots are cut off the front now and then, not one by one.
-    if (this.#head > 1024 && this.#head * 2 > ring.length) {
-      this.#ring = ring.slice(this.#head);
-      this.#ringUntil = this.#ringUntil.slice(this.#head);
-      this.#head = 0;
-    }
+    ring.push({ key, until });
     return true;
   }
 
@@ -2967,13 +2972,7 @@ export class LoopGroup {
     for (const l of this.#loops) l.stop();
     const all = Promise.allSettled([...[...this.#loops].map((l) => l.done), ...this.#work]);
     this.#loops.clear();
-    let timer: { cancel(): void } | undefined;
-    const timeout = new Promise<false>((r) => (timer = longTimeout(() => r(false), graceful * 1000)));
-    try {
-      return await Promise.race([all.then(() => true), timeout]);
-    } finally {
-      timer?.cancel();
-    }
+    return await within(all, graceful) !== TIMED_OUT;
   }
 }
 
@@ -3525,7 +3524,7 @@ export class Service {
   async #registryCall<T>(op: (r: Registry) => Promise<T>, what: string): Promise<T> {
     const limit = Math.max(1, this.reportInterval);
     const r = await within(op(this.#registry!), limit);
-    if (r === TIMED_OUT) throw new Error(`The registry gave no answer to ${what} within ${limit} s`);
+    if (r === TIMED_OUT) throw new RegistryTimeoutError(`The registry gave no answer to ${what} within ${limit} s`);
     return r;
   }
 
