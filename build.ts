@@ -21,7 +21,9 @@ import { fileURLToPath } from "node:url";
 import { build } from "esbuild";
 
 export const ENTRIES = [
+  "index.ts",
   "mod.ts",
+  "open.ts",
   "transports/memory.ts",
   "transports/mqtt.ts",
   "transports/broker.ts",

@@ -23,7 +23,7 @@ import {
   Service,
   type ServiceRecord,
   UsageError,
-} from "./mod.ts";
+} from "./index.ts";
 
 /** Each command's usage lines and what it does: `novalet help COMMAND` prints one. */
 const COMMANDS: Record<string, { usage: string; about: string }> = {

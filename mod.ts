@@ -507,6 +507,62 @@ export function validateTopic(topic: string): void {
   if (problem) throw new TypeError(`Invalid topic ${quote(topic)}: it contains ${problem}`);
 }
 
+/** Throws a TypeError unless `group` is a valid shared-subscription group: one topic level. */
+export function validateGroup(group: string): void {
+  if (typeof group !== "string" || group === "" || /[/+#]/.test(group) || topicTextProblem(group) !== undefined) {
+    throw new TypeError(`Invalid group ${quote(group)}: must be non-empty, without "/", "+", "#" or control characters`);
+  }
+}
+
+/** `fn()`'s promise, with a synchronous throw turned into a rejection (the Transport rule). */
+export function promising<T>(fn: () => Promise<T>): Promise<T> {
+  try {
+    return fn();
+  } catch (e) {
+    return Promise.reject(e);
+  }
+}
+
+/**
+ * The checks every transport makes, written once: after `close()` a call fails with
+ * ClosedError; a topic, filter or group a broker would refuse fails with a TypeError. A
+ * transport keeps one, calls a check first in `publish`/`subscribe` (inside {@link promising}),
+ * and `close()` at its own close.
+ */
+export class TransportGuard {
+  #closed = false;
+  /** Topics that passed validateTopic(): RPC publishes to a few topics again and again. */
+  #goodTopics = new Set<string>();
+
+  /** Whether `close()` was called. */
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  /** Mark the transport closed; false when it already was. */
+  close(): boolean {
+    const first = !this.#closed;
+    this.#closed = true;
+    return first;
+  }
+
+  /** @throws {ClosedError} once closed; {TypeError} for a topic no broker takes. */
+  checkPublish(topic: string): void {
+    if (this.#closed) throw new ClosedError(`Cannot publish to ${topic}: the transport is closed`);
+    if (this.#goodTopics.has(topic)) return;
+    validateTopic(topic);
+    if (this.#goodTopics.size >= 1024) this.#goodTopics.clear();
+    this.#goodTopics.add(topic);
+  }
+
+  /** @throws {ClosedError} once closed; {TypeError} for a bad filter or group. */
+  checkSubscribe(filter: string, opts?: SubscribeOptions): void {
+    if (this.#closed) throw new ClosedError(`Cannot subscribe to ${filter}: the transport is closed`);
+    validateFilter(filter);
+    if (opts?.group !== undefined) validateGroup(opts.group);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Addresses
 // ---------------------------------------------------------------------------------------------
@@ -3086,28 +3142,12 @@ const oneOf = <T extends string>(...allowed: T[]) => (v: string, name: string): 
   }
   return v as T;
 };
-const url = (schemes: string[]) => (v: string, name: string): string => {
-  if (!schemes.some((s) => v.startsWith(s))) {
-    throw new RangeError(
-      `Invalid --${name}=${quote(redactUrl(v))}: must start with ${schemes.join(", ")}`,
-    );
-  }
-  // A network address must parse and name its host: "mqtt://" alone would mean localhost silently.
-  if (/^[a-z]+:\/\//.test(v) && !v.startsWith("memory://")) {
-    let u: URL;
-    try {
-      u = new URL(v);
-    } catch {
-      throw new RangeError(`Invalid --${name}=${quote(redactUrl(v))}: not a valid URL (check the host and the port)`);
-    }
-    // (postgres:///db is PostgreSQL's local socket: no host is fine there.)
-    if (u.hostname === "" && !v.startsWith("postgres")) {
-      throw new RangeError(`Invalid --${name}=${quote(redactUrl(v))}: names no host (e.g. ${schemeOf(v)}//host:port)`);
-    }
-  }
+const url = (kind: "transport" | "registry") => (v: string, name: string): string => {
+  // Without an opener any scheme may do: opening it says what is wrong.
+  const problem = installed ? installed.urlProblem(kind, v) : /^[a-z][a-z0-9+.-]*:/i.test(v) ? undefined : "not a URL";
+  if (problem !== undefined) throw new RangeError(`Invalid --${name}=${quote(redactUrl(v))}: ${problem}`);
   return v;
 };
-const schemeOf = (v: string) => v.slice(0, v.indexOf(":") + 1);
 const bool = (v: string, name: string): boolean => {
   if (["true", "1", "yes", ""].includes(v)) return true;
   if (["false", "0", "no"].includes(v)) return false;
@@ -3125,11 +3165,8 @@ const FLAGS: Record<string, FlagSpec> = {
   max_queued_handlers: { key: "maxQueuedHandlers", parse: count(0) },
   max_held_bytes: { key: "maxHeldBytes", parse: count(1) },
   host: { key: "host", parse: (v, n) => checkName("host", v, `--${n}`) },
-  transport_url: {
-    key: "transportUrl",
-    parse: url(["memory://", "mqtt://", "mqtts://", "tcp://", "ssl://", "ws://", "wss://"]),
-  },
-  registry_url: { key: "registryUrl", parse: url(["sqljs:", "postgres://", "postgresql://"]) },
+  transport_url: { key: "transportUrl", parse: url("transport") },
+  registry_url: { key: "registryUrl", parse: url("registry") },
   prefix: { key: "prefix", parse: (v) => checkPrefix(v) },
   log_format: { key: "logFormat", parse: oneOf("text", "json") },
   log_level: { key: "logLevel", parse: oneOf("debug", "info", "warn", "error", "silent") },
@@ -3208,36 +3245,46 @@ export function parseFlags(argv: readonly string[] = [], env: Record<string, str
   return flags;
 }
 
-/**
- * Open the transport of a URL: `memory://` (the default hub) or `mqtt://`/`mqtts://`. The
- * implementation is imported on first use, so a program that never uses MQTT never loads `mqtt`.
- */
-export async function openTransport(
-  url: string,
-  opts: {
-    logger?: Logger;
-    /** The MQTT client id when the URL asks for a persistent session (`?session_expiry=N`). */
-    sessionClientId?: string;
-  } = {},
-): Promise<Transport> {
-  if (url === "memory://" || url.startsWith("memory://")) {
-    const { defaultHub, MemoryTransport } = await import("./transports/memory.ts");
-    return new MemoryTransport(defaultHub);
-  }
-  if (/^(mqtts?|tcp|ssl|wss?):\/\//.test(url)) {
-    const { MqttTransport } = await import("./transports/mqtt.ts");
-    return await MqttTransport.connect({ url, logger: opts.logger, sessionClientId: opts.sessionClientId });
-  }
-  throw new TypeError(`Unsupported transport URL ${quote(url)}: expected memory:// or mqtt://host:port`);
+/** Options of {@link Opener.openTransport}. */
+export interface TransportOpenOptions {
+  /** Where the transport logs. */
+  logger?: Logger;
+  /** The MQTT client id when the URL asks for a persistent session (`?session_expiry=N`). */
+  sessionClientId?: string;
+}
+
+/** Options of {@link Opener.openRegistry}. */
+export interface RegistryOpenOptions {
+  /** Where the registry logs. */
+  logger?: Logger;
 }
 
 /**
- * Open the registry of a URL: `sqljs::memory:`, `sqljs:PATH` or `postgres://...`. The SQL
- * implementation (kysely, sql.js, pg) is imported on first use.
+ * Opens transports and registries from URLs: how a {@link Service} gets what it was not given and
+ * how {@link parseFlags} checks a URL. The core knows no plug-in; open.ts installs the opener
+ * of novalet's schemes when it is imported (the package entry imports it).
  */
-export async function openRegistry(url: string): Promise<Registry> {
-  const { openSqlRegistry } = await import("./registry/sql.ts");
-  return await openSqlRegistry(url);
+export interface Opener {
+  /** Open the transport of `url`. */
+  openTransport(url: string, opts: TransportOpenOptions): Promise<Transport>;
+  /** Open the registry of `url`. */
+  openRegistry(url: string, opts: RegistryOpenOptions): Promise<Registry>;
+  /** Why `url` opens no transport (or registry), in words; undefined when it does. */
+  urlProblem(kind: "transport" | "registry", url: string): string | undefined;
+}
+
+let installed: Opener | undefined;
+
+/** Make `opener` the one Service and parseFlags use (open.ts does this when imported). */
+export function installOpener(opener: Opener): void {
+  installed = opener;
+}
+
+function theOpener(what: string): Opener {
+  if (installed) return installed;
+  throw new TypeError(
+    `Cannot open ${what}: no opener is installed; import novalet's package entry (or its open.ts), or pass a transport and a registry`,
+  );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -3444,14 +3491,14 @@ export class Service {
     this.#manager = manager;
     if (!this.#transport) {
       // A persistent session must be found again by the next run of this service: a stable id.
-      this.#transport = await openTransport(this.flags.transportUrl, {
+      this.#transport = await theOpener("a transport").openTransport(this.flags.transportUrl, {
         logger: this.logger,
         sessionClientId: `novalet-${this.binary}-${this.host}`,
       });
       this.#owned.push(this.#transport);
     }
     if (!this.#registry) {
-      this.#registry = await openRegistry(this.flags.registryUrl);
+      this.#registry = await theOpener("a registry").openRegistry(this.flags.registryUrl, { logger: this.logger });
       this.#owned.push(this.#registry);
     }
     await this.#register();

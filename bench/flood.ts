@@ -12,7 +12,7 @@
 
 import process from "node:process";
 import { Buffer } from "node:buffer";
-import { Dispatcher, Manager, MAX_BATCH, type RequestContext, type Transport } from "../mod.ts";
+import { Dispatcher, Manager, MAX_BATCH, type RequestContext, type Transport } from "../index.ts";
 
 const MESSAGES = Number(process.env.BENCH_FLOOD_MESSAGES ?? 15);
 

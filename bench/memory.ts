@@ -10,7 +10,7 @@
  */
 
 import process from "node:process";
-import { Manager, openRegistry, RequestContext, Rpc, Service } from "../mod.ts";
+import { Manager, openRegistry, RequestContext, Rpc, Service } from "../index.ts";
 import { MemoryHub, MemoryTransport } from "../transports/memory.ts";
 import { compare, report, type Row, takePeakRss } from "./harness.ts";
 

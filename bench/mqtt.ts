@@ -10,7 +10,7 @@
 import { spawn } from "node:child_process";
 import process from "node:process";
 import mqtt from "mqtt";
-import { RequestContext, Rpc } from "../mod.ts";
+import { RequestContext, Rpc } from "../index.ts";
 import { EmbeddedBroker } from "../transports/broker.ts";
 import { MqttTransport } from "../transports/mqtt.ts";
 import { MOSQUITTO, Mosquitto } from "../tests/mosquitto.ts";

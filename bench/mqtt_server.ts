@@ -6,7 +6,7 @@
  */
 import process from "node:process";
 import mqtt from "mqtt";
-import { Manager, openRegistry, type RequestContext, Service } from "../mod.ts";
+import { Manager, openRegistry, type RequestContext, Service } from "../index.ts";
 import { MqttTransport } from "../transports/mqtt.ts";
 
 const [mode, url, prefix, qosArg] = process.argv.slice(2);

@@ -12,7 +12,7 @@
 import { execFile } from "node:child_process";
 import { existsSync } from "node:fs";
 import process from "node:process";
-import { Manager, openRegistry, RequestContext, Service } from "../mod.ts";
+import { Manager, openRegistry, RequestContext, Service } from "../index.ts";
 import { MemoryHub, MemoryTransport } from "../transports/memory.ts";
 import { EmbeddedBroker } from "../transports/broker.ts";
 import { MOSQUITTO, Mosquitto } from "../tests/mosquitto.ts";

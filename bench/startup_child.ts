@@ -14,7 +14,7 @@ const sleep = (s: number) => new Promise((r) => setTimeout(r, s * 1000));
 
 let stop = async () => {};
 if (url !== "bare") {
-  const { Manager, openRegistry, openTransport, RequestContext, Service } = await import("../mod.ts");
+  const { Manager, openRegistry, openTransport, RequestContext, Service } = await import("../index.ts");
   class Ping extends Manager {
     ping(_c: InstanceType<typeof RequestContext>) {
       return "pong";

@@ -4,7 +4,7 @@
  * Run: `npx tsx examples/01_hello.ts` or `deno run -A examples/01_hello.ts`.
  */
 
-import { Manager, RemoteError, RequestContext, Service } from "../mod.ts";
+import { Manager, RemoteError, RequestContext, Service } from "../index.ts";
 import { MemoryHub, MemoryTransport } from "../transports/memory.ts";
 
 // A manager's public methods are its RPC API: each is called as method(ctx, args).

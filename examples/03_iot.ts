@@ -9,7 +9,7 @@
  */
 
 import process from "node:process";
-import { isUp, Manager, openRegistry, periodicTask, RequestContext, Service } from "../mod.ts";
+import { isUp, Manager, openRegistry, periodicTask, RequestContext, Service } from "../index.ts";
 import { EmbeddedBroker } from "../transports/broker.ts";
 import { MqttTransport, type MqttTransportOptions } from "../transports/mqtt.ts";
 

@@ -23,7 +23,7 @@ import {
   topicMatches,
   Topics,
   type Transport,
-} from "../mod.ts";
+} from "../index.ts";
 import { MemoryLogger, sleep, text, utf8, waitFor } from "./helpers.ts";
 
 describe("topicMatches()", () => {
@@ -377,7 +377,7 @@ describe("RequestContext", () => {
 
 describe("errors", () => {
   it("every error class is a NovaletError whose name is its class name, with cause and data", async () => {
-    const mod = await import("../mod.ts");
+    const mod = await import("../index.ts");
     const classes = Object.entries(mod).filter(([, v]) => typeof v === "function" && v.prototype instanceof Error);
     assert.ok(classes.length >= 12, classes.map(([k]) => k).join(", "));
     for (const [name, cls] of classes) {

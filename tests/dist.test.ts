@@ -9,7 +9,7 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync
 import { after, before, describe, it } from "node:test";
 import { fileURLToPath } from "node:url";
 import { buildDist, ENTRIES } from "../build.ts";
-import { listPeriodicTasks, loadManager, openRegistry, RequestContext, rpcMethods, Service } from "../mod.ts";
+import { listPeriodicTasks, loadManager, openRegistry, RequestContext, rpcMethods, Service } from "../index.ts";
 import { MemoryHub, MemoryTransport } from "../transports/memory.ts";
 import { mqttFixture } from "./mqtt_fixture.ts";
 
@@ -69,11 +69,11 @@ describe("dist: novalet built into plain JavaScript for Node (build.ts)", () => 
     });
   });
 
-  it("loadManager() from the sources accepts a manager extending the Manager of dist/mod.js, and serves it", async () => {
+  it("loadManager() from the sources accepts a manager extending the Manager of dist/index.js, and serves it", async () => {
     // As `novalet serve` (the sources, through tsx) loads a manager whose file imports "novalet" (dist).
     writeFileSync(
       `${out}/dist_manager.mjs`,
-      `import { Manager, periodicTask } from "./mod.js";
+      `import { Manager, periodicTask } from "./index.js";
 export class DistShop extends Manager {
   add(_ctx, { a, b }) { return a + b; }
   tick(_ctx) {}

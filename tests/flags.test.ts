@@ -1,7 +1,7 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { hostname } from "node:os";
-import { defaultFlags, openTransport, parseFlags } from "../mod.ts";
+import { defaultFlags, openTransport, parseFlags } from "../index.ts";
 
 describe("parseFlags()", () => {
   it("parseFlags() with nothing gives Nova's defaults", () => {

@@ -45,7 +45,7 @@ import {
   Rpc,
   Service,
   type Transport,
-} from "../mod.ts";
+} from "../index.ts";
 import { MemoryHub, MemoryTransport } from "../transports/memory.ts";
 import { MqttTransport } from "../transports/mqtt.ts";
 import { EMBEDDED, mqttFixture } from "./mqtt_fixture.ts";

@@ -24,7 +24,7 @@ import {
   type Transport,
   validateFilter,
   validateTopic,
-} from "../mod.ts";
+} from "../index.ts";
 import { MemoryHub, MemoryTransport } from "../transports/memory.ts";
 import { openSqlRegistry } from "../registry/sql.ts";
 import { MemoryLogger, sleep, text, uniquePrefix, utf8, waitFor } from "./helpers.ts";

@@ -1,7 +1,7 @@
 /** Small helpers shared by the test files. */
 import process from "node:process";
 
-import type { LogFields, Logger } from "../mod.ts";
+import type { LogFields, Logger } from "../index.ts";
 
 /** A unique topic prefix, so concurrent runs on one broker never see each other. */
 export function uniquePrefix(tag = "t"): string {

@@ -1,6 +1,6 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { ConsoleLogger, type LogFields, type Logger, withFields } from "../mod.ts";
+import { ConsoleLogger, type LogFields, type Logger, withFields } from "../index.ts";
 
 /** Run `fn` with console.error captured. */
 function captured(fn: () => void): string[] {

@@ -1,6 +1,6 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { LoopGroup, LoopingCall, Manager, periodicTask, RequestContext } from "../mod.ts";
+import { LoopGroup, LoopingCall, Manager, periodicTask, RequestContext } from "../index.ts";
 import { MemoryLogger, sleep, waitFor } from "./helpers.ts";
 
 describe("LoopingCall", () => {

@@ -5,7 +5,7 @@
  */
 import { after, afterEach, before, describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { DeliveryError } from "../mod.ts";
+import { DeliveryError } from "../index.ts";
 import { MqttTransport, type MqttTransportOptions } from "../transports/mqtt.ts";
 import { MemoryLogger, sleep, text, uniquePrefix, utf8, waitFor } from "./helpers.ts";
 import { mqttFixture, NO_SHARED } from "./mqtt_fixture.ts";

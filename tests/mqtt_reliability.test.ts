@@ -16,7 +16,7 @@ import {
   RpcTimeoutError,
   Service,
   type Transport,
-} from "../mod.ts";
+} from "../index.ts";
 import { openSqlRegistry } from "../registry/sql.ts";
 import { EmbeddedBroker } from "../transports/broker.ts";
 import { MqttTransport, type MqttTransportOptions } from "../transports/mqtt.ts";

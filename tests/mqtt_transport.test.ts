@@ -4,7 +4,7 @@ import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { MqttTransport } from "../transports/mqtt.ts";
 import { sleep, text, uniquePrefix, utf8, waitFor } from "./helpers.ts";
-import { DeliveryError } from "../mod.ts";
+import { DeliveryError } from "../index.ts";
 import { BIG_STALLS, embeddedOnly, mqttFixture, NO_SHARED, NO_V5 } from "./mqtt_fixture.ts";
 
 transportConformance("mqtt", () => mqttFixture(), {

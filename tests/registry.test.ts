@@ -6,7 +6,7 @@ import { join } from "node:path";
 import process from "node:process";
 import { sql } from "kysely";
 import pg from "pg";
-import { redactUrl } from "../mod.ts";
+import { redactUrl } from "../index.ts";
 import { openSqlRegistry } from "../registry/sql.ts";
 import { registryConformance } from "./registry_conformance.ts";
 

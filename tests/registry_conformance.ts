@@ -5,7 +5,7 @@
 
 import { afterEach, describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { ClosedError, isUp, NotFound, type Registry } from "../mod.ts";
+import { ClosedError, isUp, NotFound, type Registry } from "../index.ts";
 
 /** One fresh, empty store. */
 export interface RegistryStore {

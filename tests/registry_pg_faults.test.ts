@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import process from "node:process";
 import { sql } from "kysely";
 import pg from "pg";
-import { redactUrl } from "../mod.ts";
+import { redactUrl } from "../index.ts";
 import { openSqlRegistry, type SqlRegistry } from "../registry/sql.ts";
 import { sleep } from "./helpers.ts";
 import { TcpProxy } from "./tcp_proxy.ts";

@@ -11,7 +11,7 @@ import {
   Rpc,
   Service,
   type Transport,
-} from "../mod.ts";
+} from "../index.ts";
 import { MemoryHub, MemoryTransport } from "../transports/memory.ts";
 import { mqttFixture } from "./mqtt_fixture.ts";
 import type { TransportFixture } from "./transport_conformance.ts";

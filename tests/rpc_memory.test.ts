@@ -1,6 +1,6 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { Manager, openRegistry, RequestContext, Rpc, Service, type Transport } from "../mod.ts";
+import { Manager, openRegistry, RequestContext, Rpc, Service, type Transport } from "../index.ts";
 import { MemoryHub, MemoryTransport } from "../transports/memory.ts";
 import { rpcSuite } from "./rpc_suite.ts";
 import { MemoryLogger, text, utf8, waitFor } from "./helpers.ts";

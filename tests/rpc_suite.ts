@@ -17,7 +17,7 @@ import {
   Service,
   type ServiceOptions,
   type Transport,
-} from "../mod.ts";
+} from "../index.ts";
 import type { TransportFixture } from "./transport_conformance.ts";
 import { MemoryLogger, sleep, text, uniquePrefix, utf8, waitFor } from "./helpers.ts";
 

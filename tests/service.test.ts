@@ -13,7 +13,7 @@ import {
   Service,
   type ServiceOptions,
   type Transport,
-} from "../mod.ts";
+} from "../index.ts";
 import { MemoryHub, MemoryTransport } from "../transports/memory.ts";
 import { openSqlRegistry } from "../registry/sql.ts";
 import { MemoryLogger, sleep, uniquePrefix, waitFor } from "./helpers.ts";

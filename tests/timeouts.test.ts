@@ -1,7 +1,7 @@
 import { after, describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { Manager, openRegistry, RequestContext, Rpc, RpcTimeoutError, Service } from "../mod.ts";
+import { Manager, openRegistry, RequestContext, Rpc, RpcTimeoutError, Service } from "../index.ts";
 import { MemoryHub, MemoryTransport } from "../transports/memory.ts";
 import { childCommand, MemoryLogger } from "./helpers.ts";
 

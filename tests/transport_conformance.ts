@@ -5,7 +5,7 @@
 
 import { after, afterEach, before, describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { ClosedError, DeliveryError, type Transport } from "../mod.ts";
+import { ClosedError, DeliveryError, type Transport } from "../index.ts";
 import { sleep, text, uniquePrefix, utf8, waitFor } from "./helpers.ts";
 
 /** How a test file gives the suite its transport. */
