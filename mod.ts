@@ -1668,11 +1668,11 @@ function checkTimeout(t: unknown, what: string): number {
 }
 
 /** What {@link within} gives when time ran out. */
-const TIMED_OUT: unique symbol = Symbol("timed out");
+export const TIMED_OUT: unique symbol = Symbol("timed out");
 
 /** `p`'s value, or TIMED_OUT after `seconds`; `p` is then left to settle on its own (a late
  * rejection is swallowed). For waits on things that may hang: a registry, a broker. */
-function within<T>(p: Promise<T>, seconds: number): Promise<T | typeof TIMED_OUT> {
+export function within<T>(p: Promise<T>, seconds: number): Promise<T | typeof TIMED_OUT> {
   let timer: { cancel(): void } | undefined;
   const late = new Promise<typeof TIMED_OUT>((r) => (timer = longTimeout(() => r(TIMED_OUT), seconds * 1000)));
   p.catch(() => {});
