@@ -40,44 +40,9 @@ import process from "node:process";
 // the process open (Deno's global setTimeout returns a number).
 import { setTimeout as setNodeTimeout } from "node:timers";
 
-/**
- * One of Node's tick objects, kept alive for the life of the process.
- *
- * Node's `process.nextTick()` queues each tick as an object literal with symbol keys. V8 takes
- * the map (hidden class) of such a literal from a cache that holds it weakly: a full GC while no
- * tick object is alive drops it, and the next tick starts a new tree of maps. After ten or so
- * such GCs early in a process's life (loading and starting sql.js and kysely does them), the
- * inline caches in nextTick() have seen too many maps, go megamorphic, and every tick from then
- * on takes V8's slow path: on Node 20, ~110 ns per tick became ~700 ns, for good. mqtt.js, its
- * packet writer and Node's streams take several ticks per message: it was ~5% of the CPU of a
- * novalet MQTT server answering one call at a time. With one tick object alive, its map is never
- * dropped and every tick gets it. (A no-op where the runtime calls no init hook for ticks.)
- */
-const keptTick = catchTickObject();
-
-/** A new tick object of Node's, caught by an async hook that is on for one `process.nextTick()`
- * only; undefined where the runtime reports no tick inits. @internal */
-export function catchTickObject(): object | undefined {
-  let tick: object | undefined;
-  const hook = createHook({
-    init(_id, type, _trigger, resource) {
-      if (type === "TickObject") tick ??= resource;
-    },
-  });
-  hook.enable();
-  try {
-    process.nextTick(() => {});
-  } finally {
-    hook.disable();
-  }
-  return tick;
-}
-
-/** The tick object that mod.ts keeps (for the test of the above); undefined where none was seen.
- * @internal */
-export function keptTickObject(): object | undefined {
-  return keptTick;
-}
+// =============================================================================================
+// Part 1. The contract: what a transport, a registry or a codec author needs
+// =============================================================================================
 
 // ---------------------------------------------------------------------------------------------
 // Errors
@@ -188,7 +153,7 @@ export function quote(value: unknown, max = 60): string {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Logging
+// Logger
 // ---------------------------------------------------------------------------------------------
 
 /** Structured fields of a log line. */
@@ -202,141 +167,8 @@ export interface Logger {
   error(msg: string, fields?: LogFields): void;
 }
 
-// The context of the handler running now, so every log line of a handler carries its request
-// id without the handler passing it around (as oslo.log does with its thread-local context).
-// An async handler runs in an AsyncLocalStorage scope. A synchronous one only needs the context
-// while it runs, which a plain variable gives for free: on Node 20 the first AsyncLocalStorage
-// scope turns on promise hooks that slow every await in the process by ~70 ns.
-const requestScope = new AsyncLocalStorage<RequestContext>();
-let syncScope: RequestContext | undefined;
-
-/** Call `self.fn(ctx, args)` with `ctx` as the current context. */
-function inScope(
-  ctx: RequestContext,
-  isAsync: boolean,
-  fn: (ctx: RequestContext, args: unknown) => unknown,
-  self: object,
-  args: unknown,
-): unknown {
-  if (isAsync) return requestScope.run(ctx, () => fn.call(self, ctx, args));
-  const outer = syncScope;
-  syncScope = ctx;
-  try {
-    return fn.call(self, ctx, args);
-  } finally {
-    syncScope = outer;
-  }
-}
-
-/** The context of the RPC handler running now, if any. */
-export function currentContext(): RequestContext | undefined {
-  return syncScope ?? requestScope.getStore();
-}
-
 /** Log levels in increasing order of severity. */
 export type LogLevel = "debug" | "info" | "warn" | "error" | "silent";
-const LEVELS: Record<LogLevel, number> = { debug: 10, info: 20, warn: 30, error: 40, silent: 99 };
-
-/**
- * The default logger: readable lines (`12:00:01.234 WARN  message key=value`) or JSON lines
- * (`{"time":...,"level":"warn","msg":...,...}`) on stderr.
- */
-export class ConsoleLogger implements Logger {
-  #min: number;
-  #json: boolean;
-  #fields: LogFields;
-  constructor(opts: { level?: LogLevel; format?: "text" | "json"; fields?: LogFields } = {}) {
-    this.#min = LEVELS[opts.level ?? "info"];
-    this.#json = opts.format === "json";
-    this.#fields = opts.fields ?? {};
-  }
-  /** A logger that adds `fields` to every line. */
-  child(fields: LogFields): ConsoleLogger {
-    const c = new ConsoleLogger();
-    c.#min = this.#min;
-    c.#json = this.#json;
-    c.#fields = { ...this.#fields, ...fields };
-    return c;
-  }
-  #write(level: Exclude<LogLevel, "silent">, msg: string, fields?: LogFields): void {
-    if (LEVELS[level] < this.#min) return;
-    const ctx = currentContext();
-    const all = ctx
-      ? { ...this.#fields, request_id: ctx.requestId, ...fields }
-      : fields
-      ? { ...this.#fields, ...fields }
-      : this.#fields;
-    const now = new Date();
-    let line: string;
-    if (this.#json) {
-      line = safeStringify({ time: now.toISOString(), level, msg, ...all });
-    } else {
-      const kv = Object.entries(all).map(([k, v]) =>
-        `${k}=${typeof v === "string" ? v : v instanceof Error ? quote(v.message, 200) : quote(v, 200)}`
-      );
-      line = `${now.toISOString().slice(11, 23)} ${level.toUpperCase().padEnd(5)} ${msg}${
-        kv.length ? " " + kv.join(" ") : ""
-      }`;
-    }
-    console.error(line);
-  }
-  debug(msg: string, fields?: LogFields): void {
-    this.#write("debug", msg, fields);
-  }
-  info(msg: string, fields?: LogFields): void {
-    this.#write("info", msg, fields);
-  }
-  warn(msg: string, fields?: LogFields): void {
-    this.#write("warn", msg, fields);
-  }
-  error(msg: string, fields?: LogFields): void {
-    this.#write("error", msg, fields);
-  }
-}
-
-function safeStringify(v: unknown): string {
-  try {
-    return JSON.stringify(v, (_k, x) => x instanceof Error ? { name: x.name, message: x.message } : x);
-  } catch {
-    return JSON.stringify({ msg: String(v) });
-  }
-}
-
-/** A logger that adds `fields`, and the request id of the running handler, to every line. */
-export function withFields(logger: Logger, fields: LogFields): Logger {
-  if (logger instanceof ConsoleLogger) return logger.child(fields);
-  const all = (f?: LogFields): LogFields => {
-    const ctx = currentContext();
-    return ctx ? { ...fields, request_id: ctx.requestId, ...f } : { ...fields, ...f };
-  };
-  return {
-    debug: (m, f) => logger.debug(m, all(f)),
-    info: (m, f) => logger.info(m, all(f)),
-    warn: (m, f) => logger.warn(m, all(f)),
-    error: (m, f) => logger.error(m, all(f)),
-  };
-}
-
-let defaultLogger: Logger = new ConsoleLogger({
-  level: (envVar("NOVALET_LOG_LEVEL") as LogLevel | undefined) ?? "info",
-  format: envVar("NOVALET_LOG_FORMAT") === "json" ? "json" : "text",
-});
-/** The logger used where none was passed. */
-export function getLogger(): Logger {
-  return defaultLogger;
-}
-/** Replace the logger used where none was passed. */
-export function setDefaultLogger(logger: Logger): void {
-  defaultLogger = logger;
-}
-
-function envVar(name: string): string | undefined {
-  try {
-    return process.env[name];
-  } catch {
-    return undefined; // Deno without --allow-env
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Transport
@@ -393,25 +225,6 @@ export interface LocalMessage {
   bytes(): Uint8Array;
 }
 
-/**
- * Call a subscription's handler for a transport: a throw or a rejected promise is logged and
- * never reaches the transport, so one bad handler cannot stop deliveries to the others.
- */
-export function runHandler(
-  handler: MessageHandler,
-  payload: Uint8Array,
-  topic: string,
-  log: Logger,
-  meta?: MessageMeta,
-): void {
-  try {
-    const r = handler(payload, topic, meta);
-    if (r instanceof Promise) r.catch((e) => log.error("A message handler failed", { topic, error: e }));
-  } catch (e) {
-    log.error("A message handler failed", { topic, error: e });
-  }
-}
-
 /** What `subscribe()` returns. */
 export interface Subscription {
   unsubscribe(): Promise<void>;
@@ -440,6 +253,10 @@ export interface Transport {
    */
   publishLocal?(topic: string, message: LocalMessage, opts?: PublishOptions): Promise<void>;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Topics, and the rules every transport keeps
+// ---------------------------------------------------------------------------------------------
 
 /** Does the MQTT topic filter match the topic? (`sport/+/player1`, `sport/#`). */
 export function topicMatches(filter: string, topic: string): boolean {
@@ -510,7 +327,9 @@ export function validateTopic(topic: string): void {
 /** Throws a TypeError unless `group` is a valid shared-subscription group: one topic level. */
 export function validateGroup(group: string): void {
   if (typeof group !== "string" || group === "" || /[/+#]/.test(group) || topicTextProblem(group) !== undefined) {
-    throw new TypeError(`Invalid group ${quote(group)}: must be non-empty, without "/", "+", "#" or control characters`);
+    throw new TypeError(
+      `Invalid group ${quote(group)}: must be non-empty, without "/", "+", "#" or control characters`,
+    );
   }
 }
 
@@ -563,100 +382,181 @@ export class TransportGuard {
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Addresses
-// ---------------------------------------------------------------------------------------------
-
-const BAD_NAME = /[/+#]/;
-
-/** Topic names, host names and client ids: one topic level each, at most 255 characters. */
-const MAX_NAME = 255;
-
-function checkName(kind: string, value: unknown, where: string): string {
-  if (
-    typeof value !== "string" || value.length === 0 || value.length > MAX_NAME || BAD_NAME.test(value) ||
-    topicTextProblem(value) !== undefined
-  ) {
-    throw new TypeError(
-      `Invalid ${kind} ${quote(value)} in ${
-        quote(where)
-      }: must be 1 to ${MAX_NAME} characters, without "/", "+", "#", control characters or Unicode non-characters`,
-    );
+/**
+ * Call a subscription's handler for a transport: a throw or a rejected promise is logged and
+ * never reaches the transport, so one bad handler cannot stop deliveries to the others.
+ */
+export function runHandler(
+  handler: MessageHandler,
+  payload: Uint8Array,
+  topic: string,
+  log: Logger,
+  meta?: MessageMeta,
+): void {
+  try {
+    const r = handler(payload, topic, meta);
+    if (r instanceof Promise) r.catch((e) => log.error("A message handler failed", { topic, error: e }));
+  } catch (e) {
+    log.error("A message handler failed", { topic, error: e });
   }
-  return value;
 }
 
-/** A parsed logical address: `compute` or `compute.host1`. */
-export interface Address {
+/** The longest duration novalet accepts, in seconds: MQTT's message expiry field (~136 years). */
+export const MAX_SECONDS = 4_294_967_295;
+
+/** What {@link within} gives when time ran out. */
+export const TIMED_OUT: unique symbol = Symbol("timed out");
+
+/** `p`'s value, or TIMED_OUT after `seconds`; `p` is then left to settle on its own (a late
+ * rejection is swallowed). For waits on things that may hang: a registry, a broker. */
+export function within<T>(p: Promise<T>, seconds: number): Promise<T | typeof TIMED_OUT> {
+  let timer: { cancel(): void } | undefined;
+  const late = new Promise<typeof TIMED_OUT>((r) => (timer = longTimeout(() => r(TIMED_OUT), seconds * 1000)));
+  p.catch(() => {});
+  return Promise.race([p, late]).finally(() => timer!.cancel());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Registry
+// ---------------------------------------------------------------------------------------------
+
+/** A row of the services table. */
+export interface ServiceRecord {
+  id: number;
+  host: string;
+  binary: string;
   topic: string;
-  host?: string;
+  reportCount: number;
+  disabled: boolean;
+  disabledReason: string | null;
+  forcedDown: boolean;
+  lastSeenUp: Date | null;
+  createdAt: Date;
+  updatedAt: Date;
 }
 
-/** Split a logical address at its first `.`: topic names have no dot, host names may. */
-export function parseAddress(address: string): Address {
-  if (typeof address !== "string") throw new TypeError(`Invalid address ${quote(address)}: not a string`);
-  const dot = address.indexOf(".");
-  if (dot < 0) return { topic: checkName("topic", address, address) };
-  return {
-    topic: checkName("topic", address.slice(0, dot), address),
-    host: checkName("host", address.slice(dot + 1), address),
-  };
+/** Where services record themselves and prove they are alive (Nova's `services` table). */
+export interface Registry {
+  /** Create the row of (host, binary), or return the existing one. */
+  register(s: { host: string; binary: string; topic: string }): Promise<ServiceRecord>;
+  /** A heartbeat: reportCount + 1, lastSeenUp = updatedAt = now. */
+  reportState(id: number): Promise<ServiceRecord>;
+  get(id: number): Promise<ServiceRecord | undefined>;
+  list(filter?: { topic?: string; host?: string; binary?: string }): Promise<ServiceRecord[]>;
+  setDisabled(id: number, disabled: boolean, reason?: string): Promise<ServiceRecord>;
+  setForcedDown(id: number, forcedDown: boolean): Promise<ServiceRecord>;
+  remove(id: number): Promise<void>;
+  close(): Promise<void>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Opening transports and registries from URLs
+// ---------------------------------------------------------------------------------------------
+
+/** Options of {@link Opener.openTransport}. */
+export interface TransportOpenOptions {
+  /** Where the transport logs. */
+  logger?: Logger;
+  /** The MQTT client id when the URL asks for a persistent session (`?session_expiry=N`). */
+  sessionClientId?: string;
+}
+
+/** Options of {@link Opener.openRegistry}. */
+export interface RegistryOpenOptions {
+  /** Where the registry logs. */
+  logger?: Logger;
 }
 
 /**
- * The address of the server of `topic` on `host`, as Nova's `rpc.queue_get_for`.
- * @example `queueGetFor(ctx, "network", "host1") === "network.host1"`
+ * Opens transports and registries from URLs: how a {@link Service} gets what it was not given and
+ * how {@link parseFlags} checks a URL. The core knows no plug-in; open.ts installs the opener
+ * of novalet's schemes when it is imported (the package entry imports it).
  */
-export function queueGetFor(_ctx: RequestContext | null, topic: string, host: string): string {
-  checkName("topic", topic, `${topic}.${host}`);
-  if (typeof topic === "string" && topic.includes(".")) {
-    throw new TypeError(`Invalid topic ${quote(topic)}: topic names cannot contain "."`);
-  }
-  checkName("host", host, `${topic}.${host}`);
-  return `${topic}.${host}`;
+export interface Opener {
+  /** Open the transport of `url`. */
+  openTransport(url: string, opts: TransportOpenOptions): Promise<Transport>;
+  /** Open the registry of `url`. */
+  openRegistry(url: string, opts: RegistryOpenOptions): Promise<Registry>;
+  /** Why `url` opens no transport (or registry), in words; undefined when it does. */
+  urlProblem(kind: "transport" | "registry", url: string): string | undefined;
 }
 
-/** Validate an MQTT topic prefix: levels without wildcards, none empty. */
-function checkPrefix(prefix: string): string {
-  if (
-    typeof prefix !== "string" || prefix.length > 1024 || prefix.split("/").some((p) => p === "" || /[+#]/.test(p)) ||
-    topicTextProblem(prefix) !== undefined
-  ) {
-    throw new TypeError(
-      `Invalid prefix ${
-        quote(prefix)
-      }: levels must be non-empty, without "+", "#", control characters or Unicode non-characters`,
-    );
-  }
-  return prefix;
+let installed: Opener | undefined;
+
+/** Make `opener` the one Service and parseFlags use (open.ts does this when imported). */
+export function installOpener(opener: Opener): void {
+  installed = opener;
 }
 
-/** The transport topics behind logical addresses, for one prefix. */
-export class Topics {
-  readonly prefix: string;
-  readonly replyRoot: string;
-  constructor(prefix = "novalet") {
-    this.prefix = checkPrefix(prefix);
-    this.replyRoot = `${prefix}/reply/`;
-  }
-  /** `compute` → `{prefix}/rpc/compute`; `compute.h1` → `{prefix}/rpc/compute/h1`. */
-  forAddress(address: string): string {
-    const { topic, host } = parseAddress(address);
-    return host === undefined ? `${this.prefix}/rpc/${topic}` : `${this.prefix}/rpc/${topic}/${host}`;
-  }
-  fanout(topic: string): string {
-    checkName("topic", topic, topic);
-    return `${this.prefix}/fanout/${topic}`;
-  }
-  reply(clientId: string): string {
-    return `${this.replyRoot}${checkName("client id", clientId, clientId)}`;
-  }
-  /** Is `topic` a reply topic of this prefix: exactly one non-empty level, nothing a broker refuses? */
-  isReplyTopic(topic: string): boolean {
-    if (typeof topic !== "string" || !topic.startsWith(this.replyRoot)) return false;
-    const rest = topic.slice(this.replyRoot.length);
-    return rest.length > 0 && !BAD_NAME.test(rest) && topicTextProblem(rest) === undefined;
-  }
+function theOpener(what: string): Opener {
+  if (installed) return installed;
+  throw new TypeError(
+    `Cannot open ${what}: no opener is installed; import novalet's package entry (or its open.ts), or pass a transport and a registry`,
+  );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Envelopes and the codec
+// ---------------------------------------------------------------------------------------------
+
+/** A request envelope. */
+export interface RequestEnvelope {
+  v: 1;
+  id: string;
+  method: string;
+  args: Record<string, unknown>;
+  /** A RequestContext when encoding (its JSON is cached), its JSON form when decoded. */
+  context: RequestContextJSON | Record<string, unknown> | RequestContext;
+  reply_to?: string;
+  version?: string;
+  /** Epoch milliseconds after which the server drops the request. */
+  deadline?: number;
+  /** The caller reads batched replies (a JSON array of replies), so the reply may come in one. */
+  batch?: boolean;
+}
+
+/** An error as it crosses the wire. */
+export interface WireError {
+  type: string;
+  message: string;
+  data?: unknown;
+  /** Only when the server runs with `debug`. */
+  stack?: string;
+}
+
+/** A reply envelope: a result or an error. */
+export type ReplyEnvelope = { v: 1; id: string; result: unknown } | { v: 1; id: string; error: WireError };
+
+/**
+ * Encodes and decodes envelopes. The RPC client and the dispatcher use nothing else, so a
+ * transport for another RPC system's wire format (oslo.messaging's) translates here only.
+ */
+export interface Codec {
+  encodeRequest(req: RequestEnvelope): Uint8Array;
+  /** @throws {BadRequest} with `id`/`replyTo` set when they could be read. */
+  decodeRequest(bytes: Uint8Array): RequestEnvelope;
+  encodeReply(reply: ReplyEnvelope): Uint8Array;
+  /** @throws {BadRequest} when the bytes are not a reply. */
+  decodeReply(bytes: Uint8Array): ReplyEnvelope;
+  /**
+   * Optional: frame several encoded requests (or replies) as one message, a batch. A codec
+   * without it never batches.
+   */
+  encodeBatch?(items: Uint8Array[]): Uint8Array;
+  /**
+   * Optional, with encodeBatch: the requests of a message, single or batch; a malformed one is a
+   * BadRequest in its place. @throws {BadRequest} when the message as a whole is unreadable.
+   */
+  decodeRequests?(bytes: Uint8Array): { batch: boolean; items: (RequestEnvelope | BadRequest)[] };
+  /** Optional, with encodeBatch: the replies of a message, single or batch. */
+  decodeReplies?(bytes: Uint8Array): ReplyEnvelope[];
+  /**
+   * Optional: what decoding the encoded envelope would give, without the bytes in between: a
+   * private deep copy with this codec's semantics. With it, the RPC client and the dispatcher
+   * send envelopes as values over a transport that can carry them (`publishLocal`).
+   * @throws {TypeError} where encoding would (a BigInt, a cycle).
+   */
+  copy?<E extends RequestEnvelope | ReplyEnvelope>(envelope: E): E;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -765,122 +665,263 @@ function contextString(name: string, v: unknown, nullable: boolean): string | un
   return v;
 }
 
+// =============================================================================================
+// Part 2. The behaviour: a request from Rpc.call() through the transport to a manager's method, and back
+// =============================================================================================
+
 // ---------------------------------------------------------------------------------------------
-// Wire format (the codec)
+// Logging
 // ---------------------------------------------------------------------------------------------
 
-/** A request envelope. */
-export interface RequestEnvelope {
-  v: 1;
-  id: string;
-  method: string;
-  args: Record<string, unknown>;
-  /** A RequestContext when encoding (its JSON is cached), its JSON form when decoded. */
-  context: RequestContextJSON | Record<string, unknown> | RequestContext;
-  reply_to?: string;
-  version?: string;
-  /** Epoch milliseconds after which the server drops the request. */
-  deadline?: number;
-  /** The caller reads batched replies (a JSON array of replies), so the reply may come in one. */
-  batch?: boolean;
+// The context of the handler running now, so every log line of a handler carries its request
+// id without the handler passing it around (as oslo.log does with its thread-local context).
+// An async handler runs in an AsyncLocalStorage scope. A synchronous one only needs the context
+// while it runs, which a plain variable gives for free: on Node 20 the first AsyncLocalStorage
+// scope turns on promise hooks that slow every await in the process by ~70 ns.
+const requestScope = new AsyncLocalStorage<RequestContext>();
+
+let syncScope: RequestContext | undefined;
+
+/** Call `self.fn(ctx, args)` with `ctx` as the current context. */
+function inScope(
+  ctx: RequestContext,
+  isAsync: boolean,
+  fn: (ctx: RequestContext, args: unknown) => unknown,
+  self: object,
+  args: unknown,
+): unknown {
+  if (isAsync) return requestScope.run(ctx, () => fn.call(self, ctx, args));
+  const outer = syncScope;
+  syncScope = ctx;
+  try {
+    return fn.call(self, ctx, args);
+  } finally {
+    syncScope = outer;
+  }
 }
 
-/** An error as it crosses the wire. */
-export interface WireError {
-  type: string;
-  message: string;
-  data?: unknown;
-  /** Only when the server runs with `debug`. */
-  stack?: string;
+/** The context of the RPC handler running now, if any. */
+export function currentContext(): RequestContext | undefined {
+  return syncScope ?? requestScope.getStore();
 }
 
-/** A reply envelope: a result or an error. */
-export type ReplyEnvelope = { v: 1; id: string; result: unknown } | { v: 1; id: string; error: WireError };
+const LEVELS: Record<LogLevel, number> = { debug: 10, info: 20, warn: 30, error: 40, silent: 99 };
 
 /**
- * Encodes and decodes envelopes. The RPC client and the dispatcher use nothing else, so a
- * transport for another RPC system's wire format (oslo.messaging's) translates here only.
+ * The default logger: readable lines (`12:00:01.234 WARN  message key=value`) or JSON lines
+ * (`{"time":...,"level":"warn","msg":...,...}`) on stderr.
  */
-export interface Codec {
-  encodeRequest(req: RequestEnvelope): Uint8Array;
-  /** @throws {BadRequest} with `id`/`replyTo` set when they could be read. */
-  decodeRequest(bytes: Uint8Array): RequestEnvelope;
-  encodeReply(reply: ReplyEnvelope): Uint8Array;
-  /** @throws {BadRequest} when the bytes are not a reply. */
-  decodeReply(bytes: Uint8Array): ReplyEnvelope;
-  /**
-   * Optional: frame several encoded requests (or replies) as one message, a batch. A codec
-   * without it never batches.
-   */
-  encodeBatch?(items: Uint8Array[]): Uint8Array;
-  /**
-   * Optional, with encodeBatch: the requests of a message, single or batch; a malformed one is a
-   * BadRequest in its place. @throws {BadRequest} when the message as a whole is unreadable.
-   */
-  decodeRequests?(bytes: Uint8Array): { batch: boolean; items: (RequestEnvelope | BadRequest)[] };
-  /** Optional, with encodeBatch: the replies of a message, single or batch. */
-  decodeReplies?(bytes: Uint8Array): ReplyEnvelope[];
-  /**
-   * Optional: what decoding the encoded envelope would give, without the bytes in between: a
-   * private deep copy with this codec's semantics. With it, the RPC client and the dispatcher
-   * send envelopes as values over a transport that can carry them (`publishLocal`).
-   * @throws {TypeError} where encoding would (a BigInt, a cycle).
-   */
-  copy?<E extends RequestEnvelope | ReplyEnvelope>(envelope: E): E;
+export class ConsoleLogger implements Logger {
+  #min: number;
+  #json: boolean;
+  #fields: LogFields;
+  constructor(opts: { level?: LogLevel; format?: "text" | "json"; fields?: LogFields } = {}) {
+    this.#min = LEVELS[opts.level ?? "info"];
+    this.#json = opts.format === "json";
+    this.#fields = opts.fields ?? {};
+  }
+  /** A logger that adds `fields` to every line. */
+  child(fields: LogFields): ConsoleLogger {
+    const c = new ConsoleLogger();
+    c.#min = this.#min;
+    c.#json = this.#json;
+    c.#fields = { ...this.#fields, ...fields };
+    return c;
+  }
+  #write(level: Exclude<LogLevel, "silent">, msg: string, fields?: LogFields): void {
+    if (LEVELS[level] < this.#min) return;
+    const ctx = currentContext();
+    const all = ctx
+      ? { ...this.#fields, request_id: ctx.requestId, ...fields }
+      : fields
+      ? { ...this.#fields, ...fields }
+      : this.#fields;
+    const now = new Date();
+    let line: string;
+    if (this.#json) {
+      line = safeStringify({ time: now.toISOString(), level, msg, ...all });
+    } else {
+      const kv = Object.entries(all).map(([k, v]) =>
+        `${k}=${typeof v === "string" ? v : v instanceof Error ? quote(v.message, 200) : quote(v, 200)}`
+      );
+      line = `${now.toISOString().slice(11, 23)} ${level.toUpperCase().padEnd(5)} ${msg}${
+        kv.length ? " " + kv.join(" ") : ""
+      }`;
+    }
+    console.error(line);
+  }
+  debug(msg: string, fields?: LogFields): void {
+    this.#write("debug", msg, fields);
+  }
+  info(msg: string, fields?: LogFields): void {
+    this.#write("info", msg, fields);
+  }
+  warn(msg: string, fields?: LogFields): void {
+    this.#write("warn", msg, fields);
+  }
+  error(msg: string, fields?: LogFields): void {
+    this.#write("error", msg, fields);
+  }
 }
 
+function safeStringify(v: unknown): string {
+  try {
+    return JSON.stringify(v, (_k, x) => x instanceof Error ? { name: x.name, message: x.message } : x);
+  } catch {
+    return JSON.stringify({ msg: String(v) });
+  }
+}
+
+/** A logger that adds `fields`, and the request id of the running handler, to every line. */
+export function withFields(logger: Logger, fields: LogFields): Logger {
+  if (logger instanceof ConsoleLogger) return logger.child(fields);
+  const all = (f?: LogFields): LogFields => {
+    const ctx = currentContext();
+    return ctx ? { ...fields, request_id: ctx.requestId, ...f } : { ...fields, ...f };
+  };
+  return {
+    debug: (m, f) => logger.debug(m, all(f)),
+    info: (m, f) => logger.info(m, all(f)),
+    warn: (m, f) => logger.warn(m, all(f)),
+    error: (m, f) => logger.error(m, all(f)),
+  };
+}
+
+let defaultLogger: Logger = new ConsoleLogger({
+  level: (envVar("NOVALET_LOG_LEVEL") as LogLevel | undefined) ?? "info",
+  format: envVar("NOVALET_LOG_FORMAT") === "json" ? "json" : "text",
+});
+
+/** The logger used where none was passed. */
+export function getLogger(): Logger {
+  return defaultLogger;
+}
+
+/** Replace the logger used where none was passed. */
+export function setDefaultLogger(logger: Logger): void {
+  defaultLogger = logger;
+}
+
+function envVar(name: string): string | undefined {
+  try {
+    return process.env[name];
+  } catch {
+    return undefined; // Deno without --allow-env
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Addresses
+// ---------------------------------------------------------------------------------------------
+
+const BAD_NAME = /[/+#]/;
+
+/** Topic names, host names and client ids: one topic level each, at most 255 characters. */
+const MAX_NAME = 255;
+
+function checkName(kind: string, value: unknown, where: string): string {
+  if (
+    typeof value !== "string" || value.length === 0 || value.length > MAX_NAME || BAD_NAME.test(value) ||
+    topicTextProblem(value) !== undefined
+  ) {
+    throw new TypeError(
+      `Invalid ${kind} ${quote(value)} in ${
+        quote(where)
+      }: must be 1 to ${MAX_NAME} characters, without "/", "+", "#", control characters or Unicode non-characters`,
+    );
+  }
+  return value;
+}
+
+/** A parsed logical address: `compute` or `compute.host1`. */
+export interface Address {
+  topic: string;
+  host?: string;
+}
+
+/** Split a logical address at its first `.`: topic names have no dot, host names may. */
+export function parseAddress(address: string): Address {
+  if (typeof address !== "string") throw new TypeError(`Invalid address ${quote(address)}: not a string`);
+  const dot = address.indexOf(".");
+  if (dot < 0) return { topic: checkName("topic", address, address) };
+  return {
+    topic: checkName("topic", address.slice(0, dot), address),
+    host: checkName("host", address.slice(dot + 1), address),
+  };
+}
+
+/**
+ * The address of the server of `topic` on `host`, as Nova's `rpc.queue_get_for`.
+ * @example `queueGetFor(ctx, "network", "host1") === "network.host1"`
+ */
+export function queueGetFor(_ctx: RequestContext | null, topic: string, host: string): string {
+  checkName("topic", topic, `${topic}.${host}`);
+  if (typeof topic === "string" && topic.includes(".")) {
+    throw new TypeError(`Invalid topic ${quote(topic)}: topic names cannot contain "."`);
+  }
+  checkName("host", host, `${topic}.${host}`);
+  return `${topic}.${host}`;
+}
+
+/** Validate an MQTT topic prefix: levels without wildcards, none empty. */
+function checkPrefix(prefix: string): string {
+  if (
+    typeof prefix !== "string" || prefix.length > 1024 || prefix.split("/").some((p) => p === "" || /[+#]/.test(p)) ||
+    topicTextProblem(prefix) !== undefined
+  ) {
+    throw new TypeError(
+      `Invalid prefix ${
+        quote(prefix)
+      }: levels must be non-empty, without "+", "#", control characters or Unicode non-characters`,
+    );
+  }
+  return prefix;
+}
+
+/** The transport topics behind logical addresses, for one prefix. */
+export class Topics {
+  readonly prefix: string;
+  readonly replyRoot: string;
+  constructor(prefix = "novalet") {
+    this.prefix = checkPrefix(prefix);
+    this.replyRoot = `${prefix}/reply/`;
+  }
+  /** `compute` → `{prefix}/rpc/compute`; `compute.h1` → `{prefix}/rpc/compute/h1`. */
+  forAddress(address: string): string {
+    const { topic, host } = parseAddress(address);
+    return host === undefined ? `${this.prefix}/rpc/${topic}` : `${this.prefix}/rpc/${topic}/${host}`;
+  }
+  fanout(topic: string): string {
+    checkName("topic", topic, topic);
+    return `${this.prefix}/fanout/${topic}`;
+  }
+  reply(clientId: string): string {
+    return `${this.replyRoot}${checkName("client id", clientId, clientId)}`;
+  }
+  /** Is `topic` a reply topic of this prefix: exactly one non-empty level, nothing a broker refuses? */
+  isReplyTopic(topic: string): boolean {
+    if (typeof topic !== "string" || !topic.startsWith(this.replyRoot)) return false;
+    const rest = topic.slice(this.replyRoot.length);
+    return rest.length > 0 && !BAD_NAME.test(rest) && topicTextProblem(rest) === undefined;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The JSON codec: reading and checking envelopes
+// ---------------------------------------------------------------------------------------------
+
 const METHOD_NAME = /^[A-Za-z_$][\w$]{0,127}$/;
+
 const VERSION = /^\d{1,9}\.\d{1,9}$/;
+
 const MAX_ID = 128;
+
 const MAX_REPLY_TO = 1024;
 
 const decoder = new TextDecoder("utf-8", { fatal: true });
+
 // Buffer.from(string) writes into a pooled slab: ~5x cheaper than TextEncoder for small messages.
 const utf8 = (s: string): Uint8Array => Buffer.from(s, "utf8");
-
-// A context is immutable and usually sent many times (a handler passes its ctx on): serialise once.
-const contextJson = new WeakMap<RequestContext, string>();
-function contextToJson(ctx: RequestContextJSON | Record<string, unknown> | RequestContext): string {
-  if (!(ctx instanceof RequestContext)) return JSON.stringify(ctx);
-  let json = contextJson.get(ctx);
-  if (json === undefined) contextJson.set(ctx, json = JSON.stringify(wireContext(ctx)));
-  return json;
-}
-
-/**
- * The context as a request carries it: fields at their defaults (no user, no project, not admin,
- * no roles) are left out, since RequestContext.from() gives them back. An anonymous context is
- * then ~80 bytes instead of ~170, which every server parses with each request. A subclass
- * travels as its toJSON() says.
- */
-function wireContext(ctx: RequestContext): unknown {
-  const json = ctx.toJSON();
-  if (ctx.constructor !== RequestContext) return json;
-  const out: Partial<RequestContextJSON> = {};
-  if (json.user_id !== null) out.user_id = json.user_id;
-  if (json.project_id !== null) out.project_id = json.project_id;
-  out.request_id = json.request_id;
-  if (json.is_admin) out.is_admin = true;
-  if (json.roles.length > 0) out.roles = json.roles;
-  out.timestamp = json.timestamp;
-  return out;
-}
-
-/** `JSON.stringify(s)`: the string between quotes when it holds nothing to escape, as ids,
- * method names and topics do. (Anything else, a non-string included, goes to JSON.stringify.) */
-function jsonString(s: string): string {
-  if (typeof s !== "string") return JSON.stringify(s);
-  for (let i = 0; i < s.length; i++) {
-    const c = s.charCodeAt(i);
-    if (c < 0x20 || c === 0x22 /* " */ || c === 0x5c /* \ */ || c > 0x7e) return JSON.stringify(s);
-  }
-  return `"${s}"`;
-}
-
-/** `JSON.stringify(n)` for a finite number (the same digits as String(n)). */
-function jsonNumber(n: number): string {
-  return typeof n === "number" && Number.isFinite(n) ? `${n}` : JSON.stringify(n);
-}
 
 /** Parse JSON; a text that mentions `__proto__` is parsed without that key anywhere. */
 function parseJson(bytes: Uint8Array): unknown {
@@ -968,10 +1009,6 @@ function checkReply(raw: unknown): ReplyEnvelope {
   return { v: 1, id: raw.id, result: raw.result ?? null };
 }
 
-const OPEN = utf8("[");
-const COMMA = utf8(",");
-const CLOSE = utf8("]");
-
 function parseOrBad(bytes: Uint8Array, what: string): unknown {
   try {
     return parseJson(bytes);
@@ -985,31 +1022,6 @@ export const MAX_JSON_DEPTH = 64;
 
 /** The most requests one message may carry (novalet's own batches carry at most 128). */
 export const MAX_BATCH = 10_000;
-
-/** Whether JSON text nests deeper than MAX_JSON_DEPTH (brackets inside strings do not count). */
-function tooDeep(text: string): boolean {
-  // Fewer brackets than the limit cannot nest past it: counted natively, nearly every message
-  // (a large one included) is done here without a walk in JS.
-  let brackets = 0;
-  for (const open of ["{", "["]) {
-    for (let i = text.indexOf(open); i !== -1 && brackets <= MAX_JSON_DEPTH; i = text.indexOf(open, i + 1)) brackets++;
-  }
-  if (brackets <= MAX_JSON_DEPTH) return false;
-  let depth = 0;
-  for (let i = 0; i < text.length; i++) {
-    const c = text.charCodeAt(i);
-    if (c === 0x22 /* " */) {
-      for (i++; i < text.length; i++) {
-        const d = text.charCodeAt(i);
-        if (d === 0x5c /* \ */) i++;
-        else if (d === 0x22) break;
-      }
-    } else if (c === 0x5b /* [ */ || c === 0x7b /* { */) {
-      if (++depth > MAX_JSON_DEPTH) return true;
-    } else if (c === 0x5d /* ] */ || c === 0x7d /* } */) depth--;
-  }
-  return false;
-}
 
 /**
  * The requests of a message, single or batch. A message nested too deep is refused whole: each
@@ -1050,70 +1062,6 @@ function readableIds(raw: unknown): { id?: string; replyTo?: string } {
   const id = typeof raw.id === "string" && raw.id.length > 0 && raw.id.length <= MAX_ID ? raw.id : undefined;
   const replyTo = typeof raw.reply_to === "string" && raw.reply_to.length <= MAX_REPLY_TO ? raw.reply_to : undefined;
   return { id, replyTo };
-}
-
-/**
- * What `JSON.parse(JSON.stringify(value))` gives, without the text: `toJSON()` is called (a Date
- * becomes its ISO string), undefined, functions and symbols are left out (null in arrays),
- * non-finite numbers become null, boxed primitives are unboxed, Maps and class instances become
- * plain objects of their own enumerable properties, and a `"__proto__"` key is dropped as
- * {@link parseJson} drops it. Strings are shared: they are immutable, so sharing is a copy.
- * @throws {TypeError} on a BigInt or a cycle, as JSON.stringify does.
- */
-export function jsonCopy(value: unknown): unknown {
-  return copyJson(value, "", undefined);
-}
-
-/** `stack`: the objects being copied, outermost first (a cycle check), made at the first one. */
-function copyJson(value: unknown, key: string | number, stack: object[] | undefined): unknown {
-  let v = value;
-  if ((typeof v === "object" && v !== null) || typeof v === "bigint") {
-    const toJSON = (v as { toJSON?: unknown }).toJSON;
-    if (typeof toJSON === "function") v = toJSON.call(v, String(key));
-  }
-  if (typeof v === "object" && v !== null) {
-    if (v instanceof Number) v = Number(v);
-    else if (v instanceof String) v = String(v);
-    else if (v instanceof Boolean || v instanceof BigInt) v = v.valueOf();
-  }
-  switch (typeof v) {
-    case "string":
-    case "boolean":
-      return v;
-    case "number":
-      return Number.isFinite(v) ? v + 0 : null; // + 0 turns -0 into 0, as "0" parses
-    case "bigint":
-      throw new TypeError("Do not know how to serialize a BigInt");
-    case "object": {
-      if (v === null) return null;
-      if (stack === undefined) stack = [];
-      else if (stack.includes(v)) throw new TypeError("Converting circular structure to JSON");
-      stack.push(v);
-      let out: unknown[] | Record<string, unknown>;
-      if (Array.isArray(v)) {
-        out = [];
-        for (let i = 0; i < v.length; i++) out.push(copyJson(v[i], i, stack) ?? null);
-      } else {
-        out = {};
-        const o = v as Record<string, unknown>;
-        for (const k of Object.keys(o)) {
-          if (k === "__proto__") continue;
-          const x = copyJson(o[k], k, stack);
-          if (x !== undefined) out[k] = x;
-        }
-      }
-      stack.pop();
-      return out;
-    }
-    default: // undefined, functions, symbols
-      return undefined;
-  }
-}
-
-/** A RequestContext is rebuilt from its fields (no JSON); a subclass travels as its toJSON(). */
-function copyContext(ctx: RequestEnvelope["context"]): RequestEnvelope["context"] {
-  if (ctx instanceof RequestContext && ctx.constructor === RequestContext) return new RequestContext(ctx);
-  return jsonCopy(ctx) as RequestEnvelope["context"];
 }
 
 /** The JSON codec of the documented wire format. */
@@ -1196,9 +1144,6 @@ export const jsonCodec: Codec = {
   },
 };
 
-const RESOLVED = Promise.resolve();
-const EMPTY_BYTES = new Uint8Array(0);
-
 /** The wire form of a thrown value: type from `name` (or the class when `name` is "Error"). */
 export function errorToWire(err: unknown, debug = false): WireError {
   // Total: whatever was thrown (null, a Symbol, a null-prototype object, an Error whose getters
@@ -1233,167 +1178,13 @@ function printable(v: unknown): string {
   }
 }
 
+const RESOLVED = Promise.resolve();
+
+const EMPTY_BYTES = new Uint8Array(0);
+
 // ---------------------------------------------------------------------------------------------
-// RPC client
+// RPC client: call, cast, fanout
 // ---------------------------------------------------------------------------------------------
-
-/** Told once a message was handed over (`error` undefined) or could not be, with the message as
- * it was queued and whether it left in a batch. One function for many messages: no closure each. */
-type Sent = (error: Error | undefined, topic: string, item: Outgoing, batched: boolean) => void;
-
-interface Outgoing {
-  bytes: Uint8Array;
-  opts: PublishOptions;
-  done?: Sent;
-  /** The sender's: a reply's id, for its log line. */
-  label?: string;
-  /** The method a reply answers (for the dispatcher's error reply when it cannot be sent). */
-  method?: string;
-}
-
-/**
- * Batches what is published to one topic in one turn of the event loop into one message, when
- * the codec frames batches. Under load (many calls in flight) one broker message then carries
- * many requests or replies: the per-message work of the broker, the client library and QoS 1
- * acknowledgements is shared. A lone message leaves as it is, so nothing waits for company.
- *
- * While traffic is quiet (the last three turns that sent anything sent one message each, and the
- * transport has answered everything sent) a message leaves at once instead of at the end of its
- * turn: a device calling now and then gains nothing from the wait. A second message in the same
- * turn finds the first unanswered and waits for company, and batching goes on until three turns
- * in a row send one message. (With one such turn instead of three, traffic under load that
- * alternates lone and busy turns lost its batches: A/B at c=64, QoS 0, -4% calls/s; with three,
- * no difference.)
- */
-class Outbox {
-  #transport: Transport;
-  #codec: Codec;
-  /** This turn's queues by topic, one table per kind of message (QoS, mandatory): no key to
-   * build per message, and a reply topic's hash is already cached by the lookups before. */
-  #tables: Map<string, Queue>[] = [];
-  /** This turn's queues in the order they were opened; empty between turns. */
-  #open: Queue[] = [];
-  /** Turns in a row, up to the last flush, that sent one message; quiet from `quietAfter` on. */
-  #loneTurns = 0;
-  /** A message left at once since the last flush. */
-  #sentAtOnce = false;
-  /** Messages handed to the transport whose outcome it has not told yet. */
-  #unsettled = 0;
-  static readonly quietAfter = 3;
-  static readonly maxItems = 128;
-  static readonly maxBytes = 64 * 1024;
-  /** Larger messages gain nothing from company: they leave alone, at once. */
-  static readonly alone = 8 * 1024;
-
-  constructor(transport: Transport, codec: Codec) {
-    this.#transport = transport;
-    this.#codec = codec;
-  }
-
-  /** Queue `bytes` for `topic`; `done` is told when the transport took it (or failed to). */
-  send(topic: string, bytes: Uint8Array, opts: PublishOptions, done?: Sent, label?: string, method?: string): void {
-    const item: Outgoing = { bytes, opts, done, label, method };
-    // Quiet traffic and nothing waiting in this turn: at once (see the class comment).
-    if (this.#open.length === 0 && this.#unsettled === 0 && this.#loneTurns >= Outbox.quietAfter) {
-      this.#sentAtOnce = true;
-      return this.#publish(topic, [item]);
-    }
-    const kind = (opts.qos === undefined ? 0 : opts.qos + 1) * 2 + (opts.mandatory ? 1 : 0);
-    const table = this.#tables[kind] ??= new Map();
-    let q = table.get(topic);
-    // A large message leaves at once, unless smaller ones wait before it: order is kept.
-    if (!this.#codec.encodeBatch || (bytes.byteLength > Outbox.alone && !q)) return this.#publish(topic, [item]);
-    if (!q) {
-      table.set(topic, q = { topic, items: [], table });
-      // A microtask, not a tick: mqtt.js handles each received packet in a tick of its own, so
-      // a tick would flush after every packet and a burst would never share a message.
-      if (this.#open.push(q) === 1) RESOLVED.then(this.#flush);
-    }
-    q.items.push(item);
-  }
-
-  /** Publish `bytes` alone, now (a message whose reader does not read batches); `done` as in send(). */
-  sendAlone(
-    topic: string,
-    bytes: Uint8Array,
-    opts: PublishOptions,
-    done?: Sent,
-    label?: string,
-    method?: string,
-  ): void {
-    this.#publish(topic, [{ bytes, opts, done, label, method }]);
-  }
-
-  /** send(), as a promise. */
-  sendAsync(topic: string, bytes: Uint8Array, opts: PublishOptions): Promise<void> {
-    return new Promise((resolve, reject) => this.send(topic, bytes, opts, (e) => e ? reject(e) : resolve()));
-  }
-
-  #flush = (): void => {
-    const open = this.#open;
-    this.#open = [];
-    const lone = !this.#sentAtOnce && open.length === 1 && open[0]!.items.length === 1;
-    this.#loneTurns = lone ? this.#loneTurns + 1 : 0;
-    this.#sentAtOnce = false;
-    for (const q of open) q.table.delete(q.topic); // what is sent from here on waits for the next flush
-    for (const { topic, items } of open) {
-      for (let i = 0; i < items.length;) {
-        let j = i + 1;
-        let size = items[i]!.bytes.byteLength;
-        while (j < items.length && j - i < Outbox.maxItems && size + items[j]!.bytes.byteLength <= Outbox.maxBytes) {
-          size += items[j++]!.bytes.byteLength;
-        }
-        // The whole queue in one message (nearly always): no copy of it.
-        this.#publish(topic, i === 0 && j === items.length ? items : items.slice(i, j));
-        i = j;
-      }
-    }
-  };
-
-  #publish(topic: string, chunk: Outgoing[]): void {
-    const first = chunk[0]!;
-    let bytes = first.bytes;
-    let opts = first.opts;
-    if (chunk.length > 1) {
-      bytes = this.#codec.encodeBatch!(chunk.map((c) => c.bytes));
-      // The batch lives as long as its longest-lived message (no expiry if one has none).
-      const expiries = chunk.map((c) => c.opts.expiry);
-      const expiry = expiries.includes(undefined) ? undefined : Math.max(...(expiries as number[]));
-      // Spelled out: on Node 20, a spread followed by a key the source lacks makes a new hidden
-      // class every time (see MqttTransport's #addExpiry).
-      opts = { qos: first.opts.qos, mandatory: first.opts.mandatory, expiry };
-    }
-    let sent: Promise<void>;
-    try {
-      sent = this.#transport.publish(topic, bytes, opts);
-    } catch (e) {
-      sent = Promise.reject(e); // a transport that throws instead of rejecting
-    }
-    this.#unsettled++;
-    sent.then(() => this.#settle(chunk, topic, undefined), (e) => this.#settle(chunk, topic, asError(e)));
-  }
-
-  #settle(chunk: Outgoing[], topic: string, error: Error | undefined): void {
-    this.#unsettled--;
-    const batched = chunk.length > 1;
-    for (const c of chunk) c.done?.(error, topic, c, batched);
-  }
-}
-
-/** The messages for one topic (of one kind) in this turn. */
-interface Queue {
-  topic: string;
-  items: Outgoing[];
-  table: Map<string, Queue>;
-}
-
-function asBadRequest(e: unknown): BadRequest {
-  return e instanceof BadRequest ? e : new BadRequest(String((e as Error)?.message ?? e), { cause: e });
-}
-
-function asError(e: unknown): Error {
-  return e instanceof Error ? e : new DeliveryError(String(e));
-}
 
 /** A message to a manager: `method(ctx, args)`. */
 export interface RpcMessage {
@@ -1433,43 +1224,28 @@ export interface RpcOptions {
   batch?: boolean | "all";
 }
 
-/** The length of the client part of a MessageIds id; 12 hex digits of counter follow. */
-const ID_CLIENT_LENGTH = 24;
+function checkTimeout(t: unknown, what: string): number {
+  if (typeof t !== "number" || !(t > 0) || !(t <= MAX_SECONDS)) {
+    throw new RangeError(`Invalid ${what} ${quote(t)}: must be a positive number of seconds, at most ${MAX_SECONDS}`);
+  }
+  return t;
+}
 
-/**
- * Message ids: UUIDs of version 8 (RFC 9562, "custom") made of 74 random bits per client and a
- * 48-bit counter. Unique across clients as random UUIDs are, in order within one client (easy
- * to follow in logs), and several times cheaper than `crypto.randomUUID()`, which was 7% of an
- * in-process call.
- */
-class MessageIds {
-  #prefix = "";
-  #n = 2 ** 48;
-  next(): string {
-    if (this.#n >= 2 ** 48) {
-      // xxxxxxxx-xxxx-4xxx-Vxxx-: the version nibble becomes 8; the variant nibble V stays.
-      const r = crypto.randomUUID();
-      this.#prefix = `${r.slice(0, 14)}8${r.slice(15, ID_CLIENT_LENGTH)}`;
-      this.#n = 0;
-    }
-    return this.#prefix + (this.#n++).toString(16).padStart(12, "0");
+function checkMessage(msg: RpcMessage): void {
+  if (!isPlainObject(msg) || typeof msg.method !== "string" || !METHOD_NAME.test(msg.method)) {
+    throw new TypeError(`Invalid message ${quote(msg)}: needs a "method" that is an identifier`);
+  }
+  if (msg.args !== undefined && !isPlainObject(msg.args)) {
+    throw new TypeError(`Invalid args ${quote(msg.args)} for "${msg.method}": must be an object`);
   }
 }
 
-/** The counter of an id made by MessageIds (read back: next() writes it), or -1 for an id of
- * another form. Lowercase hex only: one id, one counter. */
-function idCounter(id: string): number {
-  if (id.length !== ID_CLIENT_LENGTH + 12 || id.charCodeAt(14) !== 56 /* 8 */ || id.charCodeAt(23) !== 45 /* - */) {
-    return -1;
-  }
-  let n = 0;
-  for (let i = ID_CLIENT_LENGTH; i < id.length; i++) {
-    const c = id.charCodeAt(i);
-    const d = c >= 48 && c <= 57 ? c - 48 : c >= 97 && c <= 102 ? c - 87 : -1;
-    if (d < 0) return -1;
-    n = n * 16 + d;
-  }
-  return n;
+function asError(e: unknown): Error {
+  return e instanceof Error ? e : new DeliveryError(String(e));
+}
+
+function asBadRequest(e: unknown): BadRequest {
+  return e instanceof BadRequest ? e : new BadRequest(String((e as Error)?.message ?? e), { cause: e });
 }
 
 /** A call, encoded, on its way out. */
@@ -1481,221 +1257,6 @@ interface OutgoingCall {
   encoded: Uint8Array | LocalMessage;
   timeout: number;
   qos: 0 | 1;
-}
-
-/** A call waiting for its reply (an entry of the pending table and of the timeouts). */
-class Pending implements Expiring {
-  at?: number;
-  prev?: Expiring;
-  next?: Expiring;
-  list?: TimeoutList;
-  resolve!: (v: unknown) => void;
-  reject!: (e: unknown) => void;
-  /** Where the table looks for it first (see slotKey). */
-  readonly key: number;
-  constructor(
-    readonly table: PendingCalls,
-    readonly call: OutgoingCall,
-  ) {
-    this.key = slotKey(call.id);
-  }
-  expire(): void {
-    const { address, method, timeout } = this.call;
-    this.table.delete(this);
-    this.reject(new RpcTimeoutError(`Cannot call "${address}.${method}": no reply within ${timeout} s`));
-  }
-}
-
-/** Where PendingCalls looks for an id first: its counter (0 for an id of another form). */
-function slotKey(id: string): number {
-  return Math.max(0, idCounter(id));
-}
-
-/**
- * The calls waiting for replies, by id: a hash table of open addressing in a plain array,
- * keyed by the counter in the id (consecutive calls take consecutive slots), with linear
- * probing and backward-shift deletion, so that a slot is emptied the moment its call is settled.
- *
- * Why not a Map: a Map rehashes into a new table every few dozen calls when calls come and go,
- * and V8 leaves the old table pointing to the new one (for iterators). Once one such table was
- * promoted to the old generation, every later table and the calls in it stayed alive through
- * young-generation GCs until the next full GC: at 64 calls in flight in-process, ~1.8 MB
- * promoted per scavenge and a full GC every ~20 of them, a third less throughput from then on.
- */
-class PendingCalls {
-  #slots: (Pending | undefined)[] = new Array(16).fill(undefined);
-  #mask = 15;
-  size = 0;
-
-  get(id: string): Pending | undefined {
-    const slots = this.#slots;
-    const mask = this.#mask;
-    for (let i = slotKey(id) & mask;; i = (i + 1) & mask) {
-      const p = slots[i];
-      if (p === undefined || p.call.id === id) return p;
-    }
-  }
-
-  add(p: Pending): void {
-    if ((this.size + 1) * 2 > this.#slots.length) this.#resize(this.#slots.length * 2);
-    this.#put(p);
-    this.size++;
-  }
-
-  #put(p: Pending): void {
-    const slots = this.#slots;
-    const mask = this.#mask;
-    let i = p.key & mask;
-    while (slots[i] !== undefined) i = (i + 1) & mask;
-    slots[i] = p;
-  }
-
-  /** Remove `p` if it is here. */
-  delete(p: Pending): void {
-    const slots = this.#slots;
-    const mask = this.#mask;
-    let i = p.key & mask;
-    for (; slots[i] !== p; i = (i + 1) & mask) if (slots[i] === undefined) return;
-    slots[i] = undefined;
-    this.size--;
-    // Move back the entries of the run after i that may sit at i: none may be left behind a gap.
-    for (let j = (i + 1) & mask; slots[j] !== undefined; j = (j + 1) & mask) {
-      const home = slots[j]!.key & mask;
-      const stays = i <= j ? i < home && home <= j : i < home || home <= j;
-      if (!stays) {
-        slots[i] = slots[j];
-        slots[j] = undefined;
-        i = j;
-      }
-    }
-    // A burst of calls leaves a large table behind: give it back once mostly empty.
-    if (this.size * 8 < slots.length && slots.length > 1024) this.#resize(slots.length / 2);
-  }
-
-  #resize(length: number): void {
-    const old = this.#slots;
-    this.#slots = new Array(length).fill(undefined);
-    this.#mask = length - 1;
-    for (const p of old) if (p !== undefined) this.#put(p);
-  }
-
-  values(): Pending[] {
-    return this.#slots.filter((p): p is Pending => p !== undefined);
-  }
-}
-
-/** An entry of {@link Timeouts}. */
-interface Expiring {
-  /** performance.now() at which it expires. */
-  at?: number;
-  prev?: Expiring;
-  next?: Expiring;
-  list?: TimeoutList;
-  expire(): void;
-}
-
-interface TimeoutList {
-  ms: number;
-  head?: Expiring;
-  tail?: Expiring;
-  timer?: ReturnType<typeof setNodeTimeout>;
-}
-
-/**
- * Timeouts of calls (and of casts' hand-over) without a Node timer each: entries of one length
- * expire in the order they were added, so each length is a FIFO list with one timer for its
- * head, and a reply removes its entry in O(1). (A setTimeout + clearTimeout per call was ~6% of
- * an in-process call.) While an entry waits, a timer is armed: a pending call keeps the process
- * alive until its timeout, as a timer per call would.
- */
-class Timeouts {
-  #lists = new Map<number, TimeoutList>();
-
-  add(e: Expiring, ms: number): void {
-    let list = this.#lists.get(ms);
-    if (!list) this.#lists.set(ms, list = { ms });
-    e.at = performance.now() + ms;
-    e.list = list;
-    e.prev = list.tail;
-    e.next = undefined;
-    if (list.tail) list.tail.next = e;
-    else {
-      list.head = e;
-      // An idle list keeps its timer, unreferenced: one call at a time does not arm one each.
-      // It fires no later than this entry's time (it was armed for an older entry of the same
-      // length) and re-arms for the head then.
-      list.timer?.ref();
-    }
-    list.tail = e;
-    list.timer ??= setNodeTimeout(() => this.#fire(list), Math.min(ms, MAX_TIMER_MS));
-  }
-
-  remove(e: Expiring): void {
-    const list = e.list;
-    if (!list) return;
-    if (e.prev) e.prev.next = e.next;
-    else list.head = e.next;
-    if (e.next) e.next.prev = e.prev;
-    else list.tail = e.prev;
-    e.list = e.prev = e.next = undefined;
-    if (!list.head) list.timer?.unref(); // nothing waits: the process may exit
-  }
-
-  #fire(list: TimeoutList): void {
-    list.timer = undefined;
-    const now = performance.now();
-    for (let e = list.head; e && e.at! <= now + 1; e = list.head) {
-      this.remove(e);
-      e.expire();
-    }
-    if (list.head) {
-      list.timer = setNodeTimeout(() => this.#fire(list), Math.min(MAX_TIMER_MS, Math.max(1, list.head.at! - now)));
-    } else if (this.#lists.get(list.ms) === list) this.#lists.delete(list.ms);
-  }
-}
-
-/** The longest duration novalet accepts, in seconds: MQTT's message expiry field (~136 years). */
-export const MAX_SECONDS = 4_294_967_295;
-
-/** The longest delay of one timer (Node and Deno fire a longer one at once): ~24.8 days. */
-const MAX_TIMER_MS = 2 ** 31 - 1;
-
-function checkTimeout(t: unknown, what: string): number {
-  if (typeof t !== "number" || !(t > 0) || !(t <= MAX_SECONDS)) {
-    throw new RangeError(`Invalid ${what} ${quote(t)}: must be a positive number of seconds, at most ${MAX_SECONDS}`);
-  }
-  return t;
-}
-
-/** What {@link within} gives when time ran out. */
-export const TIMED_OUT: unique symbol = Symbol("timed out");
-
-/** `p`'s value, or TIMED_OUT after `seconds`; `p` is then left to settle on its own (a late
- * rejection is swallowed). For waits on things that may hang: a registry, a broker. */
-export function within<T>(p: Promise<T>, seconds: number): Promise<T | typeof TIMED_OUT> {
-  let timer: { cancel(): void } | undefined;
-  const late = new Promise<typeof TIMED_OUT>((r) => (timer = longTimeout(() => r(TIMED_OUT), seconds * 1000)));
-  p.catch(() => {});
-  return Promise.race([p, late]).finally(() => timer!.cancel());
-}
-
-/** setTimeout for any delay: one longer than a timer can hold is chained. */
-function longTimeout(fn: () => void, ms: number): { cancel(): void } {
-  let timer: ReturnType<typeof setTimeout>;
-  const arm = (left: number) => {
-    timer = setTimeout(left > MAX_TIMER_MS ? () => arm(left - MAX_TIMER_MS) : fn, Math.min(left, MAX_TIMER_MS));
-  };
-  arm(ms);
-  return { cancel: () => clearTimeout(timer) };
-}
-
-function checkMessage(msg: RpcMessage): void {
-  if (!isPlainObject(msg) || typeof msg.method !== "string" || !METHOD_NAME.test(msg.method)) {
-    throw new TypeError(`Invalid message ${quote(msg)}: needs a "method" that is an identifier`);
-  }
-  if (msg.args !== undefined && !isPlainObject(msg.args)) {
-    throw new TypeError(`Invalid args ${quote(msg.args)} for "${msg.method}": must be an object`);
-  }
 }
 
 /**
@@ -2005,34 +1566,13 @@ export class Rpc {
   }
 }
 
-/** An envelope as a message of an in-process transport: copied now (the sender may change its
- * objects afterwards), copied again for every further receiver, encoded only for byte readers. */
-class LocalEnvelope implements LocalMessage {
-  #codec: Codec;
-  #snapshot: RequestEnvelope | ReplyEnvelope;
-  #given = false;
-  #bytes?: Uint8Array;
-  constructor(codec: Codec, envelope: RequestEnvelope | ReplyEnvelope) {
-    this.#codec = codec;
-    this.#snapshot = codec.copy!(envelope);
-  }
-  copy(): unknown {
-    if (this.#given) return this.#codec.copy!(this.#snapshot);
-    this.#given = true;
-    return this.#snapshot;
-  }
-  bytes(): Uint8Array {
-    return this.#bytes ??= encodeBytes(this.#codec, this.#snapshot);
-  }
+/** An envelope as bytes, or as a value for an in-process transport. @throws where encoding does. */
+function encodeFor(codec: Codec, local: boolean, envelope: RequestEnvelope | ReplyEnvelope): Uint8Array | LocalMessage {
+  return local ? new LocalEnvelope(codec, envelope) : encodeBytes(codec, envelope);
 }
 
 function encodeBytes(codec: Codec, envelope: RequestEnvelope | ReplyEnvelope): Uint8Array {
   return "method" in envelope ? codec.encodeRequest(envelope) : codec.encodeReply(envelope);
-}
-
-/** An envelope as bytes, or as a value for an in-process transport. @throws where encoding does. */
-function encodeFor(codec: Codec, local: boolean, envelope: RequestEnvelope | ReplyEnvelope): Uint8Array | LocalMessage {
-  return local ? new LocalEnvelope(codec, envelope) : encodeBytes(codec, envelope);
 }
 
 /** How errors name a cast: `"address.method"`, or `fanout "topic.method"`. */
@@ -2260,7 +1800,7 @@ export class Manager {
 export type ManagerClass = new () => Manager;
 
 // ---------------------------------------------------------------------------------------------
-// The dispatcher (server side of RPC)
+// The dispatcher: requests to method calls, results to replies
 // ---------------------------------------------------------------------------------------------
 
 /** Options of a {@link Dispatcher}. */
@@ -2290,36 +1830,6 @@ export interface DispatcherOptions {
    */
   maxHeldBytes?: number;
   qos?: 0 | 1;
-}
-
-/** A queue: push at the back, take from the front in O(1); taken slots are cut off the front now
- * and then, not one by one (Array.shift() copies the rest each time). */
-class Fifo<T> {
-  #items: (T | undefined)[] = [];
-  #head = 0;
-  get size(): number {
-    return this.#items.length - this.#head;
-  }
-  push(item: T): void {
-    this.#items.push(item);
-  }
-  /** The front item, still in the queue; undefined when empty. */
-  peek(): T | undefined {
-    return this.#items[this.#head];
-  }
-  /** Take the front item; the queue must not be empty. */
-  take(): T {
-    const item = this.#items[this.#head]!;
-    this.#items[this.#head++] = undefined;
-    if (this.#head === this.#items.length) {
-      this.#items = [];
-      this.#head = 0;
-    } else if (this.#head > 1024 && this.#head * 2 > this.#items.length) {
-      this.#items = this.#items.slice(this.#head);
-      this.#head = 0;
-    }
-    return item;
-  }
 }
 
 /** A request admitted but waiting for a running slot. */
@@ -2730,186 +2240,6 @@ function positiveInt(v: unknown, what: string, min = 1): number {
   return v;
 }
 
-// A secret per process, so that nobody can make a message that fingerprints like another.
-const FINGERPRINT_SEED = crypto.getRandomValues(new Uint32Array(1))[0]!;
-
-/**
- * A 32-bit fingerprint of a message's bytes (FNV-1a style, seeded; four bytes a step), never 0
- * (that is for in-process messages). A redelivery has the same; a message made by someone who
- * has not seen the real one, and does not know the seed, has another.
- */
-function fingerprint(bytes: Uint8Array): number {
-  const n = bytes.length;
-  let h = Math.imul(0x811c9dc5 ^ FINGERPRINT_SEED ^ n, 0x01000193);
-  const words = n >>> 2;
-  if (words > 0) {
-    const view = new DataView(bytes.buffer, bytes.byteOffset, n);
-    for (let i = 0; i < words; i++) h = Math.imul(h ^ view.getUint32(i << 2, true), 0x01000193);
-  }
-  for (let i = words << 2; i < n; i++) h = Math.imul(h ^ bytes[i]!, 0x01000193);
-  return (h >>> 0) || 1;
-}
-
-/**
- * The ids of one client that makes novalet's message ids (see MessageIds), in a window indexed
- * by counter: slot `counter & mask` holds the counter, the fingerprint of its message and the
- * time until which it is kept. A client's counters come in order, so its slots are visited in
- * order too: no hashing, no allocation, and few cache misses however many ids are kept (one Map
- * of all ids costs a cache miss per request once it outgrows the cache: see bench/README.md).
- */
-class ClientWindow {
-  counters: Float64Array;
-  fps: Int32Array;
-  until: Float64Array;
-  /** The latest `until` of its ids: once past, the whole window may go. */
-  latest = 0;
-  constructor(readonly prefix: string, size: number) {
-    this.counters = new Float64Array(size).fill(-1);
-    this.fps = new Int32Array(size);
-    this.until = new Float64Array(size);
-  }
-  get size(): number {
-    return this.counters.length;
-  }
-  /** Twice the slots, every kept id where its counter says. */
-  grow(): void {
-    const { counters, fps, until } = this;
-    const size = counters.length * 2;
-    this.counters = new Float64Array(size).fill(-1);
-    this.fps = new Int32Array(size);
-    this.until = new Float64Array(size);
-    for (let i = 0; i < counters.length; i++) {
-      if (counters[i] === -1) continue;
-      const j = counters[i]! % size;
-      this.counters[j] = counters[i]!;
-      this.fps[j] = fps[i]!;
-      this.until[j] = until[i]!;
-    }
-  }
-}
-
-/**
- * The request ids a dispatcher took, to drop a redelivered duplicate: add() is false for an id
- * seen before *in a message with the same bytes* (a redelivery carries the very same message).
- * So nobody who learns or guesses a client's next ids can have its real calls dropped by
- * sending other messages under them first: those run as what they are, and so do the real ones.
- *
- * An id is kept until its request's deadline (an id is live while `until >= now`, as a request
- * is). Ids of novalet's form are kept per client, in a window that grows as needed (see
- * ClientWindow), at most `maxSlots` for one client and `max` for all windows together: past that
- * a window forgets its own oldest ids. A window goes once all its ids expired; while the windows
- * have no room for a new client, its ids are kept with the others. Those (other forms, and new
- * clients in a flood) are kept apart, oldest first, at most `max` of them. So a flood of junk
- * ids, of any form, never pushes out the ids of a client that has a window, and pushes out other
- * ids only by bringing more than `max` within a deadline.
- */
-class RecentIds {
-  /** In the order they were made: the head is the first to check for expiry. */
-  #clients = new Map<string, ClientWindow>();
-  /** The client of the last id: calls come from few clients, often one after another. */
-  #last?: ClientWindow;
-  /** Slots of all windows together. */
-  #slots = 0;
-  /** Ids kept as strings (other forms, new clients in a flood): `id` + "\n" + fingerprint. */
-  #strings = new Set<string>();
-  /** The strings in arrival order, with the time until which each is kept. */
-  #ring = new Fifo<{ key: string; until: number }>();
-  #max: number;
-  #warnedAt = -Infinity;
-  static readonly firstSlots = 64;
-  static readonly maxSlots = 65_536;
-
-  constructor(max: number) {
-    this.#max = max;
-  }
-
-  /** Remember `id` (seen in a message of fingerprint `fp`) until `until`; false if it was seen. */
-  add(id: string, fp: number, until: number, now: number, log: Logger): boolean {
-    const n = idCounter(id);
-    const w = n < 0 ? undefined : this.#window(id, now);
-    if (w === undefined) return this.#addString(`${id}\n${fp}`, until, now, log, fp);
-    let i = n & (w.size - 1);
-    if (w.counters[i] === n && w.until[i]! >= now) {
-      if (w.fps[i] === (fp | 0)) return false;
-      return this.#addString(`${id}\n${fp}`, until, now, log, fp); // the same id in another message
-    }
-    // A live id of this client in the way: make room, or forget it if there is none (a client
-    // outrunning its window forgets its own oldest ids: not worth a warning, nobody else did it).
-    while (w.counters[i] !== -1 && w.until[i]! >= now) {
-      if (w.size >= RecentIds.maxSlots || (this.#slots + w.size > this.#max && !this.#reclaim(now, w.size))) break;
-      this.#slots += w.size;
-      w.grow();
-      i = n & (w.size - 1);
-    }
-    w.counters[i] = n;
-    w.fps[i] = fp;
-    w.until[i] = until;
-    if (until > w.latest) w.latest = until;
-    return true;
-  }
-
-  /** Forget `id` again (its request was refused, so a resend must run). */
-  forget(id: string, fp: number): void {
-    const n = idCounter(id);
-    const w = n < 0 ? undefined : this.#clients.get(id.slice(0, ID_CLIENT_LENGTH));
-    const i = w === undefined ? -1 : n & (w.size - 1);
-    if (w !== undefined && w.counters[i] === n && w.fps[i] === (fp | 0)) w.counters[i] = -1;
-    else this.#strings.delete(`${id}\n${fp}`);
-  }
-
-  /** The window of the client of `id`; undefined when there is no room for a new one. */
-  #window(id: string, now: number): ClientWindow | undefined {
-    const last = this.#last;
-    if (last !== undefined && id.startsWith(last.prefix)) return last;
-    const prefix = id.slice(0, ID_CLIENT_LENGTH);
-    let w = this.#clients.get(prefix);
-    if (w === undefined) {
-      if (this.#slots + RecentIds.firstSlots > this.#max && !this.#reclaim(now, RecentIds.firstSlots)) return undefined;
-      this.#clients.set(prefix, w = new ClientWindow(prefix, RecentIds.firstSlots));
-      this.#slots += RecentIds.firstSlots;
-    }
-    this.#last = w;
-    return w;
-  }
-
-  /** Drop windows whose ids all expired, oldest first, until `slots` more fit; false if they do
-   * not. A window in use met on the way goes to the back: a few looks per call, never a scan. */
-  #reclaim(now: number, slots: number): boolean {
-    for (let looks = 0; looks < 8 && this.#slots + slots > this.#max; looks++) {
-      const w = this.#clients.values().next().value;
-      if (w === undefined) break;
-      this.#clients.delete(w.prefix);
-      if (w.latest >= now) this.#clients.set(w.prefix, w);
-      else {
-        this.#slots -= w.size;
-        if (this.#last === w) this.#last = undefined;
-      }
-    }
-    return this.#slots + slots <= this.#max;
-  }
-
-  #addString(key: string, until: number, now: number, log: Logger, fp: number): boolean {
-    const ring = this.#ring;
-    while (ring.size > 0 && ring.peek()!.until < now) this.#strings.delete(ring.take().key);
-    const size = this.#strings.size;
-    if (this.#strings.add(key).size === size) return false;
-    if (ring.size >= this.#max) {
-      this.#strings.delete(ring.take().key);
-      this.#full(log, now, fp);
-    }
-    ring.push({ key, until });
-    return true;
-  }
-
-  /** An id is forgotten before its deadline: worth a warning (once a minute) unless in-process
-   * (`fp` 0), where redeliveries do not happen and a fast caller always outruns the bound. */
-  #full(log: Logger, now: number, fp: number): void {
-    if (fp === 0 || now - this.#warnedAt < 60_000) return;
-    this.#warnedAt = now;
-    log.warn(`Duplicate suppression is full (dedupSize ${this.#max}): forgetting ids before their deadline`);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Loops
 // ---------------------------------------------------------------------------------------------
@@ -3032,38 +2362,22 @@ export class LoopGroup {
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Registry
-// ---------------------------------------------------------------------------------------------
+/** The longest delay of one timer (Node and Deno fire a longer one at once): ~24.8 days. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
 
-/** A row of the services table. */
-export interface ServiceRecord {
-  id: number;
-  host: string;
-  binary: string;
-  topic: string;
-  reportCount: number;
-  disabled: boolean;
-  disabledReason: string | null;
-  forcedDown: boolean;
-  lastSeenUp: Date | null;
-  createdAt: Date;
-  updatedAt: Date;
+/** setTimeout for any delay: one longer than a timer can hold is chained. */
+function longTimeout(fn: () => void, ms: number): { cancel(): void } {
+  let timer: ReturnType<typeof setTimeout>;
+  const arm = (left: number) => {
+    timer = setTimeout(left > MAX_TIMER_MS ? () => arm(left - MAX_TIMER_MS) : fn, Math.min(left, MAX_TIMER_MS));
+  };
+  arm(ms);
+  return { cancel: () => clearTimeout(timer) };
 }
 
-/** Where services record themselves and prove they are alive (Nova's `services` table). */
-export interface Registry {
-  /** Create the row of (host, binary), or return the existing one. */
-  register(s: { host: string; binary: string; topic: string }): Promise<ServiceRecord>;
-  /** A heartbeat: reportCount + 1, lastSeenUp = updatedAt = now. */
-  reportState(id: number): Promise<ServiceRecord>;
-  get(id: number): Promise<ServiceRecord | undefined>;
-  list(filter?: { topic?: string; host?: string; binary?: string }): Promise<ServiceRecord[]>;
-  setDisabled(id: number, disabled: boolean, reason?: string): Promise<ServiceRecord>;
-  setForcedDown(id: number, forcedDown: boolean): Promise<ServiceRecord>;
-  remove(id: number): Promise<void>;
-  close(): Promise<void>;
-}
+// ---------------------------------------------------------------------------------------------
+// Liveness
+// ---------------------------------------------------------------------------------------------
 
 /**
  * Is the service up, as Nova's servicegroup DB driver decides: forced down → down; otherwise up
@@ -3129,6 +2443,7 @@ const seconds = (min: "positive" | "zero") => (v: string, name: string): number 
   }
   return n;
 };
+
 const count = (min: number) => (v: string, name: string): number => {
   const n = Number(v);
   if (!/^\d+$/.test(v.trim()) || !Number.isSafeInteger(n) || n < min) {
@@ -3136,18 +2451,21 @@ const count = (min: number) => (v: string, name: string): number => {
   }
   return n;
 };
+
 const oneOf = <T extends string>(...allowed: T[]) => (v: string, name: string): T => {
   if (!allowed.includes(v as T)) {
     throw new RangeError(`Invalid --${name}=${quote(v)}: must be one of ${allowed.join(", ")}`);
   }
   return v as T;
 };
+
 const url = (kind: "transport" | "registry") => (v: string, name: string): string => {
   // Without an opener any scheme may do: opening it says what is wrong.
   const problem = installed ? installed.urlProblem(kind, v) : /^[a-z][a-z0-9+.-]*:/i.test(v) ? undefined : "not a URL";
   if (problem !== undefined) throw new RangeError(`Invalid --${name}=${quote(redactUrl(v))}: ${problem}`);
   return v;
 };
+
 const bool = (v: string, name: string): boolean => {
   if (["true", "1", "yes", ""].includes(v)) return true;
   if (["false", "0", "no"].includes(v)) return false;
@@ -3243,48 +2561,6 @@ export function parseFlags(argv: readonly string[] = [], env: Record<string, str
     );
   }
   return flags;
-}
-
-/** Options of {@link Opener.openTransport}. */
-export interface TransportOpenOptions {
-  /** Where the transport logs. */
-  logger?: Logger;
-  /** The MQTT client id when the URL asks for a persistent session (`?session_expiry=N`). */
-  sessionClientId?: string;
-}
-
-/** Options of {@link Opener.openRegistry}. */
-export interface RegistryOpenOptions {
-  /** Where the registry logs. */
-  logger?: Logger;
-}
-
-/**
- * Opens transports and registries from URLs: how a {@link Service} gets what it was not given and
- * how {@link parseFlags} checks a URL. The core knows no plug-in; open.ts installs the opener
- * of novalet's schemes when it is imported (the package entry imports it).
- */
-export interface Opener {
-  /** Open the transport of `url`. */
-  openTransport(url: string, opts: TransportOpenOptions): Promise<Transport>;
-  /** Open the registry of `url`. */
-  openRegistry(url: string, opts: RegistryOpenOptions): Promise<Registry>;
-  /** Why `url` opens no transport (or registry), in words; undefined when it does. */
-  urlProblem(kind: "transport" | "registry", url: string): string | undefined;
-}
-
-let installed: Opener | undefined;
-
-/** Make `opener` the one Service and parseFlags use (open.ts does this when imported). */
-export function installOpener(opener: Opener): void {
-  installed = opener;
-}
-
-function theOpener(what: string): Opener {
-  if (installed) return installed;
-  throw new TypeError(
-    `Cannot open ${what}: no opener is installed; import novalet's package entry (or its open.ts), or pass a transport and a registry`,
-  );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -3709,4 +2985,810 @@ export async function serve(...args: (Service | ServeOptions)[]): Promise<Launch
   process.on("SIGTERM", onSignal);
   process.on("SIGINT", onSignal);
   return { services, stop, done };
+}
+
+// =============================================================================================
+// Part 3. The machinery that makes it fast (each piece measured; see bench/README.md)
+// =============================================================================================
+
+// ---------------------------------------------------------------------------------------------
+// Node's tick object, kept alive
+// ---------------------------------------------------------------------------------------------
+
+/**
+ * One of Node's tick objects, kept alive for the life of the process.
+ *
+ * Node's `process.nextTick()` queues each tick as an object literal with symbol keys. V8 takes
+ * the map (hidden class) of such a literal from a cache that holds it weakly: a full GC while no
+ * tick object is alive drops it, and the next tick starts a new tree of maps. After ten or so
+ * such GCs early in a process's life (loading and starting sql.js and kysely does them), the
+ * inline caches in nextTick() have seen too many maps, go megamorphic, and every tick from then
+ * on takes V8's slow path: on Node 20, ~110 ns per tick became ~700 ns, for good. mqtt.js, its
+ * packet writer and Node's streams take several ticks per message: it was ~5% of the CPU of a
+ * novalet MQTT server answering one call at a time. With one tick object alive, its map is never
+ * dropped and every tick gets it. (A no-op where the runtime calls no init hook for ticks.)
+ */
+const keptTick = catchTickObject();
+
+/** A new tick object of Node's, caught by an async hook that is on for one `process.nextTick()`
+ * only; undefined where the runtime reports no tick inits. @internal */
+export function catchTickObject(): object | undefined {
+  let tick: object | undefined;
+  const hook = createHook({
+    init(_id, type, _trigger, resource) {
+      if (type === "TickObject") tick ??= resource;
+    },
+  });
+  hook.enable();
+  try {
+    process.nextTick(() => {});
+  } finally {
+    hook.disable();
+  }
+  return tick;
+}
+
+/** The tick object that mod.ts keeps (for the test of the above); undefined where none was seen.
+ * @internal */
+export function keptTickObject(): object | undefined {
+  return keptTick;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The outbox: one message for many envelopes
+// ---------------------------------------------------------------------------------------------
+
+/** Told once a message was handed over (`error` undefined) or could not be, with the message as
+ * it was queued and whether it left in a batch. One function for many messages: no closure each. */
+type Sent = (error: Error | undefined, topic: string, item: Outgoing, batched: boolean) => void;
+
+interface Outgoing {
+  bytes: Uint8Array;
+  opts: PublishOptions;
+  done?: Sent;
+  /** The sender's: a reply's id, for its log line. */
+  label?: string;
+  /** The method a reply answers (for the dispatcher's error reply when it cannot be sent). */
+  method?: string;
+}
+
+/**
+ * Batches what is published to one topic in one turn of the event loop into one message, when
+ * the codec frames batches. Under load (many calls in flight) one broker message then carries
+ * many requests or replies: the per-message work of the broker, the client library and QoS 1
+ * acknowledgements is shared. A lone message leaves as it is, so nothing waits for company.
+ *
+ * While traffic is quiet (the last three turns that sent anything sent one message each, and the
+ * transport has answered everything sent) a message leaves at once instead of at the end of its
+ * turn: a device calling now and then gains nothing from the wait. A second message in the same
+ * turn finds the first unanswered and waits for company, and batching goes on until three turns
+ * in a row send one message. (With one such turn instead of three, traffic under load that
+ * alternates lone and busy turns lost its batches: A/B at c=64, QoS 0, -4% calls/s; with three,
+ * no difference.)
+ */
+class Outbox {
+  #transport: Transport;
+  #codec: Codec;
+  /** This turn's queues by topic, one table per kind of message (QoS, mandatory): no key to
+   * build per message, and a reply topic's hash is already cached by the lookups before. */
+  #tables: Map<string, Queue>[] = [];
+  /** This turn's queues in the order they were opened; empty between turns. */
+  #open: Queue[] = [];
+  /** Turns in a row, up to the last flush, that sent one message; quiet from `quietAfter` on. */
+  #loneTurns = 0;
+  /** A message left at once since the last flush. */
+  #sentAtOnce = false;
+  /** Messages handed to the transport whose outcome it has not told yet. */
+  #unsettled = 0;
+  static readonly quietAfter = 3;
+  static readonly maxItems = 128;
+  static readonly maxBytes = 64 * 1024;
+  /** Larger messages gain nothing from company: they leave alone, at once. */
+  static readonly alone = 8 * 1024;
+
+  constructor(transport: Transport, codec: Codec) {
+    this.#transport = transport;
+    this.#codec = codec;
+  }
+
+  /** Queue `bytes` for `topic`; `done` is told when the transport took it (or failed to). */
+  send(topic: string, bytes: Uint8Array, opts: PublishOptions, done?: Sent, label?: string, method?: string): void {
+    const item: Outgoing = { bytes, opts, done, label, method };
+    // Quiet traffic and nothing waiting in this turn: at once (see the class comment).
+    if (this.#open.length === 0 && this.#unsettled === 0 && this.#loneTurns >= Outbox.quietAfter) {
+      this.#sentAtOnce = true;
+      return this.#publish(topic, [item]);
+    }
+    const kind = (opts.qos === undefined ? 0 : opts.qos + 1) * 2 + (opts.mandatory ? 1 : 0);
+    const table = this.#tables[kind] ??= new Map();
+    let q = table.get(topic);
+    // A large message leaves at once, unless smaller ones wait before it: order is kept.
+    if (!this.#codec.encodeBatch || (bytes.byteLength > Outbox.alone && !q)) return this.#publish(topic, [item]);
+    if (!q) {
+      table.set(topic, q = { topic, items: [], table });
+      // A microtask, not a tick: mqtt.js handles each received packet in a tick of its own, so
+      // a tick would flush after every packet and a burst would never share a message.
+      if (this.#open.push(q) === 1) RESOLVED.then(this.#flush);
+    }
+    q.items.push(item);
+  }
+
+  /** Publish `bytes` alone, now (a message whose reader does not read batches); `done` as in send(). */
+  sendAlone(
+    topic: string,
+    bytes: Uint8Array,
+    opts: PublishOptions,
+    done?: Sent,
+    label?: string,
+    method?: string,
+  ): void {
+    this.#publish(topic, [{ bytes, opts, done, label, method }]);
+  }
+
+  /** send(), as a promise. */
+  sendAsync(topic: string, bytes: Uint8Array, opts: PublishOptions): Promise<void> {
+    return new Promise((resolve, reject) => this.send(topic, bytes, opts, (e) => e ? reject(e) : resolve()));
+  }
+
+  #flush = (): void => {
+    const open = this.#open;
+    this.#open = [];
+    const lone = !this.#sentAtOnce && open.length === 1 && open[0]!.items.length === 1;
+    this.#loneTurns = lone ? this.#loneTurns + 1 : 0;
+    this.#sentAtOnce = false;
+    for (const q of open) q.table.delete(q.topic); // what is sent from here on waits for the next flush
+    for (const { topic, items } of open) {
+      for (let i = 0; i < items.length;) {
+        let j = i + 1;
+        let size = items[i]!.bytes.byteLength;
+        while (j < items.length && j - i < Outbox.maxItems && size + items[j]!.bytes.byteLength <= Outbox.maxBytes) {
+          size += items[j++]!.bytes.byteLength;
+        }
+        // The whole queue in one message (nearly always): no copy of it.
+        this.#publish(topic, i === 0 && j === items.length ? items : items.slice(i, j));
+        i = j;
+      }
+    }
+  };
+
+  #publish(topic: string, chunk: Outgoing[]): void {
+    const first = chunk[0]!;
+    let bytes = first.bytes;
+    let opts = first.opts;
+    if (chunk.length > 1) {
+      bytes = this.#codec.encodeBatch!(chunk.map((c) => c.bytes));
+      // The batch lives as long as its longest-lived message (no expiry if one has none).
+      const expiries = chunk.map((c) => c.opts.expiry);
+      const expiry = expiries.includes(undefined) ? undefined : Math.max(...(expiries as number[]));
+      // Spelled out: on Node 20, a spread followed by a key the source lacks makes a new hidden
+      // class every time (see MqttTransport's #addExpiry).
+      opts = { qos: first.opts.qos, mandatory: first.opts.mandatory, expiry };
+    }
+    let sent: Promise<void>;
+    try {
+      sent = this.#transport.publish(topic, bytes, opts);
+    } catch (e) {
+      sent = Promise.reject(e); // a transport that throws instead of rejecting
+    }
+    this.#unsettled++;
+    sent.then(() => this.#settle(chunk, topic, undefined), (e) => this.#settle(chunk, topic, asError(e)));
+  }
+
+  #settle(chunk: Outgoing[], topic: string, error: Error | undefined): void {
+    this.#unsettled--;
+    const batched = chunk.length > 1;
+    for (const c of chunk) c.done?.(error, topic, c, batched);
+  }
+}
+
+/** The messages for one topic (of one kind) in this turn. */
+interface Queue {
+  topic: string;
+  items: Outgoing[];
+  table: Map<string, Queue>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Message ids
+// ---------------------------------------------------------------------------------------------
+
+/** The length of the client part of a MessageIds id; 12 hex digits of counter follow. */
+const ID_CLIENT_LENGTH = 24;
+
+/**
+ * Message ids: UUIDs of version 8 (RFC 9562, "custom") made of 74 random bits per client and a
+ * 48-bit counter. Unique across clients as random UUIDs are, in order within one client (easy
+ * to follow in logs), and several times cheaper than `crypto.randomUUID()`, which was 7% of an
+ * in-process call.
+ */
+class MessageIds {
+  #prefix = "";
+  #n = 2 ** 48;
+  next(): string {
+    if (this.#n >= 2 ** 48) {
+      // xxxxxxxx-xxxx-4xxx-Vxxx-: the version nibble becomes 8; the variant nibble V stays.
+      const r = crypto.randomUUID();
+      this.#prefix = `${r.slice(0, 14)}8${r.slice(15, ID_CLIENT_LENGTH)}`;
+      this.#n = 0;
+    }
+    return this.#prefix + (this.#n++).toString(16).padStart(12, "0");
+  }
+}
+
+/** The counter of an id made by MessageIds (read back: next() writes it), or -1 for an id of
+ * another form. Lowercase hex only: one id, one counter. */
+function idCounter(id: string): number {
+  if (id.length !== ID_CLIENT_LENGTH + 12 || id.charCodeAt(14) !== 56 /* 8 */ || id.charCodeAt(23) !== 45 /* - */) {
+    return -1;
+  }
+  let n = 0;
+  for (let i = ID_CLIENT_LENGTH; i < id.length; i++) {
+    const c = id.charCodeAt(i);
+    const d = c >= 48 && c <= 57 ? c - 48 : c >= 97 && c <= 102 ? c - 87 : -1;
+    if (d < 0) return -1;
+    n = n * 16 + d;
+  }
+  return n;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Calls waiting for replies
+// ---------------------------------------------------------------------------------------------
+
+/** A call waiting for its reply (an entry of the pending table and of the timeouts). */
+class Pending implements Expiring {
+  at?: number;
+  prev?: Expiring;
+  next?: Expiring;
+  list?: TimeoutList;
+  resolve!: (v: unknown) => void;
+  reject!: (e: unknown) => void;
+  /** Where the table looks for it first (see slotKey). */
+  readonly key: number;
+  constructor(
+    readonly table: PendingCalls,
+    readonly call: OutgoingCall,
+  ) {
+    this.key = slotKey(call.id);
+  }
+  expire(): void {
+    const { address, method, timeout } = this.call;
+    this.table.delete(this);
+    this.reject(new RpcTimeoutError(`Cannot call "${address}.${method}": no reply within ${timeout} s`));
+  }
+}
+
+/** Where PendingCalls looks for an id first: its counter (0 for an id of another form). */
+function slotKey(id: string): number {
+  return Math.max(0, idCounter(id));
+}
+
+/**
+ * The calls waiting for replies, by id: a hash table of open addressing in a plain array,
+ * keyed by the counter in the id (consecutive calls take consecutive slots), with linear
+ * probing and backward-shift deletion, so that a slot is emptied the moment its call is settled.
+ *
+ * Why not a Map: a Map rehashes into a new table every few dozen calls when calls come and go,
+ * and V8 leaves the old table pointing to the new one (for iterators). Once one such table was
+ * promoted to the old generation, every later table and the calls in it stayed alive through
+ * young-generation GCs until the next full GC: at 64 calls in flight in-process, ~1.8 MB
+ * promoted per scavenge and a full GC every ~20 of them, a third less throughput from then on.
+ */
+class PendingCalls {
+  #slots: (Pending | undefined)[] = new Array(16).fill(undefined);
+  #mask = 15;
+  size = 0;
+
+  get(id: string): Pending | undefined {
+    const slots = this.#slots;
+    const mask = this.#mask;
+    for (let i = slotKey(id) & mask;; i = (i + 1) & mask) {
+      const p = slots[i];
+      if (p === undefined || p.call.id === id) return p;
+    }
+  }
+
+  add(p: Pending): void {
+    if ((this.size + 1) * 2 > this.#slots.length) this.#resize(this.#slots.length * 2);
+    this.#put(p);
+    this.size++;
+  }
+
+  #put(p: Pending): void {
+    const slots = this.#slots;
+    const mask = this.#mask;
+    let i = p.key & mask;
+    while (slots[i] !== undefined) i = (i + 1) & mask;
+    slots[i] = p;
+  }
+
+  /** Remove `p` if it is here. */
+  delete(p: Pending): void {
+    const slots = this.#slots;
+    const mask = this.#mask;
+    let i = p.key & mask;
+    for (; slots[i] !== p; i = (i + 1) & mask) if (slots[i] === undefined) return;
+    slots[i] = undefined;
+    this.size--;
+    // Move back the entries of the run after i that may sit at i: none may be left behind a gap.
+    for (let j = (i + 1) & mask; slots[j] !== undefined; j = (j + 1) & mask) {
+      const home = slots[j]!.key & mask;
+      const stays = i <= j ? i < home && home <= j : i < home || home <= j;
+      if (!stays) {
+        slots[i] = slots[j];
+        slots[j] = undefined;
+        i = j;
+      }
+    }
+    // A burst of calls leaves a large table behind: give it back once mostly empty.
+    if (this.size * 8 < slots.length && slots.length > 1024) this.#resize(slots.length / 2);
+  }
+
+  #resize(length: number): void {
+    const old = this.#slots;
+    this.#slots = new Array(length).fill(undefined);
+    this.#mask = length - 1;
+    for (const p of old) if (p !== undefined) this.#put(p);
+  }
+
+  values(): Pending[] {
+    return this.#slots.filter((p): p is Pending => p !== undefined);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timeout lists
+// ---------------------------------------------------------------------------------------------
+
+/** An entry of {@link Timeouts}. */
+interface Expiring {
+  /** performance.now() at which it expires. */
+  at?: number;
+  prev?: Expiring;
+  next?: Expiring;
+  list?: TimeoutList;
+  expire(): void;
+}
+
+interface TimeoutList {
+  ms: number;
+  head?: Expiring;
+  tail?: Expiring;
+  timer?: ReturnType<typeof setNodeTimeout>;
+}
+
+/**
+ * Timeouts of calls (and of casts' hand-over) without a Node timer each: entries of one length
+ * expire in the order they were added, so each length is a FIFO list with one timer for its
+ * head, and a reply removes its entry in O(1). (A setTimeout + clearTimeout per call was ~6% of
+ * an in-process call.) While an entry waits, a timer is armed: a pending call keeps the process
+ * alive until its timeout, as a timer per call would.
+ */
+class Timeouts {
+  #lists = new Map<number, TimeoutList>();
+
+  add(e: Expiring, ms: number): void {
+    let list = this.#lists.get(ms);
+    if (!list) this.#lists.set(ms, list = { ms });
+    e.at = performance.now() + ms;
+    e.list = list;
+    e.prev = list.tail;
+    e.next = undefined;
+    if (list.tail) list.tail.next = e;
+    else {
+      list.head = e;
+      // An idle list keeps its timer, unreferenced: one call at a time does not arm one each.
+      // It fires no later than this entry's time (it was armed for an older entry of the same
+      // length) and re-arms for the head then.
+      list.timer?.ref();
+    }
+    list.tail = e;
+    list.timer ??= setNodeTimeout(() => this.#fire(list), Math.min(ms, MAX_TIMER_MS));
+  }
+
+  remove(e: Expiring): void {
+    const list = e.list;
+    if (!list) return;
+    if (e.prev) e.prev.next = e.next;
+    else list.head = e.next;
+    if (e.next) e.next.prev = e.prev;
+    else list.tail = e.prev;
+    e.list = e.prev = e.next = undefined;
+    if (!list.head) list.timer?.unref(); // nothing waits: the process may exit
+  }
+
+  #fire(list: TimeoutList): void {
+    list.timer = undefined;
+    const now = performance.now();
+    for (let e = list.head; e && e.at! <= now + 1; e = list.head) {
+      this.remove(e);
+      e.expire();
+    }
+    if (list.head) {
+      list.timer = setNodeTimeout(() => this.#fire(list), Math.min(MAX_TIMER_MS, Math.max(1, list.head.at! - now)));
+    } else if (this.#lists.get(list.ms) === list) this.#lists.delete(list.ms);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// In-process envelopes as values
+// ---------------------------------------------------------------------------------------------
+
+/** An envelope as a message of an in-process transport: copied now (the sender may change its
+ * objects afterwards), copied again for every further receiver, encoded only for byte readers. */
+class LocalEnvelope implements LocalMessage {
+  #codec: Codec;
+  #snapshot: RequestEnvelope | ReplyEnvelope;
+  #given = false;
+  #bytes?: Uint8Array;
+  constructor(codec: Codec, envelope: RequestEnvelope | ReplyEnvelope) {
+    this.#codec = codec;
+    this.#snapshot = codec.copy!(envelope);
+  }
+  copy(): unknown {
+    if (this.#given) return this.#codec.copy!(this.#snapshot);
+    this.#given = true;
+    return this.#snapshot;
+  }
+  bytes(): Uint8Array {
+    return this.#bytes ??= encodeBytes(this.#codec, this.#snapshot);
+  }
+}
+
+/**
+ * What `JSON.parse(JSON.stringify(value))` gives, without the text: `toJSON()` is called (a Date
+ * becomes its ISO string), undefined, functions and symbols are left out (null in arrays),
+ * non-finite numbers become null, boxed primitives are unboxed, Maps and class instances become
+ * plain objects of their own enumerable properties, and a `"__proto__"` key is dropped as
+ * {@link parseJson} drops it. Strings are shared: they are immutable, so sharing is a copy.
+ * @throws {TypeError} on a BigInt or a cycle, as JSON.stringify does.
+ */
+export function jsonCopy(value: unknown): unknown {
+  return copyJson(value, "", undefined);
+}
+
+/** `stack`: the objects being copied, outermost first (a cycle check), made at the first one. */
+function copyJson(value: unknown, key: string | number, stack: object[] | undefined): unknown {
+  let v = value;
+  if ((typeof v === "object" && v !== null) || typeof v === "bigint") {
+    const toJSON = (v as { toJSON?: unknown }).toJSON;
+    if (typeof toJSON === "function") v = toJSON.call(v, String(key));
+  }
+  if (typeof v === "object" && v !== null) {
+    if (v instanceof Number) v = Number(v);
+    else if (v instanceof String) v = String(v);
+    else if (v instanceof Boolean || v instanceof BigInt) v = v.valueOf();
+  }
+  switch (typeof v) {
+    case "string":
+    case "boolean":
+      return v;
+    case "number":
+      return Number.isFinite(v) ? v + 0 : null; // + 0 turns -0 into 0, as "0" parses
+    case "bigint":
+      throw new TypeError("Do not know how to serialize a BigInt");
+    case "object": {
+      if (v === null) return null;
+      if (stack === undefined) stack = [];
+      else if (stack.includes(v)) throw new TypeError("Converting circular structure to JSON");
+      stack.push(v);
+      let out: unknown[] | Record<string, unknown>;
+      if (Array.isArray(v)) {
+        out = [];
+        for (let i = 0; i < v.length; i++) out.push(copyJson(v[i], i, stack) ?? null);
+      } else {
+        out = {};
+        const o = v as Record<string, unknown>;
+        for (const k of Object.keys(o)) {
+          if (k === "__proto__") continue;
+          const x = copyJson(o[k], k, stack);
+          if (x !== undefined) out[k] = x;
+        }
+      }
+      stack.pop();
+      return out;
+    }
+    default: // undefined, functions, symbols
+      return undefined;
+  }
+}
+
+/** A RequestContext is rebuilt from its fields (no JSON); a subclass travels as its toJSON(). */
+function copyContext(ctx: RequestEnvelope["context"]): RequestEnvelope["context"] {
+  if (ctx instanceof RequestContext && ctx.constructor === RequestContext) return new RequestContext(ctx);
+  return jsonCopy(ctx) as RequestEnvelope["context"];
+}
+
+// ---------------------------------------------------------------------------------------------
+// JSON written by hand
+// ---------------------------------------------------------------------------------------------
+
+// A context is immutable and usually sent many times (a handler passes its ctx on): serialise once.
+const contextJson = new WeakMap<RequestContext, string>();
+
+function contextToJson(ctx: RequestContextJSON | Record<string, unknown> | RequestContext): string {
+  if (!(ctx instanceof RequestContext)) return JSON.stringify(ctx);
+  let json = contextJson.get(ctx);
+  if (json === undefined) contextJson.set(ctx, json = JSON.stringify(wireContext(ctx)));
+  return json;
+}
+
+/**
+ * The context as a request carries it: fields at their defaults (no user, no project, not admin,
+ * no roles) are left out, since RequestContext.from() gives them back. An anonymous context is
+ * then ~80 bytes instead of ~170, which every server parses with each request. A subclass
+ * travels as its toJSON() says.
+ */
+function wireContext(ctx: RequestContext): unknown {
+  const json = ctx.toJSON();
+  if (ctx.constructor !== RequestContext) return json;
+  const out: Partial<RequestContextJSON> = {};
+  if (json.user_id !== null) out.user_id = json.user_id;
+  if (json.project_id !== null) out.project_id = json.project_id;
+  out.request_id = json.request_id;
+  if (json.is_admin) out.is_admin = true;
+  if (json.roles.length > 0) out.roles = json.roles;
+  out.timestamp = json.timestamp;
+  return out;
+}
+
+/** `JSON.stringify(s)`: the string between quotes when it holds nothing to escape, as ids,
+ * method names and topics do. (Anything else, a non-string included, goes to JSON.stringify.) */
+function jsonString(s: string): string {
+  if (typeof s !== "string") return JSON.stringify(s);
+  for (let i = 0; i < s.length; i++) {
+    const c = s.charCodeAt(i);
+    if (c < 0x20 || c === 0x22 /* " */ || c === 0x5c /* \ */ || c > 0x7e) return JSON.stringify(s);
+  }
+  return `"${s}"`;
+}
+
+/** `JSON.stringify(n)` for a finite number (the same digits as String(n)). */
+function jsonNumber(n: number): string {
+  return typeof n === "number" && Number.isFinite(n) ? `${n}` : JSON.stringify(n);
+}
+
+const OPEN = utf8("[");
+
+const COMMA = utf8(",");
+
+const CLOSE = utf8("]");
+
+/** Whether JSON text nests deeper than MAX_JSON_DEPTH (brackets inside strings do not count). */
+function tooDeep(text: string): boolean {
+  // Fewer brackets than the limit cannot nest past it: counted natively, nearly every message
+  // (a large one included) is done here without a walk in JS.
+  let brackets = 0;
+  for (const open of ["{", "["]) {
+    for (let i = text.indexOf(open); i !== -1 && brackets <= MAX_JSON_DEPTH; i = text.indexOf(open, i + 1)) brackets++;
+  }
+  if (brackets <= MAX_JSON_DEPTH) return false;
+  let depth = 0;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (c === 0x22 /* " */) {
+      for (i++; i < text.length; i++) {
+        const d = text.charCodeAt(i);
+        if (d === 0x5c /* \ */) i++;
+        else if (d === 0x22) break;
+      }
+    } else if (c === 0x5b /* [ */ || c === 0x7b /* { */) {
+      if (++depth > MAX_JSON_DEPTH) return true;
+    } else if (c === 0x5d /* ] */ || c === 0x7d /* } */) depth--;
+  }
+  return false;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Duplicate suppression
+// ---------------------------------------------------------------------------------------------
+
+// A secret per process, so that nobody can make a message that fingerprints like another.
+const FINGERPRINT_SEED = crypto.getRandomValues(new Uint32Array(1))[0]!;
+
+/**
+ * A 32-bit fingerprint of a message's bytes (FNV-1a style, seeded; four bytes a step), never 0
+ * (that is for in-process messages). A redelivery has the same; a message made by someone who
+ * has not seen the real one, and does not know the seed, has another.
+ */
+function fingerprint(bytes: Uint8Array): number {
+  const n = bytes.length;
+  let h = Math.imul(0x811c9dc5 ^ FINGERPRINT_SEED ^ n, 0x01000193);
+  const words = n >>> 2;
+  if (words > 0) {
+    const view = new DataView(bytes.buffer, bytes.byteOffset, n);
+    for (let i = 0; i < words; i++) h = Math.imul(h ^ view.getUint32(i << 2, true), 0x01000193);
+  }
+  for (let i = words << 2; i < n; i++) h = Math.imul(h ^ bytes[i]!, 0x01000193);
+  return (h >>> 0) || 1;
+}
+
+/**
+ * The ids of one client that makes novalet's message ids (see MessageIds), in a window indexed
+ * by counter: slot `counter & mask` holds the counter, the fingerprint of its message and the
+ * time until which it is kept. A client's counters come in order, so its slots are visited in
+ * order too: no hashing, no allocation, and few cache misses however many ids are kept (one Map
+ * of all ids costs a cache miss per request once it outgrows the cache: see bench/README.md).
+ */
+class ClientWindow {
+  counters: Float64Array;
+  fps: Int32Array;
+  until: Float64Array;
+  /** The latest `until` of its ids: once past, the whole window may go. */
+  latest = 0;
+  constructor(readonly prefix: string, size: number) {
+    this.counters = new Float64Array(size).fill(-1);
+    this.fps = new Int32Array(size);
+    this.until = new Float64Array(size);
+  }
+  get size(): number {
+    return this.counters.length;
+  }
+  /** Twice the slots, every kept id where its counter says. */
+  grow(): void {
+    const { counters, fps, until } = this;
+    const size = counters.length * 2;
+    this.counters = new Float64Array(size).fill(-1);
+    this.fps = new Int32Array(size);
+    this.until = new Float64Array(size);
+    for (let i = 0; i < counters.length; i++) {
+      if (counters[i] === -1) continue;
+      const j = counters[i]! % size;
+      this.counters[j] = counters[i]!;
+      this.fps[j] = fps[i]!;
+      this.until[j] = until[i]!;
+    }
+  }
+}
+
+/**
+ * The request ids a dispatcher took, to drop a redelivered duplicate: add() is false for an id
+ * seen before *in a message with the same bytes* (a redelivery carries the very same message).
+ * So nobody who learns or guesses a client's next ids can have its real calls dropped by
+ * sending other messages under them first: those run as what they are, and so do the real ones.
+ *
+ * An id is kept until its request's deadline (an id is live while `until >= now`, as a request
+ * is). Ids of novalet's form are kept per client, in a window that grows as needed (see
+ * ClientWindow), at most `maxSlots` for one client and `max` for all windows together: past that
+ * a window forgets its own oldest ids. A window goes once all its ids expired; while the windows
+ * have no room for a new client, its ids are kept with the others. Those (other forms, and new
+ * clients in a flood) are kept apart, oldest first, at most `max` of them. So a flood of junk
+ * ids, of any form, never pushes out the ids of a client that has a window, and pushes out other
+ * ids only by bringing more than `max` within a deadline.
+ */
+class RecentIds {
+  /** In the order they were made: the head is the first to check for expiry. */
+  #clients = new Map<string, ClientWindow>();
+  /** The client of the last id: calls come from few clients, often one after another. */
+  #last?: ClientWindow;
+  /** Slots of all windows together. */
+  #slots = 0;
+  /** Ids kept as strings (other forms, new clients in a flood): `id` + "\n" + fingerprint. */
+  #strings = new Set<string>();
+  /** The strings in arrival order, with the time until which each is kept. */
+  #ring = new Fifo<{ key: string; until: number }>();
+  #max: number;
+  #warnedAt = -Infinity;
+  static readonly firstSlots = 64;
+  static readonly maxSlots = 65_536;
+
+  constructor(max: number) {
+    this.#max = max;
+  }
+
+  /** Remember `id` (seen in a message of fingerprint `fp`) until `until`; false if it was seen. */
+  add(id: string, fp: number, until: number, now: number, log: Logger): boolean {
+    const n = idCounter(id);
+    const w = n < 0 ? undefined : this.#window(id, now);
+    if (w === undefined) return this.#addString(`${id}\n${fp}`, until, now, log, fp);
+    let i = n & (w.size - 1);
+    if (w.counters[i] === n && w.until[i]! >= now) {
+      if (w.fps[i] === (fp | 0)) return false;
+      return this.#addString(`${id}\n${fp}`, until, now, log, fp); // the same id in another message
+    }
+    // A live id of this client in the way: make room, or forget it if there is none (a client
+    // outrunning its window forgets its own oldest ids: not worth a warning, nobody else did it).
+    while (w.counters[i] !== -1 && w.until[i]! >= now) {
+      if (w.size >= RecentIds.maxSlots || (this.#slots + w.size > this.#max && !this.#reclaim(now, w.size))) break;
+      this.#slots += w.size;
+      w.grow();
+      i = n & (w.size - 1);
+    }
+    w.counters[i] = n;
+    w.fps[i] = fp;
+    w.until[i] = until;
+    if (until > w.latest) w.latest = until;
+    return true;
+  }
+
+  /** Forget `id` again (its request was refused, so a resend must run). */
+  forget(id: string, fp: number): void {
+    const n = idCounter(id);
+    const w = n < 0 ? undefined : this.#clients.get(id.slice(0, ID_CLIENT_LENGTH));
+    const i = w === undefined ? -1 : n & (w.size - 1);
+    if (w !== undefined && w.counters[i] === n && w.fps[i] === (fp | 0)) w.counters[i] = -1;
+    else this.#strings.delete(`${id}\n${fp}`);
+  }
+
+  /** The window of the client of `id`; undefined when there is no room for a new one. */
+  #window(id: string, now: number): ClientWindow | undefined {
+    const last = this.#last;
+    if (last !== undefined && id.startsWith(last.prefix)) return last;
+    const prefix = id.slice(0, ID_CLIENT_LENGTH);
+    let w = this.#clients.get(prefix);
+    if (w === undefined) {
+      if (this.#slots + RecentIds.firstSlots > this.#max && !this.#reclaim(now, RecentIds.firstSlots)) return undefined;
+      this.#clients.set(prefix, w = new ClientWindow(prefix, RecentIds.firstSlots));
+      this.#slots += RecentIds.firstSlots;
+    }
+    this.#last = w;
+    return w;
+  }
+
+  /** Drop windows whose ids all expired, oldest first, until `slots` more fit; false if they do
+   * not. A window in use met on the way goes to the back: a few looks per call, never a scan. */
+  #reclaim(now: number, slots: number): boolean {
+    for (let looks = 0; looks < 8 && this.#slots + slots > this.#max; looks++) {
+      const w = this.#clients.values().next().value;
+      if (w === undefined) break;
+      this.#clients.delete(w.prefix);
+      if (w.latest >= now) this.#clients.set(w.prefix, w);
+      else {
+        this.#slots -= w.size;
+        if (this.#last === w) this.#last = undefined;
+      }
+    }
+    return this.#slots + slots <= this.#max;
+  }
+
+  #addString(key: string, until: number, now: number, log: Logger, fp: number): boolean {
+    const ring = this.#ring;
+    while (ring.size > 0 && ring.peek()!.until < now) this.#strings.delete(ring.take().key);
+    const size = this.#strings.size;
+    if (this.#strings.add(key).size === size) return false;
+    if (ring.size >= this.#max) {
+      this.#strings.delete(ring.take().key);
+      this.#full(log, now, fp);
+    }
+    ring.push({ key, until });
+    return true;
+  }
+
+  /** An id is forgotten before its deadline: worth a warning (once a minute) unless in-process
+   * (`fp` 0), where redeliveries do not happen and a fast caller always outruns the bound. */
+  #full(log: Logger, now: number, fp: number): void {
+    if (fp === 0 || now - this.#warnedAt < 60_000) return;
+    this.#warnedAt = now;
+    log.warn(`Duplicate suppression is full (dedupSize ${this.#max}): forgetting ids before their deadline`);
+  }
+}
+
+/** A queue: push at the back, take from the front in O(1); taken slots are cut off the front now
+ * and then, not one by one (Array.shift() copies the rest each time). */
+class Fifo<T> {
+  #items: (T | undefined)[] = [];
+  #head = 0;
+  get size(): number {
+    return this.#items.length - this.#head;
+  }
+  push(item: T): void {
+    this.#items.push(item);
+  }
+  /** The front item, still in the queue; undefined when empty. */
+  peek(): T | undefined {
+    return this.#items[this.#head];
+  }
+  /** Take the front item; the queue must not be empty. */
+  take(): T {
+    const item = this.#items[this.#head]!;
+    this.#items[this.#head++] = undefined;
+    if (this.#head === this.#items.length) {
+      this.#items = [];
+      this.#head = 0;
+    } else if (this.#head > 1024 && this.#head * 2 > this.#items.length) {
+      this.#items = this.#items.slice(this.#head);
+      this.#head = 0;
+    }
+    return item;
+  }
 }
