@@ -1,30 +1,37 @@
 /**
- * novalet — a service framework after the one inside OpenStack Nova.
+ * novalet's core — a service framework after the one inside OpenStack Nova.
  *
  * A process runs services. A service is a *manager* (a class whose public methods are its RPC
  * API), a *transport* (MQTT, or in memory) and a *registry* (SQL) where it proves it is alive.
  * Other services reach it with {@link Rpc.call} (waits for the reply) and {@link Rpc.cast}
  * (fire and forget).
  *
- * This file is the whole core. It imports nothing but the platform; transports and registries
- * import it for their interfaces.
+ * This file is the whole core and imports nothing but the platform. Plug-ins (transports/,
+ * registry/) import it for their interfaces; open.ts maps URLs to them; index.ts, the package
+ * entry, gives both. Reading order:
+ *
+ * 1. The contract — all a transport, registry or codec author needs: errors, `Logger`,
+ *    `Transport` (and the rules every transport keeps), `Registry`, `Opener`, the envelopes and
+ *    `Codec`, `RequestContext`.
+ * 2. The behaviour, along the path of a call: logging, addresses, the JSON codec, `Rpc` (a
+ *    request leaves), `Manager`, `Dispatcher` (a request becomes a method call, its result a
+ *    reply), loops, liveness, flags, `Service`, `serve()`.
+ * 3. The machinery that makes it fast, fenced off: each piece says in a line why it exists;
+ *    bench/README.md has the measurements.
  *
  * @example
  * ```ts
- * import { Manager, RequestContext, Service } from "./mod.ts";
- * import { MemoryHub, MemoryTransport } from "./transports/memory.ts";
+ * import { Manager, RequestContext, Service } from "./index.ts";
  *
  * class Calc extends Manager {
  *   add(_ctx: RequestContext, { a, b }: { a: number; b: number }) {
  *     return a + b;
  *   }
  * }
- * const transport = new MemoryTransport(new MemoryHub());
- * const svc = Service.create({ host: "h1", topic: "calc", manager: Calc, transport });
+ * const svc = Service.create({ host: "h1", topic: "calc", manager: Calc }); // memory://, sqljs::memory:
  * await svc.start();
  * console.log(await svc.rpc.call(new RequestContext(), "calc", { method: "add", args: { a: 1, b: 2 } }));
  * await svc.stop();
- * await transport.close();
  * ```
  *
  * @module
@@ -36,8 +43,7 @@ import { hostname } from "node:os";
 import { basename, extname, resolve as resolvePath } from "node:path";
 import { pathToFileURL } from "node:url";
 import process from "node:process";
-// Node's timers on Deno too: their ref()/unref() let an idle timeout list wait without holding
-// the process open (Deno's global setTimeout returns a number).
+// Node's timers on Deno too: ref()/unref() let an idle timeout list wait without holding the process.
 import { setTimeout as setNodeTimeout } from "node:timers";
 
 // =============================================================================================
@@ -48,20 +54,22 @@ import { setTimeout as setNodeTimeout } from "node:timers";
 // Errors
 // ---------------------------------------------------------------------------------------------
 
-/** Options shared by novalet's errors: a cause and JSON data that travel with them. */
+/** Options shared by novalet's errors. */
 export interface NovaletErrorOptions {
+  /** The error that caused this one. */
   cause?: unknown;
   /** JSON-serialisable details that cross the wire as `error.data`. */
   data?: unknown;
 }
 
 /**
- * The base of novalet's errors: `name` is the class's name (so it crosses the wire as the
- * remote `type`), `cause` and `data` as given. Catch the subclasses; this one says "novalet's".
+ * The base of novalet's errors: `name` is the class's name, so it crosses the wire as the remote
+ * `type`. Catch a subclass; this one only says "novalet's".
  */
 export class NovaletError extends Error {
   /** JSON-serialisable details; they cross the wire as `error.data`. */
   readonly data?: unknown;
+  /** An error with `message`, and the cause and data of `opts`. */
   constructor(message: string, opts?: NovaletErrorOptions) {
     super(message, { cause: opts?.cause });
     this.name = new.target.name;
@@ -75,6 +83,7 @@ export class RemoteError extends NovaletError {
   readonly type: string;
   /** The server's stack trace, present only when the server runs with `debug`. */
   readonly remoteStack?: string;
+  /** The error of a reply: the remote `type` and `message`, its `data` and stack in `opts`. */
   constructor(type: string, message: string, opts?: NovaletErrorOptions & { remoteStack?: string }) {
     super(message, opts);
     this.type = type;
@@ -85,8 +94,8 @@ export class RemoteError extends NovaletError {
 /** No reply arrived within the call's timeout. */
 export class RpcTimeoutError extends NovaletError {}
 
-/** A message could not be handed to anyone: no subscriber, a transport failure, or too many
- * calls already waiting. Nothing was executed remotely. */
+/** A message could not be handed to anyone (no subscriber, a transport failure, too many calls
+ * waiting): nothing ran remotely. */
 export class DeliveryError extends NovaletError {}
 
 /** An object was used after `close()` / `stop()`. */
@@ -98,14 +107,16 @@ export class NoSuchMethod extends NovaletError {}
 /** Remote type: the requested API version is not served (major differs or minor is newer). */
 export class UnsupportedVersion extends NovaletError {}
 
-/** Remote type: the server had no room for the request (too many handlers running and queued):
- * nothing ran, and the caller may retry later. */
+/** Remote type: the server had no room for the request; nothing ran, the caller may retry later. */
 export class Overloaded extends NovaletError {}
 
-/** Remote type: the envelope was malformed. `id` and `replyTo` are set when they could be read. */
+/** Remote type: the envelope was malformed. */
 export class BadRequest extends NovaletError {
+  /** The request's id, when it could be read. */
   id?: string;
+  /** The request's reply topic, when it could be read. */
   replyTo?: string;
+  /** A malformed request, with what could be read of it in `opts`. */
   constructor(message: string, opts?: NovaletErrorOptions & { id?: string; replyTo?: string }) {
     super(message, opts);
     if (opts?.id !== undefined) this.id = opts.id;
@@ -119,10 +130,11 @@ export class NotFound extends NovaletError {}
 /** A registry operation got no answer within its time limit (a dead or half-open connection). */
 export class RegistryTimeoutError extends NovaletError {}
 
-/** A command line the `novalet` command cannot use (exit status 2); `command` names the command
- * whose `--help` to read, when known. */
+/** A command line the `novalet` command cannot use (exit status 2). */
 export class UsageError extends NovaletError {
+  /** The command whose `--help` to read, when known. */
   command?: string;
+  /** A usage error of `opts.command`. */
   constructor(message: string, opts?: NovaletErrorOptions & { command?: string }) {
     super(message, opts);
     if (opts?.command !== undefined) this.command = opts.command;
@@ -134,7 +146,7 @@ export function redactUrl(url: string): string {
   return url.replace(/(\/\/[^:/@]+:)[^@]*@/, "$1***@");
 }
 
-/** Quote a value for an error message, cut short so a huge input cannot flood a log. */
+/** A value quoted for an error message, cut short so that a huge input cannot flood a log. */
 export function quote(value: unknown, max = 60): string {
   let s: string;
   try {
@@ -159,11 +171,15 @@ export function quote(value: unknown, max = 60): string {
 /** Structured fields of a log line. */
 export type LogFields = Record<string, unknown>;
 
-/** The logger novalet writes to. Pass your own (pino fits) through the service options. */
+/** The logger novalet writes to. Pass your own (pino fits) through the options. */
 export interface Logger {
+  /** Detail for debugging. */
   debug(msg: string, fields?: LogFields): void;
+  /** Normal events: started, stopped, recovered. */
   info(msg: string, fields?: LogFields): void;
+  /** Something was refused, dropped or retried; the process goes on. */
   warn(msg: string, fields?: LogFields): void;
+  /** A failure someone should look at. */
   error(msg: string, fields?: LogFields): void;
 }
 
@@ -178,11 +194,8 @@ export type LogLevel = "debug" | "info" | "warn" | "error" | "silent";
 export interface PublishOptions {
   /** 0: at most once; 1: at least once (the default of RPC messages). */
   qos?: 0 | 1;
-  /**
-   * Reject with {@link DeliveryError} when the transport knows that no subscription matches
-   * (the memory transport always knows; MQTT 5 brokers say so in PUBACK). RPC sets it for
-   * call and cast so that a message to nobody fails fast instead of being lost.
-   */
+  /** Reject with {@link DeliveryError} when the transport knows that no subscription matches
+   * (memory always knows; MQTT 5 brokers say so in PUBACK). RPC sets it for calls and casts. */
   mandatory?: boolean;
   /** Seconds after which the message is worthless: MQTT 5 brokers drop it then (message expiry),
    * so an offline device is not handed hours-old work. */
@@ -193,16 +206,19 @@ export interface PublishOptions {
 export interface SubscribeOptions {
   /** Share the messages of this filter with the other subscriptions of the same group. */
   group?: string;
+  /** The QoS to receive at (MQTT's maximum QoS of the subscription). */
   qos?: 0 | 1;
-  /**
-   * The handler understands in-process messages: one sent with `publishLocal` then arrives as
-   * `meta.local` (a private copy, as decoding its bytes would give) with an empty payload.
-   * Without it, the subscription gets the message's bytes, whoever sent it.
-   */
+  /** The handler takes in-process messages as values: one sent with `publishLocal` arrives as
+   * `meta.local` (a private copy) with an empty payload. Without it, the handler gets bytes. */
   local?: boolean;
 }
 
-/** Receives a message. A returned promise is awaited before MQTT acknowledges it. */
+/**
+ * Receives a message. It is called asynchronously, never inside `publish()`'s call stack, and
+ * owns `payload` (no one else holds that memory). A message counts as taken when its handler has
+ * been called: a QoS 1 message is acknowledged then, without waiting for a returned promise. A
+ * throw or a rejection is logged by the transport ({@link runHandler}) and changes nothing else.
+ */
 export type MessageHandler = (payload: Uint8Array, topic: string, meta?: MessageMeta) => void | Promise<void>;
 
 /** What a transport knows about a delivered message. */
@@ -213,11 +229,8 @@ export interface MessageMeta {
   local?: unknown;
 }
 
-/**
- * A message an in-process transport carries as a value instead of bytes: the codec's copy does
- * what encoding and decoding would do (JSON semantics, a private copy per receiver) without the
- * text in between. Made by the RPC client and the dispatcher; see {@link Transport.publishLocal}.
- */
+/** A message an in-process transport carries as a value: the codec's copy gives what encoding
+ * and decoding would (JSON semantics, a private copy per receiver) without the text between. */
 export interface LocalMessage {
   /** A private copy for one receiver. Each call gives a new one. */
   copy(): unknown;
@@ -225,8 +238,10 @@ export interface LocalMessage {
   bytes(): Uint8Array;
 }
 
-/** What `subscribe()` returns. */
+/** What `subscribe()` resolves with. */
 export interface Subscription {
+  /** Stop this subscription: resolves once no message of it will reach the handler any more and
+   * every message the broker handed it before was delivered (none taken is lost). */
   unsubscribe(): Promise<void>;
   /** Optional: stop handling here but keep the subscription in a persistent broker session, so
    * messages wait for the next connection (`Service.stop()` uses it for `topic.host`). */
@@ -234,23 +249,37 @@ export interface Subscription {
 }
 
 /**
- * Publish/subscribe with MQTT topic semantics: levels split by `/`, filters may use `+` (one
- * level) and `#` (the rest, including the parent level). A subscription with a `group` gets each
- * message of its filter only if no other member of the group got it, as MQTT shared
- * subscriptions do; without a group every matching subscription gets every message.
+ * Publish/subscribe with MQTT topic semantics: levels split by `/`; filters may use `+` (one
+ * level) and `#` (the rest, and the parent level). A subscription with a `group` shares its
+ * filter's messages with the group's other members, each message going to one of them, as MQTT
+ * shared subscriptions do; without a group every matching subscription gets every message.
+ *
+ * Rules for every method: failures are rejected promises, never synchronous throws; after
+ * `close()` every call rejects with {@link ClosedError}; a topic, filter or group that a broker
+ * would refuse rejects with a TypeError. {@link TransportGuard} and {@link promising} implement
+ * them. tests/transport_conformance.ts checks a transport against all of this.
  */
 export interface Transport {
+  /**
+   * Send `payload` to the subscriptions matching `topic`. Resolves when the transport has taken
+   * the message (QoS 0: handed to the connection; QoS 1: acknowledged by the broker); delivery
+   * happens later, asynchronously. A rejection means it was not taken: {@link DeliveryError}
+   * (no subscriber while `mandatory`, refused, connection lost), a RangeError when too large.
+   * The transport copies or sends `payload` before resolving; the caller may reuse it after.
+   */
   publish(topic: string, payload: Uint8Array, opts?: PublishOptions): Promise<void>;
+  /** Deliver the messages matching `filter` to `handler` from when this resolves (the broker
+   * confirmed the subscription) until the subscription ends. */
   subscribe(filter: string, handler: MessageHandler, opts?: SubscribeOptions): Promise<Subscription>;
+  /** End every subscription and the connection; a second call does nothing. Resolves once no
+   * handler will be called again and what was taken was delivered; what a persistent session
+   * keeps stays unacknowledged at the broker. */
   close(): Promise<void>;
   /** Optional: forget a persistent subscription (e.g. MQTT `clean: false`) for good. */
   forget?(filter: string, opts?: SubscribeOptions): Promise<void>;
-  /**
-   * Optional, for transports inside one process: publish a message as a value. Receivers that
-   * subscribed with `local: true` get `message.copy()`, the others `message.bytes()`; the copies
-   * are taken before this returns, so the sender may change its objects afterwards. Everything
-   * else (routing, groups, order, faults, mandatory) is as for `publish()`.
-   */
+  /** Optional, for transports inside one process: publish a value. Subscriptions made with
+   * `local: true` get `message.copy()`, the others `message.bytes()`; the copies are taken before
+   * this returns. Everything else (routing, groups, order, mandatory) is as for `publish()`. */
   publishLocal?(topic: string, message: LocalMessage, opts?: PublishOptions): Promise<void>;
 }
 
@@ -286,8 +315,8 @@ export function topicMatches(filter: string, topic: string): boolean {
 /** The longest topic MQTT can carry: a two-byte length of UTF-8 bytes. */
 export const MAX_TOPIC_BYTES = 65_535;
 
-// What brokers refuse in a topic (Mosquitto disconnects the client): U+0000 and the other control
-// characters (category Cc), Unicode non-characters, and lone surrogates (Cs: they have no UTF-8).
+// What brokers refuse in a topic (Mosquitto disconnects the client): control characters (Cc),
+// Unicode non-characters, and lone surrogates (Cs: they have no UTF-8).
 const UNSAFE_CHAR = /[\p{Cc}\p{Cs}\p{Noncharacter_Code_Point}]/u;
 
 /** Why `s` cannot be (part of) an MQTT topic, or undefined when it can. */
@@ -365,7 +394,7 @@ export class TransportGuard {
     return first;
   }
 
-  /** @throws {ClosedError} once closed; {TypeError} for a topic no broker takes. */
+  /** Throws ClosedError once closed, TypeError for a topic no broker takes (checked once per topic). */
   checkPublish(topic: string): void {
     if (this.#closed) throw new ClosedError(`Cannot publish to ${topic}: the transport is closed`);
     if (this.#goodTopics.has(topic)) return;
@@ -374,7 +403,7 @@ export class TransportGuard {
     this.#goodTopics.add(topic);
   }
 
-  /** @throws {ClosedError} once closed; {TypeError} for a bad filter or group. */
+  /** Throws ClosedError once closed, TypeError for a bad filter or group. */
   checkSubscribe(filter: string, opts?: SubscribeOptions): void {
     if (this.#closed) throw new ClosedError(`Cannot subscribe to ${filter}: the transport is closed`);
     validateFilter(filter);
@@ -382,10 +411,8 @@ export class TransportGuard {
   }
 }
 
-/**
- * Call a subscription's handler for a transport: a throw or a rejected promise is logged and
- * never reaches the transport, so one bad handler cannot stop deliveries to the others.
- */
+/** Call a subscription's handler for a transport: a throw or a rejection is logged and never
+ * reaches the transport, so one bad handler cannot stop deliveries to the others. */
 export function runHandler(
   handler: MessageHandler,
   payload: Uint8Array,
@@ -407,8 +434,8 @@ export const MAX_SECONDS = 4_294_967_295;
 /** What {@link within} gives when time ran out. */
 export const TIMED_OUT: unique symbol = Symbol("timed out");
 
-/** `p`'s value, or TIMED_OUT after `seconds`; `p` is then left to settle on its own (a late
- * rejection is swallowed). For waits on things that may hang: a registry, a broker. */
+/** `p`'s value, or TIMED_OUT after `seconds` (`p` then settles on its own, a late rejection
+ * swallowed): for waits on what may hang, a registry or a broker. */
 export function within<T>(p: Promise<T>, seconds: number): Promise<T | typeof TIMED_OUT> {
   let timer: { cancel(): void } | undefined;
   const late = new Promise<typeof TIMED_OUT>((r) => (timer = longTimeout(() => r(TIMED_OUT), seconds * 1000)));
@@ -420,32 +447,54 @@ export function within<T>(p: Promise<T>, seconds: number): Promise<T | typeof TI
 // Registry
 // ---------------------------------------------------------------------------------------------
 
-/** A row of the services table. */
+/** A row of the services table (Nova's `services`). */
 export interface ServiceRecord {
+  /** The row's id, given by the registry. */
   id: number;
+  /** The host the service runs on. */
   host: string;
+  /** The program, e.g. `nova-compute`; (host, binary) is unique. */
   binary: string;
+  /** The topic the service consumes. */
   topic: string;
+  /** Heartbeats so far. */
   reportCount: number;
+  /** Disabled by an operator: still up, but schedulers should not pick it. */
   disabled: boolean;
+  /** Why it was disabled, or null. */
   disabledReason: string | null;
+  /** Forced down by an operator: down whatever its heartbeats say. */
   forcedDown: boolean;
+  /** The last heartbeat, or null before the first. */
   lastSeenUp: Date | null;
+  /** When the row was made. */
   createdAt: Date;
+  /** The last change of the row. */
   updatedAt: Date;
 }
 
-/** Where services record themselves and prove they are alive (Nova's `services` table). */
+/**
+ * Where services record themselves and prove they are alive. Every method rejects (never throws)
+ * with a TypeError for a bad argument, {@link NotFound} for an id without a row (edits only),
+ * {@link ClosedError} after `close()`; a store that cannot be reached rejects with its own error
+ * or {@link RegistryTimeoutError}. tests/registry_conformance.ts checks an implementation.
+ */
 export interface Registry {
-  /** Create the row of (host, binary), or return the existing one. */
+  /** Create the row of (host, binary), or return the existing one (concurrent calls make one). */
   register(s: { host: string; binary: string; topic: string }): Promise<ServiceRecord>;
   /** A heartbeat: reportCount + 1, lastSeenUp = updatedAt = now. */
   reportState(id: number): Promise<ServiceRecord>;
+  /** The row of `id`, or undefined. */
   get(id: number): Promise<ServiceRecord | undefined>;
+  /** The rows matching every given field, in id order. */
   list(filter?: { topic?: string; host?: string; binary?: string }): Promise<ServiceRecord[]>;
+  /** Disable with a reason, or enable (the reason is cleared); lastSeenUp never moves. */
   setDisabled(id: number, disabled: boolean, reason?: string): Promise<ServiceRecord>;
+  /** Force down, or clear it; lastSeenUp never moves. */
   setForcedDown(id: number, forcedDown: boolean): Promise<ServiceRecord>;
+  /** Delete the row. */
   remove(id: number): Promise<void>;
+  /** Release the store (a file is written, connections end); a second call does nothing. */
   close(): Promise<void>;
 }
 
@@ -467,11 +516,8 @@ export interface RegistryOpenOptions {
   logger?: Logger;
 }
 
-/**
- * Opens transports and registries from URLs: how a {@link Service} gets what it was not given and
- * how {@link parseFlags} checks a URL. The core knows no plug-in; open.ts installs the opener
- * of novalet's schemes when it is imported (the package entry imports it).
- */
+/** Opens transports and registries from URLs, for a {@link Service} not given one and for
+ * {@link parseFlags}' checks. The core knows no plug-in: open.ts installs itself when imported. */
 export interface Opener {
   /** Open the transport of `url`. */
   openTransport(url: string, opts: TransportOpenOptions): Promise<Transport>;
@@ -499,15 +545,21 @@ function theOpener(what: string): Opener {
 // Envelopes and the codec
 // ---------------------------------------------------------------------------------------------
 
-/** A request envelope. */
+/** A request envelope (the README's wire format). */
 export interface RequestEnvelope {
+  /** The format's version: 1. */
   v: 1;
+  /** Unique per request: replies and duplicate suppression use it. */
   id: string;
+  /** The manager method to run. */
   method: string;
+  /** Its arguments, by name. */
   args: Record<string, unknown>;
   /** A RequestContext when encoding (its JSON is cached), its JSON form when decoded. */
   context: RequestContextJSON | Record<string, unknown> | RequestContext;
+  /** Where to send the reply; none for a cast. */
   reply_to?: string;
+  /** The API version the caller needs, `"major.minor"`. */
   version?: string;
   /** Epoch milliseconds after which the server drops the request. */
   deadline?: number;
@@ -517,8 +569,11 @@ export interface RequestEnvelope {
 
 /** An error as it crosses the wire. */
 export interface WireError {
+  /** The error's name (its class's name for novalet's errors). */
   type: string;
+  /** Its message. */
   message: string;
+  /** Its `data`, when JSON can carry it. */
   data?: unknown;
   /** Only when the server runs with `debug`. */
   stack?: string;
@@ -528,34 +583,28 @@ export interface WireError {
 export type ReplyEnvelope = { v: 1; id: string; result: unknown } | { v: 1; id: string; error: WireError };
 
 /**
- * Encodes and decodes envelopes. The RPC client and the dispatcher use nothing else, so a
- * transport for another RPC system's wire format (oslo.messaging's) translates here only.
+ * Encodes and decodes envelopes. The RPC client and the dispatcher use nothing else, so another
+ * wire format (oslo.messaging's, say) is one codec. The optional methods enable batching and
+ * in-process values; a codec without them sends every envelope alone, as bytes.
  */
 export interface Codec {
+  /** A request as bytes. @throws {TypeError} when its args have no JSON form (a BigInt, a cycle). */
   encodeRequest(req: RequestEnvelope): Uint8Array;
-  /** @throws {BadRequest} with `id`/`replyTo` set when they could be read. */
+  /** The request of `bytes`. @throws {BadRequest} with `id`/`replyTo` set when they could be read. */
   decodeRequest(bytes: Uint8Array): RequestEnvelope;
+  /** A reply as bytes. @throws {TypeError} when its result has no JSON form. */
   encodeReply(reply: ReplyEnvelope): Uint8Array;
-  /** @throws {BadRequest} when the bytes are not a reply. */
+  /** The reply of `bytes`. @throws {BadRequest} when the bytes are not a reply. */
   decodeReply(bytes: Uint8Array): ReplyEnvelope;
-  /**
-   * Optional: frame several encoded requests (or replies) as one message, a batch. A codec
-   * without it never batches.
-   */
+  /** Optional: frame several encoded requests (or replies) as one message, a batch. */
   encodeBatch?(items: Uint8Array[]): Uint8Array;
-  /**
-   * Optional, with encodeBatch: the requests of a message, single or batch; a malformed one is a
-   * BadRequest in its place. @throws {BadRequest} when the message as a whole is unreadable.
-   */
+  /** Optional, with encodeBatch: the requests of a message, single or batch; a malformed one is a
+   * BadRequest in its place. @throws {BadRequest} when the message as a whole is unreadable. */
   decodeRequests?(bytes: Uint8Array): { batch: boolean; items: (RequestEnvelope | BadRequest)[] };
   /** Optional, with encodeBatch: the replies of a message, single or batch. */
   decodeReplies?(bytes: Uint8Array): ReplyEnvelope[];
-  /**
-   * Optional: what decoding the encoded envelope would give, without the bytes in between: a
-   * private deep copy with this codec's semantics. With it, the RPC client and the dispatcher
-   * send envelopes as values over a transport that can carry them (`publishLocal`).
-   * @throws {TypeError} where encoding would (a BigInt, a cycle).
-   */
+  /** Optional: what decoding the encoded envelope would give, without the bytes between (a
+   * private deep copy), for transports that carry values. @throws {TypeError} where encoding would. */
   copy?<E extends RequestEnvelope | ReplyEnvelope>(envelope: E): E;
 }
 
@@ -563,37 +612,55 @@ export interface Codec {
 // Request context
 // ---------------------------------------------------------------------------------------------
 
-/** The caller's identity and request id; travels with every message. */
+/** The fields of a new {@link RequestContext}; all optional. */
 export interface RequestContextInit {
+  /** Who asks. */
   userId?: string | null;
+  /** On behalf of which project. */
   projectId?: string | null;
+  /** Default: a new `req-UUID`. */
   requestId?: string;
+  /** Default false. */
   isAdmin?: boolean;
+  /** Default none. */
   roles?: readonly string[];
+  /** ISO 8601; default now. */
   timestamp?: string;
 }
 
 /** The context as it travels on the wire (Nova's snake_case names). */
 export interface RequestContextJSON {
+  /** {@link RequestContext.userId} */
   user_id: string | null;
+  /** {@link RequestContext.projectId} */
   project_id: string | null;
+  /** {@link RequestContext.requestId} */
   request_id: string;
+  /** {@link RequestContext.isAdmin} */
   is_admin: boolean;
+  /** {@link RequestContext.roles} */
   roles: string[];
+  /** {@link RequestContext.timestamp} */
   timestamp: string;
 }
 
 const NO_ROLES: readonly string[] = Object.freeze([]);
 
-/** Who asks and which request this is, as Nova's `RequestContext`. */
+/** Who asks and which request this is, as Nova's `RequestContext`; travels with every message. */
 export class RequestContext {
+  /** Who asks, or null. */
   readonly userId: string | null;
+  /** On behalf of which project, or null. */
   readonly projectId: string | null;
+  /** The request's id: in every log line of its handlers, passed on to the calls they make. */
   readonly requestId: string;
+  /** Whether the caller claims admin rights. */
   readonly isAdmin: boolean;
+  /** The caller's roles (frozen). */
   readonly roles: readonly string[];
   /** ISO 8601 time of the original request. */
   readonly timestamp: string;
+  /** A context from `init`, the rest at its defaults. */
   constructor(init: RequestContextInit = {}) {
     this.userId = init.userId ?? null;
     this.projectId = init.projectId ?? null;
@@ -612,6 +679,7 @@ export class RequestContext {
   static admin(init: RequestContextInit = {}): RequestContext {
     return new RequestContext({ ...init, isAdmin: true });
   }
+  /** The wire form. */
   toJSON(): RequestContextJSON {
     return {
       user_id: this.userId,
@@ -651,8 +719,7 @@ export class RequestContext {
   }
 }
 
-// Module-level rather than closures in RequestContext.from(), which runs for every request: under
-// tsx (esbuild's keepNames) a named closure costs an Object.defineProperty each time it is made.
+// Functions, not closures in from(): under tsx (esbuild's keepNames) each closure made costs a call.
 function pickField(o: Record<string, unknown>, snake: string, camel: string): unknown {
   return Object.hasOwn(o, snake) ? o[snake] : o[camel];
 }
@@ -715,6 +782,7 @@ export class ConsoleLogger implements Logger {
   #min: number;
   #json: boolean;
   #fields: LogFields;
+  /** A logger writing lines at `level` (default info) and above, as `format` (default text), with `fields` on each. */
   constructor(opts: { level?: LogLevel; format?: "text" | "json"; fields?: LogFields } = {}) {
     this.#min = LEVELS[opts.level ?? "info"];
     this.#json = opts.format === "json";
@@ -835,7 +903,9 @@ function checkName(kind: string, value: unknown, where: string): string {
 
 /** A parsed logical address: `compute` or `compute.host1`. */
 export interface Address {
+  /** The topic name. */
   topic: string;
+  /** The host, for an address that names one server. */
   host?: string;
 }
 
@@ -880,8 +950,11 @@ function checkPrefix(prefix: string): string {
 
 /** The transport topics behind logical addresses, for one prefix. */
 export class Topics {
+  /** The prefix of every topic: `{prefix}/rpc/...`, `{prefix}/fanout/...`, `{prefix}/reply/...`. */
   readonly prefix: string;
+  /** `{prefix}/reply/`: the reply topics' common root. */
   readonly replyRoot: string;
+  /** The topics of `prefix`. @throws {TypeError} for an empty level, a wildcard or a control character. */
   constructor(prefix = "novalet") {
     this.prefix = checkPrefix(prefix);
     this.replyRoot = `${prefix}/reply/`;
@@ -891,10 +964,12 @@ export class Topics {
     const { topic, host } = parseAddress(address);
     return host === undefined ? `${this.prefix}/rpc/${topic}` : `${this.prefix}/rpc/${topic}/${host}`;
   }
+  /** `compute` → `{prefix}/fanout/compute`: every server of the topic. */
   fanout(topic: string): string {
     checkName("topic", topic, topic);
     return `${this.prefix}/fanout/${topic}`;
   }
+  /** The reply topic of an RPC client: `{prefix}/reply/{clientId}`. */
   reply(clientId: string): string {
     return `${this.replyRoot}${checkName("client id", clientId, clientId)}`;
   }
@@ -1188,7 +1263,9 @@ const EMPTY_BYTES = new Uint8Array(0);
 
 /** A message to a manager: `method(ctx, args)`. */
 export interface RpcMessage {
+  /** The manager method to run. */
   method: string;
+  /** Its arguments, by name (JSON). */
   args?: Record<string, unknown>;
 }
 
@@ -1198,6 +1275,7 @@ export interface CallOptions {
   timeout?: number;
   /** The API version the caller needs, `"major.minor"`. */
   version?: string;
+  /** QoS of the request (and, for a call, of its reply). Default: the client's. */
   qos?: 0 | 1;
 }
 
@@ -1211,7 +1289,9 @@ export interface RpcOptions {
   maxPending?: number;
   /** QoS of requests and replies. Default 1. */
   qos?: 0 | 1;
+  /** Default: the JSON codec of the README's wire format. */
   codec?: Codec;
+  /** Default: {@link getLogger}. */
   logger?: Logger;
   /** The id in the reply topic. Default: a random UUID. */
   clientId?: string;
@@ -1264,7 +1344,9 @@ interface OutgoingCall {
  * transport. Replies come back on one subscription per client, made at the first call.
  */
 export class Rpc {
+  /** The topics of the client's prefix. */
   readonly topics: Topics;
+  /** The id in the client's reply topic. */
   readonly clientId: string;
   #transport: Transport;
   #timeout: number;
@@ -1288,6 +1370,7 @@ export class Rpc {
   #local: boolean;
   #closed = false;
 
+  /** A client on `transport`; nothing is subscribed until the first call. */
   constructor(transport: Transport, opts: RpcOptions = {}) {
     this.#transport = transport;
     this.topics = new Topics(opts.prefix);
@@ -1599,8 +1682,11 @@ export interface PeriodicTaskOptions {
 
 /** A periodic task of a manager, as listed by {@link listPeriodicTasks}. */
 export interface PeriodicTaskInfo {
+  /** The method's name. */
   name: string;
+  /** Seconds between runs. */
   spacing: number;
+  /** Whether it runs at the first tick. */
   runImmediately: boolean;
 }
 
@@ -1805,8 +1891,11 @@ export type ManagerClass = new () => Manager;
 
 /** Options of a {@link Dispatcher}. */
 export interface DispatcherOptions {
+  /** Topic prefix. Default `"novalet"`. */
   prefix?: string;
+  /** Default: the JSON codec. */
   codec?: Codec;
+  /** Default: {@link getLogger}. */
   logger?: Logger;
   /** Send stack traces with errors. Default false. */
   debug?: boolean;
@@ -1829,6 +1918,7 @@ export interface DispatcherOptions {
    * nothing is held. Default 32 MiB.
    */
   maxHeldBytes?: number;
+  /** QoS of replies. Default 1 (a QoS 0 request is answered at QoS 0). */
   qos?: 0 | 1;
 }
 
@@ -1851,6 +1941,7 @@ function versionOk(requested: string, ours: string): boolean {
  * the handler of its subscriptions.
  */
 export class Dispatcher {
+  /** The manager whose methods run. */
   readonly manager: Manager;
   #table: Map<string, (ctx: RequestContext, args: unknown) => unknown>;
   #transport: Transport;
@@ -1883,6 +1974,7 @@ export class Dispatcher {
   #refused = 0;
   #refusedLoggedAt = -Infinity;
 
+  /** A dispatcher of `manager`'s methods, replying over `transport`. */
   constructor(manager: Manager, transport: Transport, opts: DispatcherOptions = {}) {
     this.manager = manager;
     this.#table = rpcMethods(manager);
@@ -2258,6 +2350,7 @@ export interface LoopStartOptions {
  * logged and the loop goes on, unless `stopOnError` is set.
  */
 export class LoopingCall {
+  /** The loop's name, in its log lines. */
   readonly name: string;
   #fn: () => unknown;
   #log: Logger;
@@ -2269,6 +2362,7 @@ export class LoopingCall {
   /** Resolves when the loop has stopped and its last run has finished. */
   done: Promise<void> = Promise.resolve();
 
+  /** A loop of `fn`; `stopOnError` ends it at the first error (`done` rejects). */
   constructor(fn: () => unknown, opts: { name?: string; logger?: Logger; stopOnError?: boolean } = {}) {
     this.#fn = fn;
     this.name = opts.name ?? (fn.name || "loop");
@@ -2276,10 +2370,12 @@ export class LoopingCall {
     this.#stopOnError = opts.stopOnError ?? false;
   }
 
+  /** Started and not stopped. */
   get running(): boolean {
     return this.#started && !this.#stopped;
   }
 
+  /** Start the loop; once only. @throws {RangeError} for a bad interval or delay. */
   start(opts: LoopStartOptions): this {
     if (this.#started) throw new Error(`Loop ${quote(this.name)} was already started`);
     const interval = checkTimeout(opts.interval, "interval");
@@ -2422,7 +2518,9 @@ export interface Flags {
   registryUrl: string;
   /** Topic prefix. Default `novalet`. */
   prefix: string;
+  /** `text` (default) or `json` lines on stderr. */
   logFormat: "text" | "json";
+  /** The lowest level logged. Default `info`. */
   logLevel: LogLevel;
   /** Send stack traces with remote errors. Default false. */
   debug: boolean;
@@ -2589,7 +2687,9 @@ export interface ServiceOptions {
   registry?: Registry;
   /** Default: `parseFlags([], process.env)`, i.e. the defaults and `NOVALET_*` variables. */
   flags?: Flags;
+  /** Topic prefix. Default `flags.prefix` (`novalet`). */
   prefix?: string;
+  /** Default: a ConsoleLogger of the flags' level and format. */
   logger?: Logger;
   /** Send stack traces with errors. */
   debug?: boolean;
@@ -2642,14 +2742,23 @@ function scriptName(): string {
  * `reportInterval`, and running the manager's periodic tasks every `periodicInterval`.
  */
 export class Service {
+  /** The host it serves (`topic.host`). */
   readonly host: string;
+  /** Its program's name; (host, binary) is its registry row. */
   readonly binary: string;
+  /** The topic it consumes. */
   readonly topic: string;
+  /** Seconds between heartbeats. */
   readonly reportInterval: number;
+  /** Seconds between periodic task ticks. */
   readonly periodicInterval: number;
+  /** The first periodic tick waits a random [0, this] seconds. */
   readonly periodicFuzzyDelay: number;
+  /** Seconds `stop()` waits for work in flight. */
   readonly gracefulShutdownTimeout: number;
+  /** The flags it was made with. */
   readonly flags: Flags;
+  /** Its logger: every line carries `service=topic.host`. */
   readonly logger: Logger;
   /** The registry row, once registered. */
   record?: ServiceRecord;
@@ -2738,6 +2847,7 @@ export class Service {
     return this.#dispatcher;
   }
 
+  /** `new` → `starting` → `running` → `stopping` → `stopped`. */
   get state(): "new" | "starting" | "running" | "stopping" | "stopped" {
     return this.#state;
   }
@@ -2925,6 +3035,7 @@ export class Service {
 
 /** What `serve()` returns: the running services and a way to stop them. */
 export interface Launcher {
+  /** The services, in the order they started. */
   readonly services: readonly Service[];
   /** Stop every service gracefully; true when all in-flight work finished in time. */
   stop(): Promise<boolean>;
@@ -2936,6 +3047,7 @@ export interface Launcher {
 export interface ServeOptions {
   /** Exit the process after a signal-initiated stop. Default true. */
   exit?: boolean;
+  /** Where the signals and the stop are logged. Default: the first service's logger. */
   logger?: Logger;
 }
 
