@@ -740,11 +740,8 @@ function contextString(name: string, v: unknown, nullable: boolean): string | un
 // Logging
 // ---------------------------------------------------------------------------------------------
 
-// The context of the handler running now, so every log line of a handler carries its request
-// id without the handler passing it around (as oslo.log does with its thread-local context).
-// An async handler runs in an AsyncLocalStorage scope. A synchronous one only needs the context
-// while it runs, which a plain variable gives for free: on Node 20 the first AsyncLocalStorage
-// scope turns on promise hooks that slow every await in the process by ~70 ns.
+// The running handler's context, so its log lines carry the request id (oslo.log's thread-local).
+// Only async handlers get an AsyncLocalStorage scope: its promise hooks slow every await.
 const requestScope = new AsyncLocalStorage<RequestContext>();
 
 let syncScope: RequestContext | undefined;
@@ -1163,9 +1160,8 @@ export const jsonCodec: Codec = {
     return parseRequests(bytes);
   },
   encodeReply(reply) {
-    // A result is written by hand around its JSON, as a request is: JSON.stringify of the whole
-    // reply gives the same text, except for a result that has a toJSON() (told its key then)
-    // or no JSON form at all (the key is left out): those, and errors, take the long way.
+    // Written around the result's JSON, as a request is; a result with a toJSON() (told its key)
+    // or without a JSON form (the key is left out), and errors, go through JSON.stringify.
     if (reply.v === 1 && "result" in reply && !("error" in reply)) {
       const r = reply.result;
       const own = ((typeof r === "object" && r !== null) || typeof r === "bigint") &&
@@ -1400,6 +1396,12 @@ export class Rpc {
    * @throws {RpcTimeoutError} no reply within the timeout.
    * @throws {DeliveryError} the request could not be handed to the transport or to anyone.
    * @throws {TypeError} a malformed address or message, at once.
+   * @example
+   * ```ts
+   * const rpc = new Rpc(transport);
+   * const sum = await rpc.call<number>(new RequestContext(), "calc", { method: "add", args: { a: 1, b: 2 } });
+   * await rpc.call(ctx, "compute.host1", { method: "reboot", args: { id } }, { timeout: 5 }); // that host's server
+   * ```
    */
   call<T = unknown>(ctx: RequestContext, address: string, msg: RpcMessage, opts: CallOptions = {}): Promise<T> {
     let topic: string;
@@ -1690,9 +1692,8 @@ export interface PeriodicTaskInfo {
   runImmediately: boolean;
 }
 
-// Keyed by the method function itself: Node 20 has no Symbol.metadata, and a WeakMap needs
-// neither metadata nor per-instance initialisers. Shared through the global symbol registry, so
-// a manager decorated with one copy of novalet (dist/mod.js, say) is run by another (the sources).
+// Keyed by the method (Node 20 has no Symbol.metadata); global, so that a manager decorated with
+// one copy of novalet (dist/, say) is run by another (the sources).
 const periodicRegistry: WeakMap<object, PeriodicTaskInfo> =
   ((globalThis as Record<symbol, unknown>)[Symbol.for("novalet.periodicTasks")] ??= new WeakMap()) as WeakMap<
     object,
@@ -1832,7 +1833,19 @@ interface TaskState {
 
 /**
  * Base class of managers. Its public methods (those a subclass declares) are the RPC API:
- * a message `{method, args}` runs `method(ctx, args)`.
+ * a message `{method, args}` runs `method(ctx, args)`; names starting with `_`, the lifecycle
+ * hooks and periodic tasks are not callable.
+ * @example
+ * ```ts
+ * class Compute extends Manager {
+ *   override rpcApiVersion = "1.2";
+ *   async reboot(ctx: RequestContext, { id }: { id: string }) {
+ *     return { id, by: ctx.userId, on: this.host };
+ *   }
+ *   @periodicTask({ spacing: 60 })
+ *   async audit(_ctx: RequestContext) {}
+ * }
+ * ```
  */
 export class Manager {
   /** The host this manager serves, set before `initHost()`. */
@@ -2617,6 +2630,11 @@ export function defaultFlags(): Flags {
  * `--nodebug`) over `NOVALET_REPORT_INTERVAL`-style variables of `env`, over the defaults.
  * `--TOPIC_manager=./path.ts#Class` names the manager of a topic.
  * @throws {RangeError} for a bad value; {TypeError} for an unknown flag or a stray argument.
+ * @example
+ * ```ts
+ * const flags = parseFlags(["--report_interval=5", "--transport_url", "mqtt://broker:1883"], process.env);
+ * flags.reportInterval; // 5 (NOVALET_REPORT_INTERVAL=7 in env would lose to the flag)
+ * ```
  */
 export function parseFlags(argv: readonly string[] = [], env: Record<string, string | undefined> = {}): Flags {
   const flags = defaultFlags();
@@ -2685,6 +2703,8 @@ export interface ServiceOptions {
   transport?: Transport;
   /** Default: opened from `flags.registryUrl` and closed by `stop()`. A registry passed in is never closed. */
   registry?: Registry;
+  /** What opens the transport and registry from their URLs. Default: the one open.ts installs. */
+  opener?: Opener;
   /** Default: `parseFlags([], process.env)`, i.e. the defaults and `NOVALET_*` variables. */
   flags?: Flags;
   /** Topic prefix. Default `flags.prefix` (`novalet`). */
@@ -2810,7 +2830,16 @@ export class Service {
     this.#registry = opts.registry;
   }
 
-  /** Build a service; nothing runs until `start()`. */
+  /**
+   * Build a service; nothing runs until `start()`. What `opts` leaves out comes from the flags.
+   * @throws {TypeError} a bad host, binary or topic, or no manager; {RangeError} a bad duration.
+   * @example
+   * ```ts
+   * const svc = Service.create({ topic: "compute", manager: Compute, flags: parseFlags(process.argv.slice(2)) });
+   * await svc.start(); // register, consume compute, compute.HOST and the fanout; heartbeat every 10 s
+   * await svc.stop(); // in-flight calls finish first
+   * ```
+   */
   static create(opts: ServiceOptions): Service {
     return new Service(opts);
   }
@@ -2877,14 +2906,16 @@ export class Service {
     this.#manager = manager;
     if (!this.#transport) {
       // A persistent session must be found again by the next run of this service: a stable id.
-      this.#transport = await theOpener("a transport").openTransport(this.flags.transportUrl, {
+      this.#transport = await (this.#opts.opener ?? theOpener("a transport")).openTransport(this.flags.transportUrl, {
         logger: this.logger,
         sessionClientId: `novalet-${this.binary}-${this.host}`,
       });
       this.#owned.push(this.#transport);
     }
     if (!this.#registry) {
-      this.#registry = await theOpener("a registry").openRegistry(this.flags.registryUrl, { logger: this.logger });
+      this.#registry = await (this.#opts.opener ?? theOpener("a registry")).openRegistry(this.flags.registryUrl, {
+        logger: this.logger,
+      });
       this.#owned.push(this.#registry);
     }
     await this.#register();
@@ -3055,6 +3086,11 @@ export interface ServeOptions {
  * Start every service, then wait for SIGTERM or SIGINT: stop them gracefully (in-flight calls
  * finish, each service bounded by its graceful timeout) and exit 0, or 1 when work was cut off.
  * A second signal exits at once (130).
+ * @example
+ * ```ts
+ * const flags = parseFlags(process.argv.slice(2), process.env);
+ * await serve(Service.create({ topic: "compute", manager: Compute, flags }));
+ * ```
  */
 export async function serve(...args: (Service | ServeOptions)[]): Promise<Launcher> {
   const services = args.filter((a): a is Service => a instanceof Service);
@@ -3108,17 +3144,9 @@ export async function serve(...args: (Service | ServeOptions)[]): Promise<Launch
 // ---------------------------------------------------------------------------------------------
 
 /**
- * One of Node's tick objects, kept alive for the life of the process.
- *
- * Node's `process.nextTick()` queues each tick as an object literal with symbol keys. V8 takes
- * the map (hidden class) of such a literal from a cache that holds it weakly: a full GC while no
- * tick object is alive drops it, and the next tick starts a new tree of maps. After ten or so
- * such GCs early in a process's life (loading and starting sql.js and kysely does them), the
- * inline caches in nextTick() have seen too many maps, go megamorphic, and every tick from then
- * on takes V8's slow path: on Node 20, ~110 ns per tick became ~700 ns, for good. mqtt.js, its
- * packet writer and Node's streams take several ticks per message: it was ~5% of the CPU of a
- * novalet MQTT server answering one call at a time. With one tick object alive, its map is never
- * dropped and every tick gets it. (A no-op where the runtime calls no init hook for ticks.)
+ * One of Node's tick objects, kept alive: V8 caches the hidden class of tick objects weakly, and
+ * after a few full GCs without one alive nextTick() goes megamorphic for good (mqtt.js and Node's
+ * streams tick several times a message). A no-op where the runtime reports no tick objects.
  */
 const keptTick = catchTickObject();
 
@@ -3165,18 +3193,10 @@ interface Outgoing {
 }
 
 /**
- * Batches what is published to one topic in one turn of the event loop into one message, when
- * the codec frames batches. Under load (many calls in flight) one broker message then carries
- * many requests or replies: the per-message work of the broker, the client library and QoS 1
- * acknowledgements is shared. A lone message leaves as it is, so nothing waits for company.
- *
- * While traffic is quiet (the last three turns that sent anything sent one message each, and the
- * transport has answered everything sent) a message leaves at once instead of at the end of its
- * turn: a device calling now and then gains nothing from the wait. A second message in the same
- * turn finds the first unanswered and waits for company, and batching goes on until three turns
- * in a row send one message. (With one such turn instead of three, traffic under load that
- * alternates lone and busy turns lost its batches: A/B at c=64, QoS 0, -4% calls/s; with three,
- * no difference.)
+ * Batches what is published to one topic in one turn of the event loop into one message (when the
+ * codec frames batches): under load the broker's, the client library's and QoS 1's work per
+ * message is shared. A lone message leaves as it is. While traffic is quiet (three turns in a row
+ * sent one message each, nothing unanswered) a message leaves at once instead of at turn's end.
  */
 class Outbox {
   #transport: Transport;
@@ -3308,10 +3328,8 @@ interface Queue {
 const ID_CLIENT_LENGTH = 24;
 
 /**
- * Message ids: UUIDs of version 8 (RFC 9562, "custom") made of 74 random bits per client and a
- * 48-bit counter. Unique across clients as random UUIDs are, in order within one client (easy
- * to follow in logs), and several times cheaper than `crypto.randomUUID()`, which was 7% of an
- * in-process call.
+ * Message ids: UUIDv8 (RFC 9562) of 74 random bits per client and a 48-bit counter: unique as
+ * random UUIDs, in order within a client, far cheaper than `crypto.randomUUID()` per message.
  */
 class MessageIds {
   #prefix = "";
@@ -3376,15 +3394,9 @@ function slotKey(id: string): number {
 }
 
 /**
- * The calls waiting for replies, by id: a hash table of open addressing in a plain array,
- * keyed by the counter in the id (consecutive calls take consecutive slots), with linear
- * probing and backward-shift deletion, so that a slot is emptied the moment its call is settled.
- *
- * Why not a Map: a Map rehashes into a new table every few dozen calls when calls come and go,
- * and V8 leaves the old table pointing to the new one (for iterators). Once one such table was
- * promoted to the old generation, every later table and the calls in it stayed alive through
- * young-generation GCs until the next full GC: at 64 calls in flight in-process, ~1.8 MB
- * promoted per scavenge and a full GC every ~20 of them, a third less throughput from then on.
+ * The calls waiting for replies: open addressing in an array, keyed by the id's counter, with
+ * backward-shift deletion. Not a Map: a Map's discarded tables point to their successors, so one
+ * promoted table kept every later call alive through scavenges (see bench/README.md).
  */
 class PendingCalls {
   #slots: (Pending | undefined)[] = new Array(16).fill(undefined);
@@ -3470,11 +3482,9 @@ interface TimeoutList {
 }
 
 /**
- * Timeouts of calls (and of casts' hand-over) without a Node timer each: entries of one length
- * expire in the order they were added, so each length is a FIFO list with one timer for its
- * head, and a reply removes its entry in O(1). (A setTimeout + clearTimeout per call was ~6% of
- * an in-process call.) While an entry waits, a timer is armed: a pending call keeps the process
- * alive until its timeout, as a timer per call would.
+ * Timeouts without a timer each: entries of one length expire in the order added, so each length
+ * is a FIFO list with one timer for its head, and removing an entry is O(1). While an entry waits
+ * the timer is referenced: a pending call keeps the process alive, as a timer of its own would.
  */
 class Timeouts {
   #lists = new Map<number, TimeoutList>();
@@ -3489,9 +3499,7 @@ class Timeouts {
     if (list.tail) list.tail.next = e;
     else {
       list.head = e;
-      // An idle list keeps its timer, unreferenced: one call at a time does not arm one each.
-      // It fires no later than this entry's time (it was armed for an older entry of the same
-      // length) and re-arms for the head then.
+      // An idle list keeps its (unreferenced) timer: armed for an older entry, it fires in time.
       list.timer?.ref();
     }
     list.tail = e;
@@ -3625,12 +3633,8 @@ function contextToJson(ctx: RequestContextJSON | Record<string, unknown> | Reque
   return json;
 }
 
-/**
- * The context as a request carries it: fields at their defaults (no user, no project, not admin,
- * no roles) are left out, since RequestContext.from() gives them back. An anonymous context is
- * then ~80 bytes instead of ~170, which every server parses with each request. A subclass
- * travels as its toJSON() says.
- */
+/** The context as a request carries it: fields at their defaults are left out (from() gives them
+ * back), half the bytes of an anonymous context. A subclass travels as its toJSON() says. */
 function wireContext(ctx: RequestContext): unknown {
   const json = ctx.toJSON();
   if (ctx.constructor !== RequestContext) return json;
@@ -3716,11 +3720,9 @@ function fingerprint(bytes: Uint8Array): number {
 }
 
 /**
- * The ids of one client that makes novalet's message ids (see MessageIds), in a window indexed
- * by counter: slot `counter & mask` holds the counter, the fingerprint of its message and the
- * time until which it is kept. A client's counters come in order, so its slots are visited in
- * order too: no hashing, no allocation, and few cache misses however many ids are kept (one Map
- * of all ids costs a cache miss per request once it outgrows the cache: see bench/README.md).
+ * The ids of one client of novalet's id form, indexed by counter: slot `counter & mask` holds the
+ * counter, its message's fingerprint and until when it is kept. Counters come in order, so slots
+ * are visited in order: no hashing, no allocation, few cache misses (one Map of all ids was not).
  */
 class ClientWindow {
   counters: Float64Array;
@@ -3754,19 +3756,12 @@ class ClientWindow {
 }
 
 /**
- * The request ids a dispatcher took, to drop a redelivered duplicate: add() is false for an id
- * seen before *in a message with the same bytes* (a redelivery carries the very same message).
- * So nobody who learns or guesses a client's next ids can have its real calls dropped by
- * sending other messages under them first: those run as what they are, and so do the real ones.
- *
- * An id is kept until its request's deadline (an id is live while `until >= now`, as a request
- * is). Ids of novalet's form are kept per client, in a window that grows as needed (see
- * ClientWindow), at most `maxSlots` for one client and `max` for all windows together: past that
- * a window forgets its own oldest ids. A window goes once all its ids expired; while the windows
- * have no room for a new client, its ids are kept with the others. Those (other forms, and new
- * clients in a flood) are kept apart, oldest first, at most `max` of them. So a flood of junk
- * ids, of any form, never pushes out the ids of a client that has a window, and pushes out other
- * ids only by bringing more than `max` within a deadline.
+ * The request ids a dispatcher took, to drop a redelivery: add() is false for an id seen before
+ * *in a message with the same bytes*, so someone who guesses a client's next ids cannot have its
+ * real calls dropped. An id is kept until its request's deadline: novalet-form ids per client
+ * (ClientWindow; at most `maxSlots` each, `max` in all, a window forgetting its own oldest past
+ * that), others as strings, oldest first, at most `max`. A flood of junk ids, of any form, never
+ * pushes out the ids of a client that has a window.
  */
 class RecentIds {
   /** In the order they were made: the head is the first to check for expiry. */

@@ -30,6 +30,7 @@ import {
 
 /** A scheme that opens a transport. */
 export interface TransportScheme {
+  /** What the scheme opens. */
   kind: "transport";
   /** How the scheme is written in messages, e.g. `mqtt://`. */
   example: string;
@@ -41,6 +42,7 @@ export interface TransportScheme {
 
 /** A scheme that opens a registry. */
 export interface RegistryScheme {
+  /** What the scheme opens. */
   kind: "registry";
   /** How the scheme is written in messages, e.g. `sqljs:`. */
   example: string;

@@ -83,11 +83,13 @@ describe("layout: the core and its plug-ins", () => {
     assert.equal(findCycle(new Map([["a", ["b"]], ["b", ["c"]], ["c", ["a"]]])), "a → b → c → a");
   });
 
-  it("the core alone opens nothing from a URL and says how to get the opener", async () => {
+  it("the core alone opens nothing from a URL, says how to get the opener, and uses one passed in", async () => {
     const [cmd, ...args] = childCommand(join(root, "tests/fixtures/core_alone.ts"));
     const out = await new Promise<string>((resolve, reject) =>
       execFile(cmd!, args, { cwd: root }, (e, o, err) => e ? reject(new Error(`${e.message}\n${err}`)) : resolve(o))
     );
-    assert.match(out, /^TypeError: Cannot open a transport: no opener is installed; import novalet's package entry/);
+    const [first, second] = out.trim().split("\n");
+    assert.match(first!, /^TypeError: Cannot open a transport: no opener is installed; import novalet's package entry/);
+    assert.deepEqual(JSON.parse(second!), { opened: ["memory://", "sqljs::memory:"], answer: "pong" });
   });
 });
