@@ -743,7 +743,6 @@ function contextString(name: string, v: unknown, nullable: boolean): string | un
 // The running handler's context, so its log lines carry the request id (oslo.log's thread-local).
 // Only async handlers get an AsyncLocalStorage scope: its promise hooks slow every await.
 const requestScope = new AsyncLocalStorage<RequestContext>();
-
 let syncScope: RequestContext | undefined;
 
 /** Call `self.fn(ctx, args)` with `ctx` as the current context. */
@@ -983,13 +982,9 @@ export class Topics {
 // ---------------------------------------------------------------------------------------------
 
 const METHOD_NAME = /^[A-Za-z_$][\w$]{0,127}$/;
-
 const VERSION = /^\d{1,9}\.\d{1,9}$/;
-
 const MAX_ID = 128;
-
 const MAX_REPLY_TO = 1024;
-
 const decoder = new TextDecoder("utf-8", { fatal: true });
 
 // Buffer.from(string) writes into a pooled slab: ~5x cheaper than TextEncoder for small messages.
@@ -1250,7 +1245,6 @@ function printable(v: unknown): string {
 }
 
 const RESOLVED = Promise.resolve();
-
 const EMPTY_BYTES = new Uint8Array(0);
 
 // ---------------------------------------------------------------------------------------------
@@ -3665,9 +3659,7 @@ function jsonNumber(n: number): string {
 }
 
 const OPEN = utf8("[");
-
 const COMMA = utf8(",");
-
 const CLOSE = utf8("]");
 
 /** Whether JSON text nests deeper than MAX_JSON_DEPTH (brackets inside strings do not count). */
