@@ -13,6 +13,7 @@ import {
   type Flags,
   isUp,
   loadManager,
+  NovaletError,
   openRegistry,
   openTransport,
   parseFlags,
@@ -90,7 +91,7 @@ function version(): string {
       if (pkg.name === "novalet" && typeof pkg.version === "string") return pkg.version;
     } catch { /* not there: the next place */ }
   }
-  throw new Error(`Cannot read the version: no package.json of novalet next to ${import.meta.url}`);
+  throw new NovaletError(`Cannot read the version: no package.json of novalet next to ${import.meta.url}`);
 }
 
 /** Take the named CLI options (`--json`, `--reason=x`) out of argv; the rest are flags. */
@@ -282,7 +283,11 @@ async function serveCommand(argv: string[]): Promise<number> {
   return await launcher.done;
 }
 
-/** Run the CLI with `argv` (without the program name); resolves with the exit status. */
+/**
+ * Run the CLI with `argv` (without the program name). Resolves with the exit status: 0 done,
+ * 1 the operation failed, 2 bad arguments (the message, on stderr, names the `--help` to read).
+ * Never rejects: errors are printed. `serve` resolves only once its services have stopped.
+ */
 export async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   try {

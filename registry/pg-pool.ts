@@ -1,14 +1,14 @@
 /**
  * A `pg` pool as kysely's PostgresDialect wants it, made safe against lost and half-open
- * connections: every query has a time limit, a client whose query ran out of time is destroyed
- * instead of going back to the pool, client errors never reach the process as uncaught
+ * connections: every checkout of a connection has a time limit, a client that ran out of time is
+ * destroyed instead of going back to the pool, client errors never reach the process as uncaught
  * exceptions, and `end()` finishes in bounded time.
  *
  * @module
  */
 
 import type { PostgresCursor, PostgresPool, PostgresPoolClient, PostgresQueryResult } from "kysely";
-import { RegistryTimeoutError } from "../mod.ts";
+import { RegistryTimeoutError, TIMED_OUT, within } from "../mod.ts";
 
 /** The part of a `pg` client used here; typed locally so pg's types stay out of novalet's. */
 interface PgClient {
@@ -19,7 +19,7 @@ interface PgClient {
   connection?: { stream?: { destroy(): void } };
 }
 
-/** The part of a `pg` Pool used here. */
+/** The part of a `pg` Pool used here; `pg.Pool` fits it. */
 export interface PgPool {
   connect(): Promise<PgClient>;
   end(): Promise<void>;
@@ -29,31 +29,35 @@ export interface PgPool {
 
 const settles = (p: Promise<unknown>): Promise<void> => p.then(() => {}, () => {});
 
-/** Resolves true when `p` settles within `ms`, false otherwise. */
-async function settlesWithin(ms: number, p: Promise<unknown>): Promise<boolean> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const late = new Promise<false>((resolve) => timer = setTimeout(() => resolve(false), ms));
-  try {
-    return await Promise.race([settles(p).then(() => true as const), late]);
-  } finally {
-    clearTimeout(timer);
-  }
+/** Options of {@link GuardedPool}. */
+export interface GuardedPoolOptions {
+  /**
+   * The time limit of one checkout of a connection, in ms: every query made on it must be
+   * answered before that much time has passed since the checkout. A registry operation checks
+   * out one connection, so this is the limit of one operation.
+   */
+  limitMs: number;
 }
 
-/** The {@link PostgresPool} kysely is given; `name` (a redacted URL) is for messages. */
+/**
+ * The {@link PostgresPool} kysely is given. PostgreSQL operations are time-limited here and
+ * nowhere else: only this layer knows which connection hung, and that connection must be
+ * destroyed rather than reused.
+ */
 export class GuardedPool implements PostgresPool {
   readonly #pool: PgPool;
   readonly #limitMs: number;
-  readonly #name: string;
   /** Connected clients, until their connection ends, with a promise of that end. */
   readonly #clients = new Map<PgClient, Promise<void>>();
   /** The clients kysely holds now. */
   readonly #lent = new Set<PgClient>();
+  /** Idle clients destroyed by {@link dropIdle}: pg-pool hands them out until their end event. */
+  readonly #dropped = new WeakSet<PgClient>();
 
-  constructor(pool: PgPool, opts: { limitMs: number; name: string }) {
+  /** Wraps `pool`, which it then owns: `end()` ends it. */
+  constructor(pool: PgPool, opts: GuardedPoolOptions) {
     this.#pool = pool;
     this.#limitMs = opts.limitMs;
-    this.#name = opts.name;
     // An idle client that loses its server: pg-pool has removed it already.
     pool.on("error", () => {});
     pool.on("connect", (client) => {
@@ -65,22 +69,24 @@ export class GuardedPool implements PostgresPool {
     });
   }
 
+  /**
+   * Check out a connection; its time limit starts now. Rejects with pg's error when none can be
+   * opened within the time limit (pg's `connectionTimeoutMillis` bounds the handshake).
+   */
   async connect(): Promise<PostgresPoolClient> {
-    const client = await this.#pool.connect();
+    let client = await this.#pool.connect();
+    while (this.#dropped.has(client)) {
+      client.release(true); // removed from the pool for good
+      client = await this.#pool.connect();
+    }
     this.#lent.add(client);
-    return new GuardedClient(this, client);
-  }
-
-  /** @internal The time limit of one query, in ms. */
-  get limitMs(): number {
-    return this.#limitMs;
+    return new GuardedClient(this, client, performance.now() + this.#limitMs);
   }
 
   /** @internal */
   timeoutError(): RegistryTimeoutError {
     return new RegistryTimeoutError(
-      `Registry ${JSON.stringify(this.#name)}: a query got no answer within ${this.#limitMs / 1000} s; ` +
-        "its connection is closed",
+      `An operation got no answer within ${this.#limitMs / 1000} s; its connection is closed`,
     );
   }
 
@@ -95,17 +101,24 @@ export class GuardedPool implements PostgresPool {
    * too, so they go, and the next operation opens a fresh one instead of hanging on a stale one.
    */
   dropIdle(): void {
-    for (const client of this.#clients.keys()) if (!this.#lent.has(client)) destroy(client);
+    for (const client of this.#clients.keys()) {
+      if (this.#lent.has(client)) continue;
+      this.#dropped.add(client);
+      destroy(client);
+    }
   }
 
-  /** End the pool; past the time limit, destroy what is still connected and return. */
+  /**
+   * End the pool. Past the time limit, destroy what is still connected and return (after at most
+   * one more second): a hung connection cannot hold `close()`. Rejects only with pg's own error.
+   */
   async end(): Promise<void> {
     const ended = this.#pool.end();
-    const done = Promise.all([ended, ...this.#clients.values()]);
-    if (await settlesWithin(this.#limitMs, done)) return await ended;
+    const done = settles(Promise.all([ended, ...this.#clients.values()]));
+    if (await within(done, this.#limitMs / 1000) !== TIMED_OUT) return await ended;
     for (const client of this.#clients.keys()) destroy(client);
     // Destroyed connections reject their queries at once and kysely releases their clients.
-    await settlesWithin(1000, done);
+    await within(done, 1);
   }
 }
 
@@ -113,14 +126,17 @@ function destroy(client: PgClient): void {
   client.connection?.stream?.destroy();
 }
 
+/** One checkout of a pooled client, answering every query by `deadline` (performance.now() ms). */
 class GuardedClient implements PostgresPoolClient {
   readonly #pool: GuardedPool;
   readonly #client: PgClient;
+  readonly #deadline: number;
   #timedOut?: RegistryTimeoutError;
 
-  constructor(pool: GuardedPool, client: PgClient) {
+  constructor(pool: GuardedPool, client: PgClient, deadline: number) {
     this.#pool = pool;
     this.#client = client;
+    this.#deadline = deadline;
   }
 
   query<R>(sql: string, parameters: ReadonlyArray<unknown>): Promise<PostgresQueryResult<R>>;
@@ -137,20 +153,12 @@ class GuardedClient implements PostgresPoolClient {
   async #query<R>(sql: string, parameters: ReadonlyArray<unknown>): Promise<PostgresQueryResult<R>> {
     if (this.#timedOut) throw this.#timedOut;
     const running = this.#client.query(sql, parameters as unknown[]) as unknown as Promise<PostgresQueryResult<R>>;
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const late = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => {
-        this.#timedOut = this.#pool.timeoutError();
-        this.#pool.dropIdle();
-        reject(this.#timedOut);
-      }, this.#pool.limitMs);
-    });
-    try {
-      return await Promise.race([running, late]);
-    } finally {
-      clearTimeout(timer);
-      running.catch(() => {}); // settles when the connection is destroyed, after we have answered
-    }
+    // A late answer or rejection (the connection is destroyed on release) is left to settle alone.
+    const r = await within(running, Math.max(0, this.#deadline - performance.now()) / 1000);
+    if (r !== TIMED_OUT) return r;
+    this.#timedOut = this.#pool.timeoutError();
+    this.#pool.dropIdle();
+    throw this.#timedOut;
   }
 
   release(destroy?: boolean): void {

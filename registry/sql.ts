@@ -14,7 +14,6 @@
  */
 
 import {
-  type Generated,
   Kysely,
   type Migration,
   type MigrationProvider,
@@ -27,6 +26,7 @@ import {
 import {
   ClosedError,
   NotFound,
+  NovaletError,
   quote,
   redactUrl,
   type Registry,
@@ -37,33 +37,58 @@ import { GuardedPool } from "./pg-pool.ts";
 import { type SqlJsDatabaseLike, SqlJsDialect } from "./sqljs-dialect.ts";
 import { SqlJsFile } from "./sqljs-file.ts";
 
-// Kept for imports from here; the class lives with the other errors in mod.ts.
-export { RegistryTimeoutError };
+// Kept for imports from here; the classes live with the other errors and contracts in mod.ts.
+export { NovaletError, RegistryTimeoutError };
+export type { Registry, ServiceRecord };
 
 /** The default time limit of one PostgreSQL registry operation, in seconds. */
 export const DEFAULT_QUERY_TIMEOUT = 10;
 
+/**
+ * A column the database fills in on insert: read as `T`, optional on insert. The same type as
+ * kysely's `Generated`, spelled out so that the schema's documentation is complete here.
+ */
+export type Generated<T> = {
+  readonly __select__: T;
+  readonly __insert__: T | undefined;
+  readonly __update__: T;
+};
+
 /** The `services` table as stored. Booleans are 0/1 integers and times ISO strings (sql.js) or
  * timestamptz (PostgreSQL), so one set of queries serves both. */
 export interface ServicesTable {
+  /** The service's id, given by the database on insert. */
   id: Generated<number>;
+  /** The host the service runs on. */
   host: string;
+  /** The program, e.g. `nova-compute`; one row per (host, binary). */
   binary: string;
+  /** The RPC topic the service consumes. */
   topic: string;
+  /** Heartbeats so far. */
   report_count: Generated<number>;
+  /** 1 when an admin disabled the service, else 0. */
   disabled: Generated<number>;
+  /** Why it was disabled; null when enabled or when no reason was given. */
   disabled_reason: string | null;
+  /** 1 when an admin forced the service down, else 0. */
   forced_down: Generated<number>;
+  /** The last heartbeat; null before the first one. */
   last_seen_up: string | Date | null;
+  /** When the row was created. */
   created_at: string | Date;
+  /** The last change of the row: a heartbeat or an admin edit. */
   updated_at: string | Date;
 }
 
+/** The registry's database as kysely sees it. */
 export interface Schema {
+  /** Nova's `services` table: one row per (host, binary). */
   services: ServicesTable;
 }
 
-type Flavour = "sqlite" | "postgres";
+/** The SQL the schema is created in: SQLite (sql.js) or PostgreSQL. */
+export type Flavour = "sqlite" | "postgres";
 
 /** The migrations, kept in code so that nothing has to be found on disk at run time. */
 function migrations(flavour: Flavour): Record<string, Migration> {
@@ -144,26 +169,29 @@ export interface SqlRegistryOptions {
   /** The registry's name in error messages (a URL without its password). Errors of the database
    * are wrapped, naming the registry and the operation, when it is given. */
   name?: string;
-  /** Time limit of one operation, in seconds; none when unset (an in-process database). */
-  timeout?: number;
 }
 
-/** The {@link Registry} over any kysely database of the {@link Schema}. */
+/**
+ * The {@link Registry} over any kysely database of the {@link Schema}. It sets no time limit of
+ * its own: the database's driver does (for PostgreSQL, {@link openSqlRegistry}'s pool).
+ */
 export class SqlRegistry implements Registry {
+  /** The kysely database, for queries the Registry interface does not offer. */
   readonly db: Kysely<Schema>;
   #onClose?: () => void | Promise<void>;
   #closed = false;
   #name?: string;
-  #timeout?: number;
 
   private constructor(db: Kysely<Schema>, opts: SqlRegistryOptions) {
     this.db = db;
     this.#onClose = opts.onClose;
     this.#name = opts.name;
-    this.#timeout = opts.timeout;
   }
 
-  /** Bring the schema up to date (kysely migrations) and return the registry. */
+  /**
+   * Bring the schema up to date (kysely migrations) and return the registry, which then owns `db`.
+   * @throws {NovaletError} naming the migration when the schema cannot be brought up to date.
+   */
   static async create(db: Kysely<Schema>, opts: SqlRegistryOptions): Promise<SqlRegistry> {
     const { error, results } = await new Migrator({
       db,
@@ -172,11 +200,9 @@ export class SqlRegistry implements Registry {
     }).migrateToLatest();
     if (error) {
       const failed = results?.find((r) => r.status === "Error")?.migrationName;
-      throw new Error(
+      throw new NovaletError(
         `Cannot migrate the registry schema${failed ? ` (${failed})` : ""}: ${(error as Error).message}`,
-        {
-          cause: error,
-        },
+        { cause: error },
       );
     }
     return new SqlRegistry(db, opts);
@@ -187,30 +213,28 @@ export class SqlRegistry implements Registry {
     return this.db;
   }
 
-  /** Run one operation within the time limit; database errors name the registry and `op`. */
+  /**
+   * Run one operation on one connection (so that a pool's time limit of a checkout is the
+   * operation's); database errors, timeouts included, name the registry and `op`.
+   */
   async #run<T>(op: string, work: (db: Kysely<Schema>) => Promise<T>): Promise<T> {
-    const running = work(this.#open());
+    const running = this.#open().connection().execute(work);
     if (this.#name === undefined) return await running;
-    const name = JSON.stringify(this.#name);
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const late = new Promise<never>((_, reject) => {
-      if (this.#timeout === undefined) return;
-      timer = setTimeout(
-        () => reject(new RegistryTimeoutError(`Registry ${name}: ${op} got no answer within ${this.#timeout} s`)),
-        this.#timeout * 1000,
-      );
-    });
     try {
-      return await Promise.race([running, late]);
+      return await running;
     } catch (e) {
-      running.catch(() => {}); // its connection is destroyed after the time limit; nobody waits
-      if (e instanceof RegistryTimeoutError || e instanceof NotFound || e instanceof ClosedError) throw e;
-      throw new Error(`Registry ${name}: ${op} failed: ${(e as Error)?.message ?? e}`, { cause: e });
-    } finally {
-      clearTimeout(timer);
+      const message = `Registry ${JSON.stringify(this.#name)}: ${op} failed: ${(e as Error)?.message ?? e}`;
+      if (e instanceof RegistryTimeoutError) throw new RegistryTimeoutError(message, { cause: e });
+      if (e instanceof NovaletError) throw e; // NotFound, ClosedError: already say what happened
+      throw new NovaletError(message, { cause: e });
     }
   }
 
+  /**
+   * Create the row of (host, binary), or return the existing one (its topic updated when it
+   * differs). Safe when several processes race.
+   * @throws {TypeError} for a field that is not a string of 1 to 255 characters.
+   */
   async register(s: { host: string; binary: string; topic: string }): Promise<ServiceRecord> {
     this.#open();
     const host = checkField("host", s?.host);
@@ -233,6 +257,10 @@ export class SqlRegistry implements Registry {
     });
   }
 
+  /**
+   * A heartbeat: add 1 to reportCount and set lastSeenUp to now.
+   * @throws {NotFound} when no service has that id (its row was deleted).
+   */
   async reportState(id: number): Promise<ServiceRecord> {
     this.#open();
     checkId(id);
@@ -246,6 +274,7 @@ export class SqlRegistry implements Registry {
     });
   }
 
+  /** The service of that id, or undefined when there is none. */
   async get(id: number): Promise<ServiceRecord | undefined> {
     this.#open();
     checkId(id);
@@ -255,12 +284,22 @@ export class SqlRegistry implements Registry {
     });
   }
 
+  /**
+   * The services matching every field given in `filter`, by id.
+   * @throws {TypeError} for a filter field that is not a string of 1 to 255 characters.
+   */
   async list(filter: { topic?: string; host?: string; binary?: string } = {}): Promise<ServiceRecord[]> {
-    let q = this.#open().selectFrom("services").selectAll();
-    if (filter.topic !== undefined) q = q.where("topic", "=", checkField("topic", filter.topic));
-    if (filter.host !== undefined) q = q.where("host", "=", checkField("host", filter.host));
-    if (filter.binary !== undefined) q = q.where("binary", "=", checkField("binary", filter.binary));
-    return await this.#run("list", async () => (await q.orderBy("id").execute()).map(toRecord));
+    this.#open();
+    const topic = filter.topic === undefined ? undefined : checkField("topic", filter.topic);
+    const host = filter.host === undefined ? undefined : checkField("host", filter.host);
+    const binary = filter.binary === undefined ? undefined : checkField("binary", filter.binary);
+    return await this.#run("list", async (db) => {
+      let q = db.selectFrom("services").selectAll();
+      if (topic !== undefined) q = q.where("topic", "=", topic);
+      if (host !== undefined) q = q.where("host", "=", host);
+      if (binary !== undefined) q = q.where("binary", "=", binary);
+      return (await q.orderBy("id").execute()).map(toRecord);
+    });
   }
 
   /** Admin edits touch updated_at, never last_seen_up: they cannot make a dead service look alive. */
@@ -276,6 +315,10 @@ export class SqlRegistry implements Registry {
     });
   }
 
+  /**
+   * Disable or enable a service; `reason` is kept while disabled. Never moves lastSeenUp.
+   * @throws {NotFound} when no service has that id.
+   */
   setDisabled(id: number, disabled: boolean, reason?: string): Promise<ServiceRecord> {
     if (typeof disabled !== "boolean") throw new TypeError(`Invalid disabled ${quote(disabled)}: must be a boolean`);
     if (reason !== undefined && (typeof reason !== "string" || reason.length > 255)) {
@@ -289,6 +332,10 @@ export class SqlRegistry implements Registry {
     );
   }
 
+  /**
+   * Mark a service down whatever its heartbeats say (false lifts it). Never moves lastSeenUp.
+   * @throws {NotFound} when no service has that id.
+   */
   setForcedDown(id: number, forcedDown: boolean): Promise<ServiceRecord> {
     if (typeof forcedDown !== "boolean") {
       throw new TypeError(`Invalid forcedDown ${quote(forcedDown)}: must be a boolean`);
@@ -296,6 +343,10 @@ export class SqlRegistry implements Registry {
     return this.#edit(id, { forced_down: forcedDown ? 1 : 0 }, "force down", "setForcedDown");
   }
 
+  /**
+   * Delete the service's row.
+   * @throws {NotFound} when no service has that id.
+   */
   async remove(id: number): Promise<void> {
     this.#open();
     checkId(id);
@@ -325,11 +376,12 @@ export class SqlRegistry implements Registry {
 export interface OpenRegistryOptions {
   /** PostgreSQL schema to use (created if missing); also `?schema=NAME` in the URL. */
   schema?: string;
-  /** PostgreSQL pool size. Default 10. */
+  /** PostgreSQL: the most connections open at once. Default 10. */
   poolSize?: number;
   /**
    * PostgreSQL: the time limit of one registry operation, and of opening a connection, in
    * seconds (default {@link DEFAULT_QUERY_TIMEOUT}); also `?query_timeout=SECONDS` in the URL.
+   * An operation past it rejects with {@link RegistryTimeoutError} and its connection is closed.
    */
   queryTimeout?: number;
 }
@@ -354,7 +406,10 @@ function loadSqlJs(): Promise<SqlJsStatic> {
 /**
  * Open a registry: `sqljs::memory:` (the default), `sqljs:PATH` (a file), or
  * `postgres://user:pass@host:port/db[?schema=NAME][&query_timeout=SECONDS]`.
- * @throws {TypeError} for a URL of another kind; Error naming the URL when it cannot be opened.
+ * @throws {TypeError} for a URL of another kind, or a bad option (schema, query_timeout).
+ * @throws {NovaletError} naming the URL or file when it cannot be opened: a file in use by
+ * another process (its lock), a corrupt file, an unreachable server, a failed migration.
+ * @throws {RegistryTimeoutError} when PostgreSQL did not answer within the time limit.
  */
 export async function openSqlRegistry(url = "sqljs::memory:", opts: OpenRegistryOptions = {}): Promise<SqlRegistry> {
   if (typeof url !== "string") throw new TypeError(`Invalid registry URL ${quote(url)}: not a string`);
@@ -384,9 +439,10 @@ async function openSqlJs(path?: string): Promise<SqlRegistry> {
     database.exec("select count(*) from sqlite_master");
   } catch (e) {
     file.release();
-    throw new Error(`Cannot open registry file "${file.path}": ${(e as Error).message}; the file was left as it is`, {
-      cause: e,
-    });
+    throw new NovaletError(
+      `Cannot open registry file "${file.path}": ${(e as Error).message}; the file was left as it is`,
+      { cause: e },
+    );
   }
   const db = new Kysely<Schema>({ dialect: new SqlJsDialect({ database, onCommit: (d) => file.save(d) }) });
   try {
@@ -428,15 +484,16 @@ async function openPostgres(url: string, opts: OpenRegistryOptions): Promise<Sql
     statement_timeout: limitMs,
     ...(schema ? { options: `-c search_path=${schema}` } : {}),
   });
-  const db = new Kysely<Schema>({ dialect: new PostgresDialect({ pool: new GuardedPool(pool, { limitMs, name }) }) });
+  const db = new Kysely<Schema>({ dialect: new PostgresDialect({ pool: new GuardedPool(pool, { limitMs }) }) });
   try {
     if (schema) await sql`create schema if not exists ${sql.id(schema)}`.execute(db);
     // The schema in use (the search_path's first) is named to kysely, so that migration tables
     // of another schema in the same database are never mistaken for ours.
     const current = schema ?? (await sql<{ s: string }>`select current_schema() as s`.execute(db)).rows[0]?.s;
-    return await SqlRegistry.create(db, { flavour: "postgres", schema: current, name, timeout });
+    return await SqlRegistry.create(db, { flavour: "postgres", schema: current, name });
   } catch (e) {
     await db.destroy().catch(() => {});
-    throw new Error(`Cannot open registry ${quote(redactUrl(url))}: ${(e as Error).message}`, { cause: e });
+    const Failure = e instanceof RegistryTimeoutError ? RegistryTimeoutError : NovaletError;
+    throw new Failure(`Cannot open registry ${quote(redactUrl(url))}: ${(e as Error).message}`, { cause: e });
   }
 }

@@ -32,6 +32,7 @@ export interface SqlJsDatabaseLike {
 
 /** Options of {@link SqlJsDialect}. */
 export interface SqlJsDialectConfig {
+  /** An open sql.js database; the dialect owns it and closes it when kysely is destroyed. */
   database: SqlJsDatabaseLike;
   /** Called after each committed change, with the database. Throwing fails that statement. */
   onCommit?: (db: SqlJsDatabaseLike) => void;
@@ -56,11 +57,16 @@ export class SqlJsDatabase implements SqliteDatabase {
   #onCommit?: (db: SqlJsDatabaseLike) => void;
   #inTransaction = false;
 
+  /** Wraps `config.database`. */
   constructor(config: SqlJsDialectConfig) {
     this.#db = config.database;
     this.#onCommit = config.onCommit;
   }
 
+  /**
+   * Compile `sql`. The statement is freed after one run (`all`, `run`, or `iterate` to its end);
+   * kysely prepares a fresh one per execution. Throws sql.js's error for invalid SQL.
+   */
   prepare(sql: string): SqliteStatement {
     const stmt = this.#db.prepare(sql);
     let reader: boolean;
@@ -109,6 +115,7 @@ export class SqlJsDatabase implements SqliteDatabase {
     }
   }
 
+  /** Close the sql.js database. */
   close(): void {
     this.#db.close();
   }
@@ -116,6 +123,7 @@ export class SqlJsDatabase implements SqliteDatabase {
 
 /** kysely's SQLite dialect running on sql.js. */
 export class SqlJsDialect extends SqliteDialect {
+  /** A dialect over `config.database`, calling `config.onCommit` after each committed change. */
   constructor(config: SqlJsDialectConfig) {
     super({ database: new SqlJsDatabase(config) });
   }

@@ -20,6 +20,7 @@ import {
 import { dirname, resolve } from "node:path";
 import { hostname } from "node:os";
 import process from "node:process";
+import { NovaletError } from "../mod.ts";
 import type { SqlJsDatabaseLike } from "./sqljs-dialect.ts";
 
 interface LockInfo {
@@ -39,7 +40,9 @@ function alive(pid: number): boolean {
 
 /** The lock and the atomic writes of one database file. */
 export class SqlJsFile {
+  /** The database file, as an absolute path. */
   readonly path: string;
+  /** The lock file beside it (`PATH.lock`), holding the holder's pid, host and start time. */
   readonly lockPath: string;
   #released = false;
 
@@ -49,8 +52,10 @@ export class SqlJsFile {
   }
 
   /**
-   * Take the file's lock and read its bytes (undefined for a new file).
-   * @throws {Error} naming the holder when another live process holds the lock.
+   * Take the file's lock and read its bytes (undefined for a new file). A lock left by a dead
+   * process on this host is taken over.
+   * @throws {NovaletError} naming the holder when a live process (this one included) holds the
+   * lock; naming the file when it cannot be locked or read.
    */
   static acquire(path: string): { file: SqlJsFile; bytes?: Uint8Array } {
     const file = new SqlJsFile(resolve(path));
@@ -60,7 +65,7 @@ export class SqlJsFile {
       return { file, bytes };
     } catch (e) {
       file.release();
-      throw new Error(`Cannot read registry file "${file.path}": ${(e as Error).message}`, { cause: e });
+      throw new NovaletError(`Cannot read registry file "${file.path}": ${(e as Error).message}`, { cause: e });
     }
   }
 
@@ -78,7 +83,7 @@ export class SqlJsFile {
         return;
       } catch (e) {
         if ((e as { code?: string }).code !== "EEXIST") {
-          throw new Error(`Cannot lock registry file "${this.path}": ${(e as Error).message}`, { cause: e });
+          throw new NovaletError(`Cannot lock registry file "${this.path}": ${(e as Error).message}`, { cause: e });
         }
       }
       let holder: LockInfo | undefined;
@@ -87,7 +92,7 @@ export class SqlJsFile {
       } catch { /* a lock being written right now, or garbage left by a crash mid-write */ }
       if (holder && (holder.host !== me.host || alive(holder.pid))) {
         const who = holder.pid === me.pid && holder.host === me.host ? "this process" : `process ${holder.pid}`;
-        throw new Error(
+        throw new NovaletError(
           `Registry file "${this.path}" is in use by ${who} on ${holder.host} since ${holder.since} ` +
             `(lock file "${this.lockPath}"); close it there first`,
         );
@@ -97,10 +102,13 @@ export class SqlJsFile {
         unlinkSync(this.lockPath);
       } catch { /* someone else took it over first; try again */ }
     }
-    throw new Error(`Cannot lock registry file "${this.path}": the lock file "${this.lockPath}" keeps changing`);
+    throw new NovaletError(`Cannot lock registry file "${this.path}": the lock file "${this.lockPath}" keeps changing`);
   }
 
-  /** Write the database atomically: a reader sees the old file or the new one, never a mix. */
+  /**
+   * Write the database atomically: a reader sees the old file or the new one, never a mix.
+   * Throws the file system's error (e.g. ENOSPC); the file then still holds the previous state.
+   */
   save(db: SqlJsDatabaseLike): void {
     const bytes = db.export();
     const tmp = `${this.path}.tmp-${process.pid}`;
