@@ -127,8 +127,14 @@ export class BadRequest extends NovaletError {
 /** A registry lookup named an id that has no row. */
 export class NotFound extends NovaletError {}
 
+/** The registry failed: it cannot be opened, its file is corrupt, a migration or an operation failed. */
+export class RegistryError extends NovaletError {}
+
 /** A registry operation got no answer within its time limit (a dead or half-open connection). */
-export class RegistryTimeoutError extends NovaletError {}
+export class RegistryTimeoutError extends RegistryError {}
+
+/** A `sqljs:` registry file is held by another live process (named in the message). */
+export class RegistryInUse extends RegistryError {}
 
 /** A command line the `novalet` command cannot use (exit status 2). */
 export class UsageError extends NovaletError {

@@ -9,7 +9,16 @@
  */
 
 import process from "node:process";
-import { isUp, Manager, openRegistry, parseFlags, periodicTask, queueGetFor, RequestContext, Service } from "../index.ts";
+import {
+  isUp,
+  Manager,
+  openRegistry,
+  parseFlags,
+  periodicTask,
+  queueGetFor,
+  RequestContext,
+  Service,
+} from "../index.ts";
 import { MemoryHub, MemoryTransport } from "../transports/memory.ts";
 
 const say = (who: string, what: string) => console.log(`[${who}] ${what}`);

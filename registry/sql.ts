@@ -30,6 +30,8 @@ import {
   quote,
   redactUrl,
   type Registry,
+  RegistryError,
+  RegistryInUse,
   RegistryTimeoutError,
   type ServiceRecord,
 } from "../mod.ts";
@@ -38,7 +40,7 @@ import { type SqlJsDatabaseLike, SqlJsDialect } from "./sqljs-dialect.ts";
 import { SqlJsFile } from "./sqljs-file.ts";
 
 // Kept for imports from here; the classes live with the other errors and contracts in mod.ts.
-export { NovaletError, RegistryTimeoutError };
+export { NovaletError, RegistryError, RegistryInUse, RegistryTimeoutError };
 export type { Registry, ServiceRecord };
 
 /** The default time limit of one PostgreSQL registry operation, in seconds. */
@@ -190,7 +192,7 @@ export class SqlRegistry implements Registry {
 
   /**
    * Bring the schema up to date (kysely migrations) and return the registry, which then owns `db`.
-   * @throws {NovaletError} naming the migration when the schema cannot be brought up to date.
+   * @throws {RegistryError} naming the migration when the schema cannot be brought up to date.
    */
   static async create(db: Kysely<Schema>, opts: SqlRegistryOptions): Promise<SqlRegistry> {
     const { error, results } = await new Migrator({
@@ -200,7 +202,7 @@ export class SqlRegistry implements Registry {
     }).migrateToLatest();
     if (error) {
       const failed = results?.find((r) => r.status === "Error")?.migrationName;
-      throw new NovaletError(
+      throw new RegistryError(
         `Cannot migrate the registry schema${failed ? ` (${failed})` : ""}: ${(error as Error).message}`,
         { cause: error },
       );
@@ -226,7 +228,7 @@ export class SqlRegistry implements Registry {
       const message = `Registry ${JSON.stringify(this.#name)}: ${op} failed: ${(e as Error)?.message ?? e}`;
       if (e instanceof RegistryTimeoutError) throw new RegistryTimeoutError(message, { cause: e });
       if (e instanceof NovaletError) throw e; // NotFound, ClosedError: already say what happened
-      throw new NovaletError(message, { cause: e });
+      throw new RegistryError(message, { cause: e });
     }
   }
 
@@ -407,8 +409,8 @@ function loadSqlJs(): Promise<SqlJsStatic> {
  * Open a registry: `sqljs::memory:` (the default), `sqljs:PATH` (a file), or
  * `postgres://user:pass@host:port/db[?schema=NAME][&query_timeout=SECONDS]`.
  * @throws {TypeError} for a URL of another kind, or a bad option (schema, query_timeout).
- * @throws {NovaletError} naming the URL or file when it cannot be opened: a file in use by
- * another process (its lock), a corrupt file, an unreachable server, a failed migration.
+ * @throws {RegistryError} naming the URL or file when it cannot be opened ({RegistryInUse}: a file in use by
+ * another process), a corrupt file, an unreachable server, a failed migration.
  * @throws {RegistryTimeoutError} when PostgreSQL did not answer within the time limit.
  */
 export async function openSqlRegistry(url = "sqljs::memory:", opts: OpenRegistryOptions = {}): Promise<SqlRegistry> {
@@ -439,7 +441,7 @@ async function openSqlJs(path?: string): Promise<SqlRegistry> {
     database.exec("select count(*) from sqlite_master");
   } catch (e) {
     file.release();
-    throw new NovaletError(
+    throw new RegistryError(
       `Cannot open registry file "${file.path}": ${(e as Error).message}; the file was left as it is`,
       { cause: e },
     );
@@ -493,7 +495,7 @@ async function openPostgres(url: string, opts: OpenRegistryOptions): Promise<Sql
     return await SqlRegistry.create(db, { flavour: "postgres", schema: current, name });
   } catch (e) {
     await db.destroy().catch(() => {});
-    const Failure = e instanceof RegistryTimeoutError ? RegistryTimeoutError : NovaletError;
+    const Failure = e instanceof RegistryTimeoutError ? RegistryTimeoutError : RegistryError;
     throw new Failure(`Cannot open registry ${quote(redactUrl(url))}: ${(e as Error).message}`, { cause: e });
   }
 }

@@ -20,7 +20,7 @@ import {
 import { dirname, resolve } from "node:path";
 import { hostname } from "node:os";
 import process from "node:process";
-import { NovaletError } from "../mod.ts";
+import { RegistryError, RegistryInUse } from "../mod.ts";
 import type { SqlJsDatabaseLike } from "./sqljs-dialect.ts";
 
 interface LockInfo {
@@ -54,7 +54,7 @@ export class SqlJsFile {
   /**
    * Take the file's lock and read its bytes (undefined for a new file). A lock left by a dead
    * process on this host is taken over.
-   * @throws {NovaletError} naming the holder when a live process (this one included) holds the
+   * @throws {RegistryInUse} naming the holder when a live process (this one included) holds the
    * lock; naming the file when it cannot be locked or read.
    */
   static acquire(path: string): { file: SqlJsFile; bytes?: Uint8Array } {
@@ -65,7 +65,7 @@ export class SqlJsFile {
       return { file, bytes };
     } catch (e) {
       file.release();
-      throw new NovaletError(`Cannot read registry file "${file.path}": ${(e as Error).message}`, { cause: e });
+      throw new RegistryError(`Cannot read registry file "${file.path}": ${(e as Error).message}`, { cause: e });
     }
   }
 
@@ -83,7 +83,7 @@ export class SqlJsFile {
         return;
       } catch (e) {
         if ((e as { code?: string }).code !== "EEXIST") {
-          throw new NovaletError(`Cannot lock registry file "${this.path}": ${(e as Error).message}`, { cause: e });
+          throw new RegistryError(`Cannot lock registry file "${this.path}": ${(e as Error).message}`, { cause: e });
         }
       }
       let holder: LockInfo | undefined;
@@ -92,7 +92,7 @@ export class SqlJsFile {
       } catch { /* a lock being written right now, or garbage left by a crash mid-write */ }
       if (holder && (holder.host !== me.host || alive(holder.pid))) {
         const who = holder.pid === me.pid && holder.host === me.host ? "this process" : `process ${holder.pid}`;
-        throw new NovaletError(
+        throw new RegistryInUse(
           `Registry file "${this.path}" is in use by ${who} on ${holder.host} since ${holder.since} ` +
             `(lock file "${this.lockPath}"); close it there first`,
         );
@@ -102,7 +102,9 @@ export class SqlJsFile {
         unlinkSync(this.lockPath);
       } catch { /* someone else took it over first; try again */ }
     }
-    throw new NovaletError(`Cannot lock registry file "${this.path}": the lock file "${this.lockPath}" keeps changing`);
+    throw new RegistryError(
+      `Cannot lock registry file "${this.path}": the lock file "${this.lockPath}" keeps changing`,
+    );
   }
 
   /**

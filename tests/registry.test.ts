@@ -6,7 +6,7 @@ import { join } from "node:path";
 import process from "node:process";
 import { sql } from "kysely";
 import pg from "pg";
-import { redactUrl } from "../index.ts";
+import { redactUrl, RegistryError, RegistryInUse } from "../index.ts";
 import { openSqlRegistry } from "../registry/sql.ts";
 import { registryConformance } from "./registry_conformance.ts";
 
@@ -115,6 +115,7 @@ describe("openSqlRegistry()", () => {
     const garbage = "this is not a SQLite database, but it is somebody's data".repeat(100);
     writeFileSync(path, garbage);
     await assert.rejects(openSqlRegistry(`sqljs:${path}`), (e: Error) => {
+      assert.ok(e instanceof RegistryError, `a RegistryError: ${e.name}`);
       assert.match(e.message, new RegExp(`Cannot open registry file ".*${path.split("/").pop()}"`));
       assert.match(e.message, /left as it is/);
       return true;
@@ -128,6 +129,7 @@ describe("openSqlRegistry()", () => {
     const first = await openSqlRegistry(`sqljs:${path}`);
     await first.register({ host: "h", binary: "b", topic: "t" });
     await assert.rejects(openSqlRegistry(`sqljs:${path}`), (e: Error) => {
+      assert.ok(e instanceof RegistryInUse && e instanceof RegistryError, `a RegistryInUse: ${e.name}`);
       assert.match(e.message, /is in use by this process/);
       assert.match(e.message, /\.lock/);
       return true;
