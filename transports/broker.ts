@@ -16,7 +16,9 @@ import type { MqttTransportOptions } from "./mqtt.ts";
 
 /** A running embedded broker. */
 export class EmbeddedBroker {
+  /** `mqtt://127.0.0.1:PORT`: where clients connect. */
   readonly url: string;
+  /** The port it listens on. */
   readonly port: number;
   #server: Server;
   #aedes: Aedes;
@@ -59,7 +61,7 @@ export class EmbeddedBroker {
         }
         : {},
     );
-    // noDelay: without it each QoS 1 round trip waits ~40 ms for a delayed ACK.
+    // noDelay: without it each QoS 1 round trip waits for a delayed ACK.
     const server = createServer({ noDelay: true }, aedes.handle);
     await new Promise<void>((resolve, reject) => {
       server.once("error", reject);

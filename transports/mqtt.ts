@@ -6,8 +6,8 @@
  * - Subscription identifiers (MQTT 5) only where filters on the connection overlap: there they
  *   tell which subscription a message is for; elsewhere the topic does, and a message carries
  *   no property for every broker and client to encode and parse.
- * - TCP_NODELAY on every (re)connection: without it a QoS 1 request/response costs ~88 ms on
- *   loopback (Nagle against delayed ACK). The broker needs it too (`set_tcp_nodelay true`).
+ * - TCP_NODELAY on every (re)connection: without it a QoS 1 request/response waits for Nagle
+ *   against delayed ACK. The broker needs it too (`set_tcp_nodelay true`).
  * - A message is acknowledged once a handler took it; with a persistent session a message that
  *   no handler takes is never acknowledged, so the broker delivers it again later.
  * - Reconnects with exponential backoff and subscribes again when the broker lost the session.
@@ -19,12 +19,12 @@ import { readFileSync } from "node:fs";
 import process from "node:process";
 import mqtt, { type IClientOptions, type IConnackPacket, type IPublishPacket, type MqttClient } from "mqtt";
 import {
-  ClosedError,
   DeliveryError,
   getLogger,
   type Logger,
   type MessageHandler,
   type MessageMeta,
+  promising,
   type PublishOptions,
   quote,
   redactUrl,
@@ -33,14 +33,30 @@ import {
   type Subscription,
   topicMatches,
   type Transport,
-  validateFilter,
-  validateTopic,
+  TransportGuard,
+  within,
 } from "../mod.ts";
+import {
+  checkInternals,
+  cork,
+  isDisconnecting,
+  noAck,
+  noDelay,
+  outgoing,
+  type PacketOut,
+  sendPacket,
+  sendPing,
+  setReconnectPeriod,
+  watchSends,
+} from "./mqtt-internals.ts";
+
+// Re-exported: the public signatures below use them.
+export type { Logger, MessageHandler, MqttClient, PublishOptions, SubscribeOptions, Subscription, Transport };
 
 const noop = (): void => {};
 const RESOLVED = Promise.resolve();
 /** Tells mqtt.js not to acknowledge a message: MqttTransport does, later (see #holdWrites). */
-const ACK_LATER = new Error("acknowledged by novalet at the end of the turn");
+const ACK_LATER = noAck("acknowledged by novalet at the end of the turn");
 
 /** Options of {@link MqttTransport.connect}. */
 export interface MqttTransportOptions {
@@ -48,11 +64,15 @@ export interface MqttTransportOptions {
   url?: string;
   /** Use this connected client instead of opening one (it is not closed by `close()`). */
   client?: MqttClient;
+  /** The user name, if the URL has none. */
   username?: string;
+  /** The password, if the URL has none. */
   password?: string;
-  /** TLS files (paths) for `mqtts://`. */
+  /** TLS: the CA certificate file (a path) for `mqtts://`. */
   ca?: string;
+  /** TLS: the client certificate file (a path). */
   cert?: string;
+  /** TLS: the client key file (a path). */
   key?: string;
   /** Default: `sessionClientId` for a persistent session, else `novalet-` and a random id. */
   clientId?: string;
@@ -75,9 +95,11 @@ export interface MqttTransportOptions {
   maxPayloadBytes?: number;
   /** Seconds to wait for the first connection. Default 10. */
   connectTimeout?: number;
-  /** Reconnect backoff in seconds: first wait, doubled up to the max. Default 0.5 and 30. */
+  /** Reconnect backoff in seconds: the first wait, doubled after each failure. Default 0.5. */
   reconnectMin?: number;
+  /** The longest wait between reconnect attempts, in seconds. Default 30. */
   reconnectMax?: number;
+  /** Where connection trouble and failed handlers are logged. Default: `getLogger()`. */
   logger?: Logger;
 }
 
@@ -193,31 +215,8 @@ function parseUrl(url: string): { url: string; opts: Partial<MqttTransportOption
   return { url: u.toString(), opts };
 }
 
-/** A packet on its way out through mqtt.js's (internal) `_sendPacket`. */
-interface PacketOut {
-  cmd: string;
-  topic?: string | Buffer;
-  payload?: unknown;
-  properties?: Record<string, unknown>;
-  messageId?: number;
-  reasonCode?: number;
-}
-/** `noStore` is true only when mqtt.js sends a stored QoS 1 packet again after a reconnect. */
-type SendPacket = (packet: PacketOut, cb?: unknown, cbStorePut?: unknown, noStore?: unknown) => void;
-/** The part of mqtt.js's client that has no public form: sending a packet as it is. */
-type Internals = { _sendPacket: SendPacket };
-
-/** mqtt.js's internals that the transport uses, checked once per client (tested with mqtt 5.16). */
-function internals(client: MqttClient): Internals {
-  const c = client as unknown as Internals;
-  if (typeof c._sendPacket !== "function") {
-    throw new Error("This version of mqtt.js has no MqttClient._sendPacket, which novalet's MQTT transport needs");
-  }
-  return c;
-}
-
-/** How long close() waits for the broker to confirm that the subscriptions are removed. */
-const CLOSE_UNSUBSCRIBE_MS = 5000;
+/** How long close() waits, in seconds, for the broker to confirm that the subscriptions are removed. */
+const CLOSE_UNSUBSCRIBE_S = 5;
 /** How long an unsubscribe waits, after the broker confirmed it, for what the broker had already
  * queued for the subscription (see #quiet); what comes later finds no handler. */
 const LEAVE_QUIET_MS = 3000;
@@ -253,7 +252,9 @@ function withHandlers(subs: BrokerSub[]): BrokerSub | BrokerSub[] | undefined {
 
 /** A {@link Transport} over an MQTT broker. */
 export class MqttTransport implements Transport {
+  /** The mqtt.js client: for events and diagnostics, not for publishing around the transport. */
   readonly client: MqttClient;
+  /** The MQTT client id of the connection (a persistent session is found by it). */
   readonly clientId: string;
   /** Whether the broker keeps our session (and our subscriptions) across disconnects. */
   readonly persistent: boolean;
@@ -268,15 +269,14 @@ export class MqttTransport implements Transport {
   /** QoS 1 messages no handler took, on a persistent session: not acknowledged (yet). */
   #held: IPublishPacket[] = [];
   #noSubscribers = new Set<number>();
-  #closed = false;
+  /** Closed, and topic, filter and group checks: the rules every transport shares. */
+  #guard = new TransportGuard();
   #warnedShared = false;
   #sharedAvailable = true;
   /** The stream corked by #holdWrites until the end of this turn. */
   #corked?: { uncork(): void };
   /** Message ids of this turn's QoS 1 messages, acknowledged when the turn's writes go out. */
   #acks: number[] = [];
-  /** The topic of the last publish, known to be valid. */
-  #lastTopic?: string;
   /** The payload being handed to mqtt.js now and its expiry in seconds (see #addExpiry). */
   #expiringPayload?: Buffer;
   #expirySeconds = 0;
@@ -292,6 +292,7 @@ export class MqttTransport implements Transport {
   #strikes = 0;
 
   private constructor(client: MqttClient, opts: MqttTransportOptions, owned: boolean) {
+    checkInternals(client);
     this.client = client;
     this.clientId = client.options.clientId ?? "";
     this.#owned = owned;
@@ -315,10 +316,10 @@ export class MqttTransport implements Transport {
       }
       if (this.persistent && packet.qos > 0) {
         // Closing: not held for a handler, but still not acknowledged: the session keeps it.
-        if (this.#closed) return callback(new Error("closing: left for the next connection"));
+        if (this.#guard.closed) return callback(noAck("closing: left for the next connection"));
         this.#log.debug(`Holding a message on ${packet.topic}: no handler takes it yet`, { topic: packet.topic });
         this.#held.push(packet);
-        return callback(new Error("held: no handler"));
+        return callback(noAck("held: no handler"));
       }
       this.#log.debug(`Dropped a message on ${packet.topic}: no handler`, { topic: packet.topic });
       callback();
@@ -329,23 +330,17 @@ export class MqttTransport implements Transport {
     });
     client.on("connect", (connack) => this.#onConnect(connack));
     // Message expiry goes onto the packet here, not through publish()'s options: mqtt.js spreads
-    // those over its defaults, and on Node 20 (V8 11) an object spread followed by a key that the
-    // defaults lack makes a new hidden class every time (checked with %HaveSameMap: never the
-    // same). That was ~1 µs per publish alone, and the hidden classes made the publish path's
-    // inline caches megamorphic: A/B, 24-28 µs less client CPU per QoS 1 call without it.
-    const internal = internals(client);
-    const send = internal._sendPacket;
-    internal._sendPacket = (packet, cb, cbStorePut, noStore) => {
-      if (packet.cmd === "publish") {
-        if (this.#expiringPayload !== undefined || this.#laterExpiry.size > 0) this.#addExpiry(packet);
-        // mqtt.js re-sends its stored messages one at a time, each after the previous PUBACK.
-        if (noStore === true) {
-          this.#resent = packet;
-          this.#resentAt = Date.now();
-        }
+    // those over its defaults, and on Node 20 an object spread followed by a key that the
+    // defaults lack makes a new hidden class every time, which makes the publish path slow.
+    watchSends(client, (packet, resent) => {
+      if (packet.cmd !== "publish") return;
+      if (this.#expiringPayload !== undefined || this.#laterExpiry.size > 0) this.#addExpiry(packet);
+      // mqtt.js re-sends its stored messages one at a time, each after the previous PUBACK.
+      if (resent) {
+        this.#resent = packet;
+        this.#resentAt = Date.now();
       }
-      return send.call(client, packet, cb, cbStorePut, noStore);
-    };
+    });
     client.on("disconnect", (p) => void (this.#closeReason = p.reasonCode));
     client.on("close", () => this.#onClose());
   }
@@ -357,7 +352,7 @@ export class MqttTransport implements Transport {
   static async connect(options: MqttTransportOptions): Promise<MqttTransport> {
     if (options.client) {
       const t = new MqttTransport(options.client, options, false);
-      if (options.client.connected) t.#noDelay();
+      if (options.client.connected) noDelay(options.client);
       return t;
     }
     if (!options.url) throw new TypeError("MqttTransport.connect() needs a url or a client");
@@ -386,8 +381,8 @@ export class MqttTransport implements Transport {
       connectTimeout: (opts.connectTimeout ?? 10) * 1000,
       resubscribe: false, // we subscribe again ourselves, with our subscription identifiers
       queueQoSZero: false, // a QoS 0 publish while offline fails instead of claiming success
-      // mqtt-packet otherwise makes 65,536 two-byte Buffers for packet ids up front: ~11 MB of
-      // heap in every process, to save one small allocation per QoS 1 packet.
+      // mqtt-packet otherwise makes a two-byte Buffer for every packet id up front (megabytes of
+      // heap in every process), to save one small allocation per QoS 1 packet.
       writeCache: false,
       username: opts.username,
       password: opts.password,
@@ -395,18 +390,24 @@ export class MqttTransport implements Transport {
       cert: opts.cert ? readFileSync(opts.cert) : undefined,
       key: opts.key ? readFileSync(opts.key) : undefined,
       properties: protocolVersion === 5 && sessionExpiry > 0 ? { sessionExpiryInterval: sessionExpiry } : undefined,
-      // mqtt.js logs through `debug` ~8 times per message; even switched off that is ~3% of a
-      // busy client. A no-op unless DEBUG asks for mqtt.js's log.
+      // mqtt.js logs through `debug` several times per message, which costs even switched off.
+      // A no-op unless DEBUG asks for mqtt.js's log.
       log: /mqttjs/.test(process.env.DEBUG ?? "") ? undefined : noop,
     };
     const where = quote(redactUrl(options.url));
     const client = mqtt.connect(parsed.url, clientOpts);
-    const transport = new MqttTransport(client, opts, true);
+    let transport: MqttTransport;
+    try {
+      transport = new MqttTransport(client, opts, true);
+    } catch (e) {
+      client.end(true); // an mqtt.js without the internals the transport needs
+      throw e;
+    }
     // Backoff: mqtt.js waits a fixed reconnectPeriod; double it after each failed attempt.
     client.on("reconnect", () => {
-      client.options.reconnectPeriod = Math.min(reconnectMax, (client.options.reconnectPeriod ?? reconnectMin) * 2);
+      setReconnectPeriod(client, Math.min(reconnectMax, (client.options.reconnectPeriod ?? reconnectMin) * 2));
     });
-    client.on("connect", () => void (client.options.reconnectPeriod = reconnectMin));
+    client.on("connect", () => setReconnectPeriod(client, reconnectMin));
     await new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => fail(new Error("no answer")), (opts.connectTimeout ?? 10) * 1000);
       const ok = () => {
@@ -439,17 +440,16 @@ export class MqttTransport implements Transport {
    * messages then, after what was published in it. mqtt.js writes the PUBACK of a QoS 1 message
    * at once and flushes it in the next tick, which comes before the promise jobs in which the
    * reply (or the caller's next request) is published: two writes, two wake-ups of the broker,
-   * for what one write carries (~10% of a QoS 1 call at c=1). And in one write, the reply goes
-   * first: the broker handles a write's packets in order, so it passes the reply (or request)
-   * on before it deals with the acknowledgement. (A tick scheduled from a promise job runs after
-   * all of them.) Under load every PUBACK of a read shares the write of the batched replies.
+   * for what one write carries. And in one write, the reply goes first: the broker handles a
+   * write's packets in order, so it passes the reply (or request) on before it deals with the
+   * acknowledgement. (A tick scheduled from a promise job runs after all of them.) Under load
+   * every PUBACK of a read shares the write of the batched replies.
    * False when the stream cannot be corked: mqtt.js then acknowledges as it does.
    */
   #holdWrites(): boolean {
     if (this.#corked !== undefined) return true;
-    const stream = this.client.stream as { cork?(): void; uncork(): void } | undefined;
-    if (stream?.cork === undefined) return false;
-    stream.cork();
+    const stream = cork(this.client);
+    if (stream === undefined) return false;
     this.#corked = stream;
     RESOLVED.then(this.#releaseLater);
     return true;
@@ -485,21 +485,17 @@ export class MqttTransport implements Transport {
 
   /** mqtt.js has no public call to acknowledge a message after its handleMessage returned. */
   #puback(messageId: number | undefined): void {
-    (this.client as unknown as Internals)._sendPacket(
+    sendPacket(
+      this.client,
       this.#v5 ? { cmd: "puback", messageId, reasonCode: 0 } : { cmd: "puback", messageId },
     );
-  }
-
-  #noDelay(): void {
-    // mqtt.js has no option for it and replaces the stream on every reconnect.
-    (this.client.stream as { setNoDelay?: (on: boolean) => void } | undefined)?.setNoDelay?.(true);
   }
 
   #onConnect(connack: IConnackPacket): void {
     // Emitted once mqtt.js has re-sent its whole store: none of it was refused.
     this.#resent = this.#suspect = undefined;
     this.#strikes = 0;
-    this.#noDelay();
+    noDelay(this.client);
     this.#sharedAvailable = connack.properties?.sharedSubscriptionAvailable !== false;
     const max = connack.properties?.maximumPacketSize;
     if (max !== undefined) this.#maxPayload = Math.min(this.#maxPayload, max - 1024);
@@ -527,8 +523,8 @@ export class MqttTransport implements Transport {
     const reason = this.#closeReason;
     this.#resent = this.#closeReason = undefined;
     if (packet === undefined) return; // nothing re-sent: no news about the suspect
-    const refused = !this.#closed && !this.client.disconnecting &&
-      this.client.outgoing[packet.messageId!] !== undefined && Date.now() - this.#resentAt <= POISON_WINDOW_MS &&
+    const refused = !this.#guard.closed && !isDisconnecting(this.client) &&
+      outgoing(this.client, packet.messageId!) !== undefined && Date.now() - this.#resentAt <= POISON_WINDOW_MS &&
       (reason === undefined || !NOT_ABOUT_A_PACKET.has(reason));
     if (!refused) {
       this.#suspect = undefined;
@@ -544,7 +540,7 @@ export class MqttTransport implements Transport {
   /** Take a message the broker refuses out of mqtt.js's store and fail its publish(). */
   #dropRefused(packet: PacketOut, reason: number | undefined): void {
     const id = packet.messageId!;
-    const entry = this.client.outgoing[id];
+    const entry = outgoing(this.client, id);
     this.#suspect = undefined;
     const strikes = this.#strikes;
     this.#strikes = 0;
@@ -559,23 +555,22 @@ export class MqttTransport implements Transport {
     this.client.removeOutgoingMessage(id);
   }
 
+  /**
+   * Publish at `opts.qos` (default: the transport's). Resolves once mqtt.js has written a QoS 0
+   * message, or the broker acknowledged a QoS 1 one.
+   * @throws {DeliveryError} when the client cannot send it, or with `mandatory` nobody gets it.
+   */
   publish(topic: string, payload: Uint8Array, opts: PublishOptions = {}): Promise<void> {
-    try {
-      if (this.#closed) throw new ClosedError(`Cannot publish to ${topic}: the transport is closed`);
-      // A client publishes to the same few topics over and over (a caller to its servers, a
-      // server to its callers' reply topics): the last good one is not checked again.
-      if (this.#lastTopic === undefined || topic !== this.#lastTopic) {
-        validateTopic(topic);
-        this.#lastTopic = topic;
-      }
-      if (!(payload instanceof Uint8Array)) throw new TypeError(`Cannot publish to ${topic}: payload must be bytes`);
-      if (payload.byteLength > this.#maxPayload) {
-        throw new RangeError(
-          `Cannot publish ${payload.byteLength} bytes to ${topic}: over the limit of ${this.#maxPayload} bytes (maxPayloadBytes)`,
-        );
-      }
-    } catch (e) {
-      return Promise.reject(e);
+    return promising(() => this.#publish(topic, payload, opts));
+  }
+
+  #publish(topic: string, payload: Uint8Array, opts: PublishOptions): Promise<void> {
+    this.#guard.checkPublish(topic);
+    if (!(payload instanceof Uint8Array)) throw new TypeError(`Cannot publish to ${topic}: payload must be bytes`);
+    if (payload.byteLength > this.#maxPayload) {
+      throw new RangeError(
+        `Cannot publish ${payload.byteLength} bytes to ${topic}: over the limit of ${this.#maxPayload} bytes (maxPayloadBytes)`,
+      );
     }
     const qos = opts.qos ?? this.#qos;
     // Message expiry at QoS 1 only: a broker keeps QoS 1 messages for a session that is away (or
@@ -632,14 +627,14 @@ export class MqttTransport implements Transport {
     });
   }
 
+  /**
+   * Subscribe at the broker (a group as a shared subscription) and resolve once it confirmed.
+   * @throws {DeliveryError} when the broker refuses the subscription.
+   */
   async subscribe(filter: string, handler: MessageHandler, opts: SubscribeOptions = {}): Promise<Subscription> {
-    if (this.#closed) throw new ClosedError(`Cannot subscribe to ${filter}: the transport is closed`);
-    validateFilter(filter);
+    this.#guard.checkSubscribe(filter, opts);
     let group = opts.group;
     if (group !== undefined) {
-      if (group === "" || /[/+#]/.test(group)) {
-        throw new TypeError(`Invalid group ${quote(group)}: must be non-empty, without "/", "+", "#"`);
-      }
       if (!this.#shared) {
         if (!this.#warnedShared) {
           this.#log.warn(
@@ -660,7 +655,7 @@ export class MqttTransport implements Transport {
     // Being unsubscribed at the broker: a new subscription for the key is made once that is done.
     while (sub?.leaving !== undefined) {
       await sub.leaving;
-      if (this.#closed) throw new ClosedError(`Cannot subscribe to ${filter}: the transport is closed`);
+      this.#guard.checkSubscribe(filter); // closed meanwhile?
       sub = this.#subs.get(key);
     }
     if (!sub) {
@@ -721,7 +716,9 @@ export class MqttTransport implements Transport {
       }
       // The last handler keeps what the broker delivers until it confirms: acknowledged, that
       // must be handled. A clean session that is down has nothing left at the broker.
-      if (fromBroker && !this.#closed && (this.persistent || this.client.connected)) return removed = this.#leave(s);
+      if (fromBroker && !this.#guard.closed && (this.persistent || this.client.connected)) {
+        return removed = this.#leave(s);
+      }
       // detach() of a persistent session: what comes now has no handler and is not acknowledged,
       // so the broker delivers it again on a later connection.
       s.handlers = [];
@@ -773,7 +770,7 @@ export class MqttTransport implements Transport {
         received = 0;
         // This turn's acknowledgements first: the PINGREQ must follow them.
         if (this.#corked !== undefined) this.#releaseWrites();
-        client.sendPing();
+        sendPing(client);
         ours = sent;
       };
       const onSend = (p: { cmd: string }) => void (p.cmd === "pingreq" && sent++);
@@ -913,7 +910,7 @@ export class MqttTransport implements Transport {
 
   /** Remove a filter from the broker session for good (used by `Service.kill()`). */
   async forget(filter: string, opts: SubscribeOptions = {}): Promise<void> {
-    if (this.#closed) return;
+    if (this.#guard.closed) return;
     const key = opts.group === undefined ? filter : `$share/${opts.group}/${filter}`;
     const s = this.#subs.get(key);
     if (s) this.#drop(s);
@@ -927,21 +924,14 @@ export class MqttTransport implements Transport {
    * keeps them: what arrives now, like the held messages, is left unacknowledged for the next run.
    */
   async close(): Promise<void> {
-    if (this.#closed) return;
-    this.#closed = true;
+    if (!this.#guard.close()) return;
     const leaving: Promise<void>[] = [];
     for (const s of this.#subs.values()) {
       if (s.leaving !== undefined) leaving.push(s.leaving);
       else if (!this.persistent && this.client.connected) leaving.push(this.#leave(s));
     }
-    if (leaving.length > 0) {
-      let timer: ReturnType<typeof setTimeout> | undefined;
-      await Promise.race([
-        Promise.all(leaving),
-        new Promise((r) => (timer = setTimeout(r, CLOSE_UNSUBSCRIBE_MS))),
-      ]);
-      clearTimeout(timer);
-    }
+    // A broker that never confirms gets CLOSE_UNSUBSCRIBE_S; then the subscriptions are forgotten.
+    if (leaving.length > 0) await within(Promise.all(leaving), CLOSE_UNSUBSCRIBE_S);
     for (const s of this.#subs.values()) s.left?.();
     this.#subs.clear();
     this.#byId.clear();
