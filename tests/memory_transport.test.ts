@@ -2,6 +2,7 @@ import { after, describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { MemoryHub, MemoryTransport } from "../transports/memory.ts";
 import { transportConformance } from "./transport_conformance.ts";
+import { inject } from "./faults.ts";
 import { MemoryLogger, sleep, text, utf8, waitFor } from "./helpers.ts";
 
 transportConformance("memory", () => {
@@ -81,7 +82,7 @@ describe("MemoryTransport", () => {
   it("inject({drop}) loses matching messages only, for `count` messages", async () => {
     const got: string[] = [];
     await b.subscribe("drop/#", (p) => void got.push(text(p)));
-    const remove = hub.inject({ filter: "drop/lossy", drop: true, count: 2 });
+    const remove = inject(hub, { filter: "drop/lossy", drop: true, count: 2 });
     const dropped = hub.stats.dropped;
     for (const t of ["drop/lossy", "drop/fine", "drop/lossy", "drop/lossy"]) await a.publish(t, utf8(t));
     await waitFor(() => got.length === 2, "two messages");
@@ -94,7 +95,7 @@ describe("MemoryTransport", () => {
   it("inject({delay}) delivers matching messages late", async () => {
     const got: number[] = [];
     await b.subscribe("delay/x", () => void got.push(Date.now()));
-    const remove = hub.inject({ filter: "delay/x", delay: 0.05 });
+    const remove = inject(hub, { filter: "delay/x", delay: 0.05 });
     const t0 = Date.now();
     await a.publish("delay/x", utf8("x"));
     await waitFor(() => got.length === 1, "the delayed message");
@@ -105,7 +106,7 @@ describe("MemoryTransport", () => {
   it("inject({duplicate}) delivers matching messages twice", async () => {
     const got: string[] = [];
     await b.subscribe("dup/x", (p) => void got.push(text(p)));
-    const remove = hub.inject({ filter: "dup/#", duplicate: true });
+    const remove = inject(hub, { filter: "dup/#", duplicate: true });
     await a.publish("dup/x", utf8("once"));
     await waitFor(() => got.length === 2, "two copies");
     remove();
@@ -124,8 +125,21 @@ describe("MemoryTransport", () => {
     assert.deepEqual(got, ["s2"]);
   });
 
+  it("inject() sets the hub's fault seam only while a fault is in place", async () => {
+    const hub2 = new MemoryHub({ logger: new MemoryLogger() });
+    const removeA = inject(hub2, { filter: "a", drop: true });
+    inject(hub2, { filter: "b", drop: true, count: 1 });
+    const t = new MemoryTransport(hub2);
+    await t.subscribe("b", () => {});
+    await t.publish("b", utf8("x")); // uses up the count of the second fault
+    assert.notEqual(hub2.fault, undefined);
+    removeA();
+    assert.equal(hub2.fault, undefined, "no fault left: publish does no fault work");
+    await t.close();
+  });
+
   it("inject() refuses a bad filter and a negative delay", () => {
-    assert.throws(() => hub.inject({ filter: "a/#/b", drop: true }), TypeError);
-    assert.throws(() => hub.inject({ filter: "a", delay: -1 }), RangeError);
+    assert.throws(() => inject(hub, { filter: "a/#/b", drop: true }), TypeError);
+    assert.throws(() => inject(hub, { filter: "a", delay: -1 }), RangeError);
   });
 });

@@ -3,177 +3,122 @@
  * single-process programs. Transports that share a {@link MemoryHub} see each other's messages.
  *
  * It behaves as the MQTT transport does (the conformance suite checks both): `+`/`#` filters,
- * shared groups, delivery never inside `publish()`'s call stack, and payloads copied so sender
- * and receiver never share memory. Faults (drop, delay, duplicate) can be injected per filter.
+ * shared groups, delivery never inside `publish()`'s call stack, payloads copied. Tests inject
+ * faults (drop, delay, duplicate) through {@link MemoryHub.fault} (see `tests/faults.ts`).
  *
  * @module
  */
 
 import { Buffer } from "node:buffer";
-import {
-  ClosedError,
-  DeliveryError,
-  getLogger,
-  type LocalMessage,
-  type Logger,
-  type MessageHandler,
-  type MessageMeta,
-  type PublishOptions,
-  runHandler,
-  type SubscribeOptions,
-  type Subscription,
-  topicMatches,
-  type Transport,
-  validateFilter,
-  validateTopic,
-} from "../mod.ts";
+import { DeliveryError, getLogger, promising, runHandler, topicMatches, TransportGuard } from "../mod.ts";
+import type { LocalMessage, Logger, MessageHandler, MessageMeta } from "../mod.ts";
+import type { PublishOptions, SubscribeOptions, Subscription, Transport } from "../mod.ts";
+// Re-exported: the public signatures below use them.
+export type { LocalMessage, Logger, MessageHandler, PublishOptions, SubscribeOptions, Subscription, Transport };
 
-interface Sub {
-  filter: string;
-  handler: MessageHandler;
-  group?: string;
-  active: boolean;
-  /** Takes in-process messages as values (`local: true`). */
-  local: boolean;
-  /** Its shared group, if any. */
-  g?: Group;
-}
-
+/** A subscription; `local`: it takes in-process messages as values; `g`: its shared group. */
+type Sub = { filter: string; handler: MessageHandler; group?: string; active: boolean; local: boolean; g?: Group };
 /** A delivery waiting for its turn. */
-interface Delivery {
-  sub: Sub;
-  payload: Uint8Array;
-  topic: string;
-  meta?: MessageMeta;
-}
+type Delivery = { sub: Sub; payload: Uint8Array; topic: string; meta?: MessageMeta };
+/** A shared group: each message goes to the member after the last one's. */
+type Group = { filter: string; members: Sub[]; next: number };
 
 const EMPTY = new Uint8Array(0);
 const RESOLVED = Promise.resolve();
 
-interface Group {
-  filter: string;
-  members: Sub[];
-  next: number;
+/** Items by filter: those without wildcards in a map (most RPC topics, found without a scan). */
+class ByFilter<T extends { filter: string }> {
+  exact = new Map<string, T[]>();
+  wild: T[] = [];
+
+  add(x: T): void {
+    if (/[+#]/.test(x.filter)) return void this.wild.push(x);
+    const list = this.exact.get(x.filter);
+    if (list) list.push(x);
+    else this.exact.set(x.filter, [x]);
+  }
+
+  /** Lists are replaced, not changed: a delivery loop may be walking the old one. */
+  remove(x: T): void {
+    if (/[+#]/.test(x.filter)) return void (this.wild = this.wild.filter((y) => y !== x));
+    const list = this.exact.get(x.filter)?.filter((y) => y !== x);
+    if (list?.length) this.exact.set(x.filter, list);
+    else this.exact.delete(x.filter);
+  }
 }
 
-/** A fault injected on messages whose topic matches `filter`. */
-export interface FaultOptions {
-  filter: string;
-  /** Lose the message. */
-  drop?: boolean;
-  /** Deliver the message this many seconds late. */
-  delay?: number;
-  /** Deliver the message twice (a redelivery). */
-  duplicate?: boolean;
-  /** Apply to this many messages, then remove itself. Default: until removed. */
-  count?: number;
-}
-
-interface Fault extends FaultOptions {
-  left: number;
-}
+/**
+ * What {@link MemoryHub.fault} gets for a message: `send()` schedules one delivery of it to
+ * every subscription it was routed to, copied now; `delayMs` delivers it that much later.
+ */
+export type FaultHook = (topic: string, send: (delayMs?: number) => void) => void;
 
 /** The shared medium of memory transports: a broker without sockets. */
 export class MemoryHub {
-  /** Subscriptions without wildcards, by filter: most RPC topics, found without a scan. */
-  #exact = new Map<string, Sub[]>();
-  #wild: Sub[] = [];
-  /** Shared groups by `group\0filter`. */
+  /** Subscriptions without a group. */
+  #subs = new ByFilter<Sub>();
+  /** Shared groups by `group\0filter`, and by filter. */
   #groups = new Map<string, Group>();
-  /** The groups of wildcard-free filters, by filter: found without a scan. */
-  #exactGroups = new Map<string, Group[]>();
-  #wildGroups: Group[] = [];
-  #faults: Fault[] = [];
+  #groupsByFilter = new ByFilter<Group>();
   #log: Logger;
   /** Deliveries of this turn, run by one microtask (one per message costs an AsyncResource each). */
   #queue: Delivery[] = [];
-  /** Messages published and delivered, for tests and benchmarks. */
+  /** Messages published, delivered and dropped (a fault hook counts its own), for tests. */
   stats = { published: 0, delivered: 0, dropped: 0 };
+  /**
+   * A seam for fault injection in tests (`tests/faults.ts`): when set, every routed message goes
+   * through it, and is delivered once per call of its `send` (so never when it does not call it).
+   */
+  fault?: FaultHook;
 
+  /** A hub of its own; `logger` gets the failures of handlers (default: `getLogger()`). */
   constructor(opts: { logger?: Logger } = {}) {
     this.#log = opts.logger ?? getLogger();
   }
 
-  /**
-   * Inject a fault on messages whose topic matches `opts.filter`.
-   * @returns a function that removes the fault.
-   */
-  inject(opts: FaultOptions): () => void {
-    validateFilter(opts.filter);
-    // One timer per delayed message: at most what a timer holds (~24.8 days).
-    if (opts.delay !== undefined && !(opts.delay >= 0 && opts.delay <= 2_147_483)) {
-      throw new RangeError(`Invalid fault delay ${opts.delay}: must be seconds >= 0, at most 2147483`);
-    }
-    const f: Fault = { ...opts, left: opts.count ?? Infinity };
-    this.#faults.push(f);
-    return () => {
-      this.#faults = this.#faults.filter((x) => x !== f);
-    };
-  }
-
-  /** @internal */
+  /** @internal Add a subscription of a transport on this hub. */
   add(sub: Sub): void {
-    if (sub.group !== undefined) {
-      const key = `${sub.group}\0${sub.filter}`;
-      let g = this.#groups.get(key);
-      if (!g) {
-        this.#groups.set(key, g = { filter: sub.filter, members: [], next: 0 });
-        if (/[+#]/.test(sub.filter)) this.#wildGroups.push(g);
-        else this.#exactGroups.set(sub.filter, [...(this.#exactGroups.get(sub.filter) ?? []), g]);
-      }
-      g.members.push(sub);
-      sub.g = g;
-    } else if (/[+#]/.test(sub.filter)) {
-      this.#wild.push(sub);
-    } else {
-      const list = this.#exact.get(sub.filter);
-      if (list) list.push(sub);
-      else this.#exact.set(sub.filter, [sub]);
+    if (sub.group === undefined) return this.#subs.add(sub);
+    const key = `${sub.group}\0${sub.filter}`;
+    let g = this.#groups.get(key);
+    if (!g) {
+      this.#groups.set(key, g = { filter: sub.filter, members: [], next: 0 });
+      this.#groupsByFilter.add(g);
     }
+    g.members.push(sub);
+    sub.g = g;
   }
 
-  /** @internal */
+  /** @internal Remove a subscription; a delivery already scheduled for it goes elsewhere. */
   remove(sub: Sub): void {
     sub.active = false;
-    if (sub.group !== undefined) {
-      const key = `${sub.group}\0${sub.filter}`;
-      const g = this.#groups.get(key);
-      if (!g) return;
-      g.members = g.members.filter((s) => s !== sub);
-      if (g.members.length === 0) {
-        this.#groups.delete(key);
-        this.#wildGroups = this.#wildGroups.filter((x) => x !== g);
-        const rest = this.#exactGroups.get(sub.filter)?.filter((x) => x !== g);
-        if (rest?.length) this.#exactGroups.set(sub.filter, rest);
-        else this.#exactGroups.delete(sub.filter);
-      }
-    } else if (/[+#]/.test(sub.filter)) {
-      this.#wild = this.#wild.filter((s) => s !== sub);
-    } else {
-      const list = this.#exact.get(sub.filter)?.filter((s) => s !== sub);
-      if (list?.length) this.#exact.set(sub.filter, list);
-      else this.#exact.delete(sub.filter);
-    }
+    if (sub.group === undefined) return this.#subs.remove(sub);
+    const g = sub.g!;
+    g.members = g.members.filter((s) => s !== sub);
+    const key = `${sub.group}\0${sub.filter}`;
+    if (g.members.length > 0 || this.#groups.get(key) !== g) return;
+    this.#groups.delete(key);
+    this.#groupsByFilter.remove(g);
   }
 
   /** The subscriptions that get a message on `topic`: every plain match, one member per group. */
   #route(topic: string): readonly Sub[] {
-    const exact = this.#exact.get(topic);
-    const groups = this.#exactGroups.get(topic);
+    const subs = this.#subs;
+    const groups = this.#groupsByFilter;
+    const exact = subs.exact.get(topic);
+    const exactGroups = groups.exact.get(topic);
     // The usual case of replies: one exact list and nothing else, used as it is.
-    if (!groups && this.#wild.length === 0 && this.#wildGroups.length === 0) return exact ?? [];
+    if (!exactGroups && subs.wild.length === 0 && groups.wild.length === 0) return exact ?? [];
     const out: Sub[] = [];
     if (exact) out.push(...exact);
-    for (const s of this.#wild) if (topicMatches(s.filter, topic)) out.push(s);
-    if (groups) { for (const g of groups) out.push(this.#pick(g)); }
-    for (const g of this.#wildGroups) if (topicMatches(g.filter, topic)) out.push(this.#pick(g));
+    for (const s of subs.wild) if (topicMatches(s.filter, topic)) out.push(s);
+    if (exactGroups) { for (const g of exactGroups) out.push(this.#pick(g)); }
+    for (const g of groups.wild) if (topicMatches(g.filter, topic)) out.push(this.#pick(g));
     return out;
   }
 
   #pick(g: Group): Sub {
-    const s = g.members[g.next % g.members.length]!;
-    g.next = (g.next + 1) % g.members.length;
-    return s;
+    return g.members[g.next++ % g.members.length]!;
   }
 
   /**
@@ -184,29 +129,26 @@ export class MemoryHub {
     this.stats.published++;
     const targets = this.#route(topic);
     if (targets.length === 0) return 0;
-    let times = 1;
-    let delayMs = -1;
-    if (this.#faults.length) {
-      const fault = this.#applyFaults(topic);
-      if (fault === "drop") return targets.length; // the publisher cannot tell a loss, as on a network
-      [times, delayMs] = fault;
-    }
-    for (let i = 0; i < times; i++) {
-      for (const sub of targets) {
-        // Sender and receiver never share the bytes. Buffer.from copies into a pooled slab (~80 ns
-        // against ~400 ns for a fresh ArrayBuffer per message).
-        const d: Delivery = { sub, payload: EMPTY, topic };
-        if (payload instanceof Uint8Array) d.payload = Buffer.from(payload);
-        else {
-          if (sub.local) d.meta = { local: payload.copy() };
-          // Bytes too when a member of the group reads bytes: it may get this one (see #deliver).
-          if (!sub.local || sub.g?.members.some((m) => !m.local)) d.payload = Buffer.from(payload.bytes());
-        }
-        if (delayMs >= 0) setTimeout(() => this.#deliver(d), delayMs);
-        else if (this.#queue.push(d) === 1) RESOLVED.then(this.#drain); // 3x cheaper than queueMicrotask
-      }
-    }
+    // A fault may drop it: the publisher cannot tell a loss, as on a network.
+    if (this.fault !== undefined) this.fault(topic, (delayMs) => this.#send(targets, topic, payload, delayMs));
+    else this.#send(targets, topic, payload);
     return targets.length;
+  }
+
+  #send(targets: readonly Sub[], topic: string, payload: Uint8Array | LocalMessage, delayMs?: number): void {
+    for (const sub of targets) {
+      // Sender and receiver never share the bytes; Buffer.from copies into a pooled slab, cheaper
+      // than a fresh ArrayBuffer per message.
+      const d: Delivery = { sub, payload: EMPTY, topic };
+      if (payload instanceof Uint8Array) d.payload = Buffer.from(payload);
+      else {
+        if (sub.local) d.meta = { local: payload.copy() };
+        // Bytes too when a member of the group reads bytes: it may get this one (see #deliver).
+        if (!sub.local || sub.g?.members.some((m) => !m.local)) d.payload = Buffer.from(payload.bytes());
+      }
+      if (delayMs !== undefined) setTimeout(() => this.#deliver(d), delayMs);
+      else if (this.#queue.push(d) === 1) RESOLVED.then(this.#drain); // cheaper than queueMicrotask
+    }
   }
 
   /** Run the deliveries queued so far; those they queue run in the next microtask. */
@@ -216,31 +158,11 @@ export class MemoryHub {
     for (const d of queue) this.#deliver(d);
   };
 
-  /** What the injected faults do to a message on `topic`: drop it, or [copies, delay ms]. */
-  #applyFaults(topic: string): "drop" | [number, number] {
-    let times = 1;
-    let delayMs = -1;
-    let drop = false;
-    for (const f of this.#faults) {
-      if (f.left <= 0 || !topicMatches(f.filter, topic)) continue;
-      f.left--;
-      if (f.drop) drop = true;
-      if (f.duplicate) times = 2;
-      if (f.delay !== undefined) delayMs = f.delay * 1000;
-    }
-    this.#faults = this.#faults.filter((f) => f.left > 0);
-    if (drop) {
-      this.stats.dropped++;
-      return "drop";
-    }
-    return [times, delayMs];
-  }
-
   #deliver(d: Delivery): void {
     let sub = d.sub;
     if (!sub.active) {
       // Unsubscribed between publish and delivery: a group hands it to another member.
-      const g = sub.group !== undefined ? this.#groups.get(`${sub.group}\0${sub.filter}`) : undefined;
+      const g = sub.g && this.#groups.get(`${sub.group}\0${sub.filter}`);
       // A value without bytes can only go to a member that takes values.
       const valueOnly = d.meta !== undefined && d.payload === EMPTY;
       const next = g?.members.length ? this.#pick(g) : undefined;
@@ -261,79 +183,62 @@ export const defaultHub: MemoryHub = new MemoryHub();
 
 /** A connection to a {@link MemoryHub}. */
 export class MemoryTransport implements Transport {
+  /** The hub this transport publishes to and subscribes on. */
   readonly hub: MemoryHub;
   #subs = new Set<Sub>();
-  #goodTopics = new Set<string>();
-  #closed = false;
+  #guard = new TransportGuard();
 
+  /** A transport on `hub`, the medium it shares with the others (default: {@link defaultHub}). */
   constructor(hub: MemoryHub = defaultHub) {
     this.hub = hub;
   }
 
+  /**
+   * Schedule delivery of a copy to every matching subscription; never inside this call.
+   * @throws {DeliveryError} with `mandatory` when nobody subscribed to `topic`.
+   */
   publish(topic: string, payload: Uint8Array, opts: PublishOptions = {}): Promise<void> {
-    return this.#publish(topic, payload, opts, false);
+    return promising(() => this.#publish(topic, payload, opts, false));
   }
 
   /** Send a message as a value to the subscriptions that take values, as bytes to the others. */
   publishLocal(topic: string, message: LocalMessage, opts: PublishOptions = {}): Promise<void> {
-    return this.#publish(topic, message, opts, true);
+    return promising(() => this.#publish(topic, message, opts, true));
   }
 
   #publish(topic: string, payload: Uint8Array | LocalMessage, opts: PublishOptions, local: boolean): Promise<void> {
-    if (this.#closed) return Promise.reject(new ClosedError(`Cannot publish to ${topic}: the transport is closed`));
-    let n: number;
-    try {
-      this.#checkTopic(topic);
-      if (!local && !(payload instanceof Uint8Array)) {
-        throw new TypeError(`Cannot publish to ${topic}: payload must be bytes`);
-      }
-      n = this.hub.publish(topic, payload); // throws when a local message cannot be copied or encoded
-    } catch (e) {
-      return Promise.reject(e);
+    this.#guard.checkPublish(topic);
+    if (!local && !(payload instanceof Uint8Array)) {
+      throw new TypeError(`Cannot publish to ${topic}: payload must be bytes`);
     }
-    if (n === 0 && opts.mandatory) {
-      return Promise.reject(new DeliveryError(`No subscriber for "${topic}": nobody serves it`));
-    }
+    const n = this.hub.publish(topic, payload); // throws when a local message cannot be copied or encoded
+    if (n === 0 && opts.mandatory) throw new DeliveryError(`No subscriber for "${topic}": nobody serves it`);
     return RESOLVED;
   }
 
-  /** validateTopic(), once per topic: RPC sends to a few topics again and again. */
-  #checkTopic(topic: string): void {
-    if (this.#goodTopics.has(topic)) return;
-    validateTopic(topic);
-    if (this.#goodTopics.size >= 1024) this.#goodTopics.clear();
-    this.#goodTopics.add(topic);
-  }
-
+  /** Add a subscription to the hub; it takes messages published from now on. */
   subscribe(filter: string, handler: MessageHandler, opts: SubscribeOptions = {}): Promise<Subscription> {
-    if (this.#closed) return Promise.reject(new ClosedError(`Cannot subscribe to ${filter}: the transport is closed`));
-    try {
-      validateFilter(filter);
-      if (opts.group !== undefined && (opts.group === "" || /[/+#]/.test(opts.group))) {
-        throw new TypeError(`Invalid group "${opts.group}": must be non-empty, without "/", "+", "#"`);
-      }
-    } catch (e) {
-      return Promise.reject(e);
-    }
-    const sub: Sub = { filter, handler, group: opts.group, active: true, local: opts.local === true };
-    this.hub.add(sub);
-    this.#subs.add(sub);
-    return Promise.resolve({
-      unsubscribe: () => {
+    return promising(() => {
+      this.#guard.checkSubscribe(filter, opts);
+      const sub: Sub = { filter, handler, group: opts.group, active: true, local: opts.local === true };
+      this.hub.add(sub);
+      this.#subs.add(sub);
+      const unsubscribe = () => {
         if (sub.active) {
           this.hub.remove(sub);
           this.#subs.delete(sub);
         }
-        return Promise.resolve();
-      },
+        return RESOLVED;
+      };
+      return Promise.resolve({ unsubscribe });
     });
   }
 
   /** Remove every subscription of this transport. Idempotent. */
   close(): Promise<void> {
-    this.#closed = true;
+    this.#guard.close();
     for (const s of this.#subs) this.hub.remove(s);
     this.#subs.clear();
-    return Promise.resolve();
+    return RESOLVED;
   }
 }
