@@ -25,6 +25,7 @@ export const ENTRIES = [
   "mod.ts",
   "open.ts",
   "transports/memory.ts",
+  "transports/memory-faults.ts",
   "transports/mqtt.ts",
   "transports/broker.ts",
   "registry/sql.ts",

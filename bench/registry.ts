@@ -11,7 +11,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import process from "node:process";
 import pg from "pg";
-import { openSqlRegistry, type SqlRegistry } from "../registry/sql.ts";
+import { openSqlRegistry, SqlRegistry } from "../registry/sql.ts";
 
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 1.5);
 const SIZES = [1, 100, 10_000];
@@ -39,7 +39,7 @@ async function fill(r: SqlRegistry, n: number): Promise<number[]> {
       created_at: now,
       updated_at: now,
     }));
-    await r.db.transaction().execute((trx) => trx.insertInto("services").values(rows).execute());
+    await SqlRegistry.database(r).transaction().execute((trx) => trx.insertInto("services").values(rows).execute());
   }
   return (await r.list()).map((s) => s.id);
 }

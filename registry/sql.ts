@@ -178,14 +178,18 @@ export interface SqlRegistryOptions {
  * its own: the database's driver does (for PostgreSQL, {@link openSqlRegistry}'s pool).
  */
 export class SqlRegistry implements Registry {
-  /** The kysely database, for queries the Registry interface does not offer. */
-  readonly db: Kysely<Schema>;
+  #db: Kysely<Schema>;
   #onClose?: () => void | Promise<void>;
   #closed = false;
   #name?: string;
 
+  /** The kysely database of `registry`, for queries the Registry interface does not offer. */
+  static database(registry: SqlRegistry): Kysely<Schema> {
+    return registry.#db;
+  }
+
   private constructor(db: Kysely<Schema>, opts: SqlRegistryOptions) {
-    this.db = db;
+    this.#db = db;
     this.#onClose = opts.onClose;
     this.#name = opts.name;
   }
@@ -212,7 +216,7 @@ export class SqlRegistry implements Registry {
 
   #open(): Kysely<Schema> {
     if (this.#closed) throw new ClosedError("The registry is closed");
-    return this.db;
+    return this.#db;
   }
 
   /**
@@ -363,7 +367,7 @@ export class SqlRegistry implements Registry {
     if (this.#closed) return;
     this.#closed = true;
     try {
-      await this.db.destroy();
+      await this.#db.destroy();
     } finally {
       await this.#onClose?.();
     }

@@ -2,7 +2,7 @@ import { after, describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { MemoryHub, MemoryTransport } from "../transports/memory.ts";
 import { transportConformance } from "./transport_conformance.ts";
-import { inject } from "./faults.ts";
+import { inject } from "../transports/memory-faults.ts";
 import { MemoryLogger, sleep, text, utf8, waitFor } from "./helpers.ts";
 
 transportConformance("memory", () => {

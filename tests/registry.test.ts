@@ -7,7 +7,7 @@ import process from "node:process";
 import { sql } from "kysely";
 import pg from "pg";
 import { redactUrl, RegistryError, RegistryInUse } from "../index.ts";
-import { openSqlRegistry } from "../registry/sql.ts";
+import { openSqlRegistry, SqlRegistry } from "../registry/sql.ts";
 import { registryConformance } from "./registry_conformance.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "novalet-registry-"));
@@ -169,7 +169,7 @@ describe("openSqlRegistry()", () => {
     const first = await openSqlRegistry(`sqljs:${path}`);
     const now = new Date().toISOString();
     await sql`with v(h) as (select 'cte-host') insert into services (host, "binary", topic, created_at, updated_at)
-      select h, 'b', 't', ${now}, ${now} from v`.execute(first.db);
+      select h, 'b', 't', ${now}, ${now} from v`.execute(SqlRegistry.database(first));
     await first.close();
     const second = await openSqlRegistry(`sqljs:${path}`);
     assert.deepEqual((await second.list()).map((r) => r.host), ["cte-host"]);

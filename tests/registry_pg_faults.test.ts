@@ -9,7 +9,7 @@ import process from "node:process";
 import { sql } from "kysely";
 import pg from "pg";
 import { redactUrl } from "../index.ts";
-import { openSqlRegistry, type SqlRegistry } from "../registry/sql.ts";
+import { openSqlRegistry, SqlRegistry } from "../registry/sql.ts";
 import { sleep } from "./helpers.ts";
 import { TcpProxy } from "./tcp_proxy.ts";
 
@@ -143,7 +143,7 @@ if (!PG_URL) {
       const { proxy, registry, url } = await setup();
       const row = await registry.register({ host: "h1", binary: "nova-halfopen", topic: "halfopen" });
       // Several pooled connections, all of which go silent.
-      await Promise.all([1, 2, 3].map(() => sql`select pg_sleep(0.05)`.execute(registry.db)));
+      await Promise.all([1, 2, 3].map(() => sql`select pg_sleep(0.05)`.execute(SqlRegistry.database(registry))));
       assert.ok(proxy.connections >= 2, `${proxy.connections} connections in the pool`);
       proxy.silence();
 

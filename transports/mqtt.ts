@@ -17,7 +17,7 @@
 
 import { readFileSync } from "node:fs";
 import process from "node:process";
-import mqtt, { type IClientOptions, type IConnackPacket, type IPublishPacket, type MqttClient } from "mqtt";
+import mqtt, { type IClientOptions, type IConnackPacket, type IPublishPacket, type MqttClient as Client } from "mqtt";
 import {
   DeliveryError,
   getLogger,
@@ -51,7 +51,10 @@ import {
 } from "./mqtt-internals.ts";
 
 // Re-exported: the public signatures below use them.
-export type { Logger, MessageHandler, MqttClient, PublishOptions, SubscribeOptions, Subscription, Transport };
+export type { Logger, MessageHandler, PublishOptions, SubscribeOptions, Subscription, Transport };
+
+/** mqtt.js's client (see mqtt.js's documentation). */
+export type MqttClient = Client;
 
 const noop = (): void => {};
 const RESOLVED = Promise.resolve();

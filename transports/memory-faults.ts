@@ -1,14 +1,26 @@
 /**
- * Fault injection for the memory transport, for tests and benchmarks: drop, delay or duplicate
- * the messages whose topic matches a filter. It plugs into the hub's `fault` seam only while a
- * fault is in place, so a hub without faults does no extra work per message.
+ * Fault injection for the memory transport, for tests: drop, delay or duplicate the messages
+ * whose topic matches a filter. It plugs into the hub's `fault` seam only while a fault is in
+ * place, so a hub without faults does no extra work per message.
+ *
+ * @example
+ * ```ts
+ * import { inject } from "novalet/transports/memory-faults.ts";
+ *
+ * const undo = inject(hub, { filter: "novalet/rpc/compute/#", drop: true, count: 1 });
+ * // ... the next message to a compute server is lost ...
+ * undo();
+ * ```
+ *
+ * @module
  */
 
 import { topicMatches, validateFilter } from "../mod.ts";
-import type { MemoryHub } from "../transports/memory.ts";
+import type { MemoryHub } from "./memory.ts";
 
 /** A fault injected on messages whose topic matches `filter`. */
 export interface FaultOptions {
+  /** The topics it applies to (an MQTT filter). */
   filter: string;
   /** Lose the message. */
   drop?: boolean;
