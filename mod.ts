@@ -101,6 +101,10 @@ export class DeliveryError extends NovaletError {}
 /** An object was used after `close()` / `stop()`. */
 export class ClosedError extends NovaletError {}
 
+/** A call to one host (`topic.host`) ended because that server died before answering (its presence
+ * went `lost`): the call may or may not have run. */
+export class ServerDied extends NovaletError {}
+
 /** Remote type: the manager has no callable method of that name. */
 export class NoSuchMethod extends NovaletError {}
 
@@ -206,6 +210,22 @@ export interface PublishOptions {
   /** Seconds after which the message is worthless: MQTT 5 brokers drop it then (message expiry),
    * so an offline device is not handed hours-old work. */
   expiry?: number;
+  /** Keep it as the topic's last message, handed to later subscribers (MQTT retained); an empty
+   * payload clears it. Transports without retained messages ignore it. */
+  retain?: boolean;
+}
+
+/** A message the broker publishes for a connection that ends without a clean disconnect (MQTT's
+ * Will): how others learn that a process died or went silent. */
+export interface LastWill {
+  /** Where it is published. */
+  topic: string;
+  /** What is published. */
+  payload: Uint8Array;
+  /** Default 1. */
+  qos?: 0 | 1;
+  /** Published retained (see {@link PublishOptions.retain}). */
+  retain?: boolean;
 }
 
 /** Per-subscription options. */
@@ -287,6 +307,11 @@ export interface Transport {
    * `local: true` get `message.copy()`, the others `message.bytes()`; the copies are taken before
    * this returns. Everything else (routing, groups, order, mandatory) is as for `publish()`. */
   publishLocal?(topic: string, message: LocalMessage, opts?: PublishOptions): Promise<void>;
+  /** Optional, for brokers: open another connection to the same broker with a clean session
+   * (nothing of it waits in the broker while it is away) and `will`. The caller closes it.
+   * Services use it for what must go to live servers only (shared topics, fanout, replies) and
+   * for presence. */
+  connection?(opts: { will?: LastWill }): Promise<Transport>;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -477,6 +502,47 @@ export interface ServiceRecord {
   createdAt: Date;
   /** The last change of the row. */
   updatedAt: Date;
+  /** Seconds between the service's heartbeats, as it last registered; null if it did not say. */
+  reportInterval: number | null;
+  /** Seconds without a heartbeat after which the service is down, as it last registered; null
+   * if it did not say (judges then use their own). */
+  serviceDownTime: number | null;
+}
+
+/** What a service registers: who it is, and how its liveness is to be judged. */
+export interface ServiceRegistration {
+  /** The host it runs on. */
+  host: string;
+  /** Its program; (host, binary) is its row. */
+  binary: string;
+  /** The topic it consumes. */
+  topic: string;
+  /** Seconds between its heartbeats. */
+  reportInterval?: number;
+  /** Seconds without a heartbeat after which it is down. */
+  serviceDownTime?: number;
+}
+
+/** The state a service announces on `{prefix}/presence/{topic}/{host}`, retained (README: wire
+ * format): `online` when it starts, `offline` when it stops cleanly, `lost` as its Will. */
+export interface Presence {
+  /** `online`, `offline` (a clean stop) or `lost` (the broker published its Will). */
+  state: "online" | "offline" | "lost";
+  /** Grows with each start of the service (epoch ms of the start): a message of an older
+   * incarnation never overrides a newer one. */
+  incarnation: number;
+  /** The service's topic. */
+  topic: string;
+  /** The service's host. */
+  host: string;
+  /** The service's binary. */
+  binary: string;
+  /** Its heartbeat interval, seconds. */
+  report_interval: number;
+  /** Its service_down_time, seconds. */
+  service_down_time: number;
+  /** When this state began (ISO 8601). */
+  since: string;
 }
 
 /**
@@ -486,8 +552,9 @@ export interface ServiceRecord {
  * or {@link RegistryTimeoutError}. tests/registry_conformance.ts checks an implementation.
  */
 export interface Registry {
-  /** Create the row of (host, binary), or return the existing one (concurrent calls make one). */
-  register(s: { host: string; binary: string; topic: string }): Promise<ServiceRecord>;
+  /** Create the row of (host, binary), or return the existing one (concurrent calls make one)
+   * with `reportInterval` and `serviceDownTime` set to those given. */
+  register(s: ServiceRegistration): Promise<ServiceRecord>;
   /** A heartbeat: reportCount + 1, lastSeenUp = updatedAt = now. */
   reportState(id: number): Promise<ServiceRecord>;
   /** The row of `id`, or undefined. */
@@ -970,6 +1037,13 @@ export class Topics {
   fanout(topic: string): string {
     checkName("topic", topic, topic);
     return `${this.prefix}/fanout/${topic}`;
+  }
+  /** Where the service of `topic` on `host` announces its {@link Presence}: `{prefix}/presence/{topic}/{host}`
+   * (`+` for either gives a filter). */
+  presence(topic: string, host: string): string {
+    if (topic !== "+") checkName("topic", topic, topic);
+    if (host !== "+") checkName("host", host, host);
+    return `${this.prefix}/presence/${topic}/${host}`;
   }
   /** The reply topic of an RPC client: `{prefix}/reply/{clientId}`. */
   reply(clientId: string): string {
@@ -2488,15 +2562,97 @@ function longTimeout(fn: () => void, ms: number): { cancel(): void } {
 // Liveness
 // ---------------------------------------------------------------------------------------------
 
+/** Why a service is down: `forced` by an operator, `stopped` cleanly, `lost` (its process died or
+ * went silent: the broker published its Will), `stale` (no heartbeat within its service_down_time). */
+export type DownReason = "forced" | "stopped" | "lost" | "stale";
+
+/** A service's liveness: up, or down and why. */
+export interface Liveness {
+  /** `up` or `down`. */
+  state: "up" | "down";
+  /** Why it is down; absent when up. */
+  reason?: DownReason;
+}
+
+/** Options of {@link liveness} and {@link isUp}. */
+export interface LivenessOptions {
+  /** Default: now. */
+  now?: Date;
+  /** For a row that records none: seconds without a heartbeat after which it is down (60). */
+  serviceDownTime?: number;
+  /** The service's presence, when the transport has it ({@link readPresence}). */
+  presence?: Presence;
+}
+
 /**
- * Is the service up, as Nova's servicegroup DB driver decides: forced down → down; otherwise up
- * while `now - (lastSeenUp ?? createdAt) <= serviceDownTime` seconds (default 60).
+ * A service's liveness: forced down; else gone by its presence (`offline`: stopped, `lost`);
+ * else, as Nova's servicegroup DB driver decides, down (`stale`) once `now - (lastSeenUp ??
+ * createdAt)` exceeds its own service_down_time (the row's, else `opts`', else 60 s). Without
+ * presence (memory transport, a broker without Wills) the heartbeat alone decides.
  */
-export function isUp(r: ServiceRecord, opts: { now?: Date; serviceDownTime?: number } = {}): boolean {
-  if (r.forcedDown) return false;
+export function liveness(r: ServiceRecord, opts: LivenessOptions = {}): Liveness {
+  if (r.forcedDown) return { state: "down", reason: "forced" };
+  const p = opts.presence;
+  if (p !== undefined && p.host === r.host && p.binary === r.binary && p.state !== "online") {
+    return { state: "down", reason: p.state === "lost" ? "lost" : "stopped" };
+  }
   const last = r.lastSeenUp ?? r.createdAt;
   const now = opts.now ?? new Date();
-  return now.getTime() - last.getTime() <= (opts.serviceDownTime ?? 60) * 1000;
+  const downTime = r.serviceDownTime ?? opts.serviceDownTime ?? 60;
+  return now.getTime() - last.getTime() <= downTime * 1000 ? { state: "up" } : { state: "down", reason: "stale" };
+}
+
+/** Whether the service is up: {@link liveness} says `up`. */
+export function isUp(r: ServiceRecord, opts: LivenessOptions = {}): boolean {
+  return liveness(r, opts).state === "up";
+}
+
+/** The presence in a message's bytes, or undefined when they are not one (an empty message
+ * clears a retained presence). */
+export function parsePresence(payload: Uint8Array): Presence | undefined {
+  if (payload.byteLength === 0 || payload.byteLength > 4096) return undefined;
+  let p: Record<string, unknown>;
+  try {
+    p = parseJson(payload) as Record<string, unknown>;
+  } catch {
+    return undefined;
+  }
+  const ok = isPlainObject(p) && ["online", "offline", "lost"].includes(p.state as string) &&
+    Number.isSafeInteger(p.incarnation) && typeof p.topic === "string" && typeof p.host === "string" &&
+    typeof p.binary === "string" && typeof p.report_interval === "number" &&
+    typeof p.service_down_time === "number" && typeof p.since === "string";
+  return ok ? p as unknown as Presence : undefined;
+}
+
+/**
+ * The presence of every service the broker keeps (retained), by `topic.host`. Resolves once the
+ * broker has sent what it keeps (a message of ours sent after subscribing comes back after
+ * them), or after `timeout` seconds with what came.
+ */
+export async function readPresence(
+  transport: Transport,
+  prefix = "novalet",
+  timeout = 5,
+): Promise<Map<string, Presence>> {
+  const topics = new Topics(prefix);
+  const found = new Map<string, Presence>();
+  let done!: () => void;
+  const end = new Promise<void>((r) => (done = r));
+  const marker = `${topics.prefix}/presence-read/${crypto.randomUUID()}`;
+  const subs = [
+    await transport.subscribe(topics.presence("+", "+"), (payload) => {
+      const p = parsePresence(payload);
+      if (p !== undefined) found.set(`${p.topic}.${p.host}`, p);
+    }, { qos: 1 }),
+  ];
+  try {
+    subs.push(await transport.subscribe(marker, () => done(), { qos: 1 }));
+    await transport.publish(marker, utf8("."), { qos: 1 });
+    await within(end, timeout);
+  } finally {
+    await Promise.all(subs.map((s) => s.unsubscribe().catch(() => {})));
+  }
+  return found;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2697,6 +2853,9 @@ export interface ServiceOptions {
   reportInterval?: number;
   /** Seconds between periodic task ticks. Default `flags.periodicInterval` (60). */
   periodicInterval?: number;
+  /** Seconds without a heartbeat after which others see it down; recorded in its registry row.
+   * Default `flags.serviceDownTime` (60). */
+  serviceDownTime?: number;
   /** The first periodic tick waits a random [0, this] seconds. Default `flags.periodicFuzzyDelay` (60). */
   periodicFuzzyDelay?: number;
   /** Default: opened from `flags.transportUrl` and closed by `stop()`. A transport passed in is never closed. */
@@ -2772,6 +2931,8 @@ export class Service {
   readonly reportInterval: number;
   /** Seconds between periodic task ticks. */
   readonly periodicInterval: number;
+  /** Seconds without a heartbeat after which others see it down (recorded in its row). */
+  readonly serviceDownTime: number;
   /** The first periodic tick waits a random [0, this] seconds. */
   readonly periodicFuzzyDelay: number;
   /** Seconds `stop()` waits for work in flight. */
@@ -2809,6 +2970,7 @@ export class Service {
     if (this.topic.includes(".")) throw new TypeError(`Invalid topic ${quote(this.topic)}: topics have no "."`);
     this.reportInterval = checkTimeout(opts.reportInterval ?? flags.reportInterval, "reportInterval");
     this.periodicInterval = checkTimeout(opts.periodicInterval ?? flags.periodicInterval, "periodicInterval");
+    this.serviceDownTime = checkTimeout(opts.serviceDownTime ?? flags.serviceDownTime, "serviceDownTime");
     this.periodicFuzzyDelay = opts.periodicFuzzyDelay ?? flags.periodicFuzzyDelay;
     if (!(this.periodicFuzzyDelay >= 0 && this.periodicFuzzyDelay <= MAX_SECONDS)) {
       throw new RangeError(

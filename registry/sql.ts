@@ -34,6 +34,7 @@ import {
   RegistryInUse,
   RegistryTimeoutError,
   type ServiceRecord,
+  type ServiceRegistration,
 } from "../mod.ts";
 import { GuardedPool } from "./pg-pool.ts";
 import { type SqlJsDatabaseLike, SqlJsDialect } from "./sqljs-dialect.ts";
@@ -81,6 +82,10 @@ export interface ServicesTable {
   created_at: string | Date;
   /** The last change of the row: a heartbeat or an admin edit. */
   updated_at: string | Date;
+  /** Seconds between the service's heartbeats, as it registered; null if it did not say. */
+  report_interval: number | null;
+  /** Seconds after which the service is down without a heartbeat, as it registered; or null. */
+  service_down_time: number | null;
 }
 
 /** The registry's database as kysely sees it. */
@@ -118,6 +123,14 @@ function migrations(flavour: Flavour): Record<string, Migration> {
         await db.schema.createIndex("services_topic").on("services").column("topic").execute();
       },
     },
+    // Each row is judged by the settings its own service runs with.
+    "0002_liveness_settings": {
+      async up(db: Kysely<unknown>) {
+        const real = flavour === "postgres" ? "double precision" : "real";
+        await db.schema.alterTable("services").addColumn("report_interval", real).execute();
+        await db.schema.alterTable("services").addColumn("service_down_time", real).execute();
+      },
+    },
   };
 }
 
@@ -138,6 +151,8 @@ function toRecord(r: Selectable<ServicesTable>): ServiceRecord {
     disabledReason: r.disabled_reason,
     forcedDown: Number(r.forced_down) !== 0,
     lastSeenUp: r.last_seen_up === null ? null : toDate(r.last_seen_up),
+    reportInterval: r.report_interval === null ? null : Number(r.report_interval),
+    serviceDownTime: r.service_down_time === null ? null : Number(r.service_down_time),
     createdAt: toDate(r.created_at),
     updatedAt: toDate(r.updated_at),
   };
@@ -153,6 +168,14 @@ function checkId(id: unknown): number {
 function checkField(name: string, v: unknown): string {
   if (typeof v !== "string" || v.length === 0 || v.length > 255) {
     throw new TypeError(`Invalid ${name} ${quote(v)}: must be a string of 1 to 255 characters`);
+  }
+  return v;
+}
+
+function checkSeconds(name: string, v: unknown): number | null {
+  if (v === undefined) return null;
+  if (typeof v !== "number" || !(v > 0) || !Number.isFinite(v)) {
+    throw new TypeError(`Invalid ${name} ${quote(v)}: must be a positive number of seconds`);
   }
   return v;
 }
@@ -241,23 +264,36 @@ export class SqlRegistry implements Registry {
    * differs). Safe when several processes race.
    * @throws {TypeError} for a field that is not a string of 1 to 255 characters.
    */
-  async register(s: { host: string; binary: string; topic: string }): Promise<ServiceRecord> {
+  async register(s: ServiceRegistration): Promise<ServiceRecord> {
     this.#open();
     const host = checkField("host", s?.host);
     const binary = checkField("binary", s?.binary);
     const topic = checkField("topic", s?.topic);
+    const settings = {
+      report_interval: checkSeconds("reportInterval", s.reportInterval),
+      service_down_time: checkSeconds("serviceDownTime", s.serviceDownTime),
+    };
     const now = new Date().toISOString();
     return await this.#run(`register(${quote(host)}, ${quote(binary)})`, async (db) => {
       // Insert-or-nothing, then read: two processes racing end with one row.
       await db.insertInto("services")
-        .values({ host, binary, topic, created_at: now, updated_at: now })
+        .values({ host, binary, topic, created_at: now, updated_at: now, ...settings })
         .onConflict((oc) => oc.columns(["host", "binary"]).doNothing())
         .execute();
       let row = await db.selectFrom("services").selectAll().where("host", "=", host).where("binary", "=", binary)
         .executeTakeFirstOrThrow();
-      if (row.topic !== topic) {
-        row = await db.updateTable("services").set({ topic, updated_at: now }).where("id", "=", row.id)
-          .returningAll().executeTakeFirstOrThrow();
+      const changed = row.topic !== topic ||
+        (["report_interval", "service_down_time"] as const).some((k) =>
+          settings[k] !== null && settings[k] !== (row[k] === null ? null : Number(row[k]))
+        );
+      if (changed) {
+        const set = {
+          topic,
+          updated_at: now,
+          ...Object.fromEntries(Object.entries(settings).filter(([, v]) => v !== null)),
+        };
+        row = await db.updateTable("services").set(set).where("id", "=", row.id).returningAll()
+          .executeTakeFirstOrThrow();
       }
       return toRecord(row);
     });

@@ -5,7 +5,7 @@
 
 import { afterEach, describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { ClosedError, isUp, NotFound, type Registry } from "../index.ts";
+import { ClosedError, isUp, liveness, NotFound, type Presence, type Registry } from "../index.ts";
 
 /** One fresh, empty store. */
 export interface RegistryStore {
@@ -157,6 +157,55 @@ export function registryConformance(name: string, newStore: () => Promise<Regist
       const seen = beat.lastSeenUp!.getTime();
       assert.equal(isUp(beat, { now: new Date(seen + 30_000), serviceDownTime: 30 }), true);
       assert.equal(isUp(beat, { now: new Date(seen + 30_001), serviceDownTime: 30 }), false);
+    });
+
+    it("register() records reportInterval and serviceDownTime, re-registering updates them, and liveness uses the row's own", async () => {
+      const r = await open();
+      const plain = await r.register(svc());
+      assert.equal(plain.reportInterval, null);
+      assert.equal(plain.serviceDownTime, null);
+      const row = await r.register({ ...svc(), reportInterval: 2, serviceDownTime: 6 });
+      assert.equal(row.id, plain.id);
+      assert.equal(row.reportInterval, 2);
+      assert.equal(row.serviceDownTime, 6);
+      assert.equal((await r.register(svc())).serviceDownTime, 6, "not given: left as it was");
+      const beat = await r.reportState(row.id);
+      assert.equal(beat.serviceDownTime, 6);
+      const seen = beat.lastSeenUp!.getTime();
+      // The row's 6 s rule, whatever the judge's own default says.
+      assert.deepEqual(liveness(beat, { now: new Date(seen + 6_000), serviceDownTime: 60 }), { state: "up" });
+      assert.deepEqual(liveness(beat, { now: new Date(seen + 6_001), serviceDownTime: 60 }), {
+        state: "down",
+        reason: "stale",
+      });
+      const again = await r.register({ ...svc(), reportInterval: 10, serviceDownTime: 60.5 });
+      assert.equal(again.reportInterval, 10);
+      assert.equal(again.serviceDownTime, 60.5);
+      assert.equal((await r.get(row.id))!.serviceDownTime, 60.5);
+      await assert.rejects(async () => await r.register({ ...svc(), serviceDownTime: -1 }), TypeError);
+    });
+
+    it("liveness(): forced, then presence (lost, offline: stopped), then the heartbeat (stale)", async () => {
+      const r = await open();
+      const row = await r.reportState((await r.register(svc())).id);
+      const presence = (state: Presence["state"], host = row.host): Presence => ({
+        state,
+        incarnation: 1,
+        topic: row.topic,
+        host,
+        binary: row.binary,
+        report_interval: 10,
+        service_down_time: 60,
+        since: new Date().toISOString(),
+      });
+      assert.deepEqual(liveness(row, { presence: presence("online") }), { state: "up" });
+      assert.deepEqual(liveness(row, { presence: presence("lost") }), { state: "down", reason: "lost" });
+      assert.deepEqual(liveness(row, { presence: presence("offline") }), { state: "down", reason: "stopped" });
+      assert.deepEqual(liveness(row, { presence: presence("lost", "elsewhere") }), { state: "up" }, "another's");
+      const forced = await r.setForcedDown(row.id, true);
+      assert.deepEqual(liveness(forced, { presence: presence("online") }), { state: "down", reason: "forced" });
+      const later = new Date(row.lastSeenUp!.getTime() + 61_000);
+      assert.deepEqual(liveness(row, { now: later, presence: presence("online") }), { state: "down", reason: "stale" });
     });
 
     it("a disabled service that sends heartbeats is up; admin edits do not revive a dead one", async () => {
