@@ -11,12 +11,14 @@ import { existsSync, readFileSync } from "node:fs";
 import process from "node:process";
 import {
   type Flags,
-  isUp,
+  liveness,
   loadManager,
   NovaletError,
   openRegistry,
   openTransport,
   parseFlags,
+  type Presence,
+  readPresence,
   RemoteError,
   RequestContext,
   Rpc,
@@ -51,7 +53,9 @@ no ".host"). ADDRESS is a topic ("compute") or topic.host ("compute.node1"); JSO
   novalet services force-down ID [--unset] [--json] [flags]
   novalet services delete ID [flags]`,
     about: `Reads and edits the registry at --registry_url, as "openstack compute service" does. A
-sqljs:PATH file must exist (novalet serve creates it).`,
+sqljs:PATH file must exist (novalet serve creates it). With an MQTT --transport_url, "list" also
+reads the services' presence from the broker: a killed service is down ("lost") at once, a
+stopped one "stopped"; else a row is down ("stale") after its own service_down_time.`,
   },
 };
 
@@ -144,11 +148,16 @@ function table(headers: string[], rows: string[][]): string {
   return [line, fmt(headers), line, ...rows.map(fmt), line].join("\n");
 }
 
-function serviceRows(records: ServiceRecord[], flags: Flags, json: boolean): string {
+function serviceRows(
+  records: ServiceRecord[],
+  flags: Flags,
+  json: boolean,
+  presence = new Map<string, Presence>(),
+): string {
   const view = records.map((r) => ({
     ...r,
     status: r.disabled ? "disabled" : "enabled",
-    state: isUp(r, { serviceDownTime: flags.serviceDownTime }) ? "up" : "down",
+    ...liveness(r, { serviceDownTime: flags.serviceDownTime, presence: presence.get(`${r.topic}.${r.host}`) }),
   }));
   if (json) return JSON.stringify(view, null, 2);
   return table(
@@ -159,11 +168,30 @@ function serviceRows(records: ServiceRecord[], flags: Flags, json: boolean): str
       r.host,
       r.topic,
       r.status,
-      r.state,
+      r.reason ? `${r.state} (${r.reason})` : r.state,
       r.updatedAt.toISOString(),
       r.disabledReason ?? "-",
     ]),
   );
+}
+
+/** The presence the broker of --transport_url keeps; none on memory://, or when it cannot be read
+ * (said on stderr: the heartbeats alone decide then). */
+async function presenceOf(flags: Flags): Promise<Map<string, Presence>> {
+  if (flags.transportUrl.startsWith("memory:")) return new Map();
+  try {
+    const transport = await openTransport(flags.transportUrl);
+    try {
+      return await readPresence(transport, flags.prefix);
+    } finally {
+      await transport.close();
+    }
+  } catch (e) {
+    console.error(
+      `novalet: Cannot read presence from the broker (${(e as Error).message}): judging by heartbeats alone`,
+    );
+    return new Map();
+  }
 }
 
 function parseId(s: string | undefined): number {
@@ -199,7 +227,8 @@ async function services(argv: string[]): Promise<number> {
   try {
     if (action === "list") {
       const filter = { topic: opts.topic, host: opts.host, binary: opts.binary };
-      console.log(serviceRows(await registry.list(filter), flags, json));
+      const [rows, presence] = await Promise.all([registry.list(filter), presenceOf(flags)]);
+      console.log(serviceRows(rows, flags, json, presence));
       return 0;
     }
     const id = parseId(idText);

@@ -1398,6 +1398,12 @@ function asBadRequest(e: unknown): BadRequest {
   return e instanceof BadRequest ? e : new BadRequest(String((e as Error)?.message ?? e), { cause: e });
 }
 
+/** The presence watch of one host: the newest incarnation seen online, and the subscription. */
+interface HostWatch {
+  online: number;
+  sub?: Promise<Subscription>;
+}
+
 /** A call, encoded, on its way out. */
 interface OutgoingCall {
   id: string;
@@ -1426,6 +1432,8 @@ export class Rpc {
   #log: Logger;
   #pending = new PendingCalls();
   #replySub?: Promise<Subscription>;
+  /** Hosts called (`topic.host`), watched for their presence: a `lost` fails their calls at once. */
+  #watched = new Map<string, HostWatch>();
   #repliesReady = false;
   /** Calls made before the reply subscription was ready, waiting for it. */
   #beforeReplies = 0;
@@ -1514,6 +1522,7 @@ export class Rpc {
       return Promise.reject(e); // the args do not encode (a BigInt, a cycle)
     }
     const call: OutgoingCall = { id, address, topic, method: msg.method, encoded, timeout, qos: opts.qos ?? this.#qos };
+    if (!this.#watched.has(address) && address.includes(".")) this.#watch(address);
     // The reply subscription is made by the first call and reused; later calls skip the wait.
     if (this.#repliesReady) return this.#call(call);
     // Counted against maxPending while they wait for the subscription, like any waiting call.
@@ -1710,6 +1719,37 @@ export class Rpc {
     }
   }
 
+  /** Watch the presence of the server of `address` (`topic.host`), at most 1,024 of them. */
+  #watch(address: string): void {
+    if (this.#watched.size >= 1024) return;
+    const { topic, host } = parseAddress(address);
+    const w: HostWatch = { online: -1 };
+    this.#watched.set(address, w);
+    const filter = this.topics.presence(topic, host!);
+    w.sub = this.#transport.subscribe(filter, (payload) => this.#onPresence(address, w, payload), { qos: 1 });
+    w.sub.catch((e) => {
+      this.#watched.delete(address);
+      this.#log.debug(`Cannot watch the presence of ${address}`, { error: e });
+    });
+  }
+
+  /** A presence of a watched host: a `lost` not older than the online we saw fails its calls. */
+  #onPresence(address: string, w: HostWatch, payload: Uint8Array): void {
+    const p = parsePresence(payload);
+    if (p === undefined) return;
+    if (p.state === "online") w.online = Math.max(w.online, p.incarnation);
+    if (p.state !== "lost" || p.incarnation < w.online) return;
+    for (const pending of this.#pending.values()) {
+      if (pending.call.address !== address) continue;
+      this.#forget(pending);
+      pending.reject(
+        new ServerDied(
+          `Call "${address}.${pending.call.method}" failed: its server died before answering (presence lost)`,
+        ),
+      );
+    }
+  }
+
   /** Stop listening for replies; calls still waiting fail with ClosedError. Idempotent. */
   async close(): Promise<void> {
     if (this.#closed) return;
@@ -1722,6 +1762,9 @@ export class Rpc {
     this.#replySub = undefined;
     this.#repliesReady = false;
     if (sub) await sub.then((s) => s.unsubscribe()).catch(() => {});
+    const watches = [...this.#watched.values()];
+    this.#watched.clear();
+    await Promise.all(watches.map((w) => w.sub?.then((s) => s.unsubscribe()).catch(() => {})));
   }
 }
 
@@ -2959,6 +3002,11 @@ export class Service {
   #state: "new" | "starting" | "running" | "stopping" | "stopped" = "new";
   #stopping?: Promise<boolean>;
   #registryDown = false;
+  /** Where shared work, the fanout, replies and presence go: a second connection with a clean
+   * session and this service's Will, where the transport can open one; else the transport. */
+  #live?: Transport;
+  /** This run's presence: its topic and incarnation, the watch of it, whether it is announced. */
+  #presence?: { topic: string; incarnation: number; sub?: Subscription; on: boolean; warned?: boolean };
 
   private constructor(opts: ServiceOptions) {
     const flags = opts.flags ?? parseFlags([], process.env);
@@ -3026,7 +3074,7 @@ export class Service {
 
   /** An RPC client on the service's transport, to call other services. */
   get rpc(): Rpc {
-    return this.#rpc ??= new Rpc(this.transport, {
+    return this.#rpc ??= new Rpc(this.#live ?? this.transport, {
       prefix: this.#topics.prefix,
       logger: this.logger,
       timeout: this.#opts.rpcTimeout ?? this.flags.rpcResponseTimeout,
@@ -3082,7 +3130,8 @@ export class Service {
     }
     await this.#register();
     await manager.initHost();
-    const dispatcher = new Dispatcher(manager, this.#transport, {
+    const live = this.#live = await this.#openLive(this.#transport);
+    const dispatcher = new Dispatcher(manager, live, {
       prefix: this.#topics.prefix,
       logger: this.logger,
       debug: this.#opts.debug ?? this.flags.debug,
@@ -3095,9 +3144,12 @@ export class Service {
     const handle = dispatcher.handle; // it counts its in-flight handlers; stop() waits for them
     const t = this.#topics;
     const local = true; // the dispatcher reads requests sent as values (publishLocal)
-    this.#subs.push(await this.#transport.subscribe(t.forAddress(this.topic), handle, { group: this.topic, local }));
+    // Shared work and the fanout go to live servers only; what is addressed to this host may wait
+    // in the transport's persistent session while it is away.
+    this.#subs.push(await live.subscribe(t.forAddress(this.topic), handle, { group: this.topic, local }));
     this.#hostSub = await this.#transport.subscribe(t.forAddress(`${this.topic}.${this.host}`), handle, { local });
-    this.#subs.push(await this.#transport.subscribe(t.fanout(this.topic), handle, { local }));
+    this.#subs.push(await live.subscribe(t.fanout(this.topic), handle, { local }));
+    await this.#announce(live);
     this.#group.addTimer(() => this.#report(), { name: "report", interval: this.reportInterval, logger: this.logger });
     const ctx = RequestContext.admin();
     // The loop only starts the due tasks: a slow task must not hold back the next tick.
@@ -3107,6 +3159,65 @@ export class Service {
       initialDelay: Math.random() * this.periodicFuzzyDelay,
       logger: this.logger,
     });
+  }
+
+  /** The live connection (see #live), with this run's Will: `lost`, retained. */
+  async #openLive(transport: Transport): Promise<Transport> {
+    if (!transport.connection) return transport;
+    const topic = this.#topics.presence(this.topic, this.host);
+    this.#presence = { topic, incarnation: Date.now(), on: false };
+    const will = { topic, payload: this.#presenceBytes("lost"), qos: 1 as const, retain: true };
+    let live: Transport;
+    try {
+      live = await transport.connection({ will });
+    } catch (e) {
+      if (!(e instanceof TypeError)) throw e;
+      this.logger.warn(`No presence for this service: ${e.message}`);
+      this.#presence = undefined;
+      return transport;
+    }
+    this.#owned.push(live);
+    return live;
+  }
+
+  #presenceBytes(state: Presence["state"]): Uint8Array {
+    const presence: Presence = {
+      state,
+      incarnation: this.#presence!.incarnation,
+      topic: this.topic,
+      host: this.host,
+      binary: this.binary,
+      report_interval: this.reportInterval,
+      service_down_time: this.serviceDownTime,
+      since: new Date().toISOString(),
+    };
+    return utf8(JSON.stringify(presence));
+  }
+
+  /** Say `online` (retained), and say it again whenever something else lands on our presence
+   * topic: our own Will after a silent spell, or a late Will of an earlier run. */
+  async #announce(live: Transport): Promise<void> {
+    const p = this.#presence;
+    if (!p) return;
+    p.on = true;
+    p.sub = await live.subscribe(p.topic, (payload) => this.#onOwnPresence(live, payload), { qos: 1 });
+    await live.publish(p.topic, this.#presenceBytes("online"), { qos: 1, retain: true });
+  }
+
+  #onOwnPresence(live: Transport, payload: Uint8Array): void {
+    const p = this.#presence!;
+    const seen = parsePresence(payload);
+    if (!p.on || (seen?.state === "online" && seen.incarnation === p.incarnation)) return;
+    if (seen !== undefined && seen.incarnation > p.incarnation) {
+      if (!p.warned) {
+        this.logger.warn(`A newer run of ${this.topic}.${this.host} announced itself: two servers claim it`);
+      }
+      p.warned = true;
+      return;
+    }
+    live.publish(p.topic, this.#presenceBytes("online"), { qos: 1, retain: true }).catch((e) =>
+      this.logger.warn("Cannot announce this service's presence", { error: e })
+    );
   }
 
   /** Create or reuse the row; an unreachable registry is logged and retried by the report loop. */
@@ -3200,6 +3311,15 @@ export class Service {
     const own = this.#hostSub;
     this.#hostSub = undefined;
     if (own) await step("detach topic.host", () => (own.detach ?? own.unsubscribe).call(own), false);
+    // Gone at once for everyone watching: `offline` (kill: the presence cleared, as the row goes).
+    const p = this.#presence;
+    if (p?.on) {
+      p.on = false;
+      const live = this.#live!;
+      await step("stop watching presence", () => p.sub?.unsubscribe(), false);
+      const bytes = kill ? EMPTY_BYTES : this.#presenceBytes("offline");
+      await step("announce the stop", () => live.publish(p.topic, bytes, { qos: 1, retain: true }));
+    }
     const transport = this.#transport;
     if (kill && transport?.forget) {
       const hostTopic = this.#topics.forAddress(`${this.topic}.${this.host}`);
