@@ -240,10 +240,11 @@ export interface SubscribeOptions {
 }
 
 /**
- * Receives a message. It is called asynchronously, never inside `publish()`'s call stack, and
- * owns `payload` (no one else holds that memory). A message counts as taken when its handler has
- * been called: a QoS 1 message is acknowledged then, without waiting for a returned promise. A
- * throw or a rejection is logged by the transport ({@link runHandler}) and changes nothing else.
+ * Receives a message. It is called asynchronously, never inside `publish()`'s call stack. It may
+ * keep `payload` but must not change it: the transport may hand the same bytes to other handlers
+ * (the sender's are never shared). A message counts as taken when its handler has been called:
+ * a QoS 1 message is acknowledged then, without waiting for a returned promise. A throw or a
+ * rejection is logged by the transport ({@link runHandler}) and changes nothing else.
  */
 export type MessageHandler = (payload: Uint8Array, topic: string, meta?: MessageMeta) => void | Promise<void>;
 
@@ -266,8 +267,9 @@ export interface LocalMessage {
 
 /** What `subscribe()` resolves with. */
 export interface Subscription {
-  /** Stop this subscription: resolves once no message of it will reach the handler any more and
-   * every message the broker handed it before was delivered (none taken is lost). */
+  /** Stop this subscription: resolves once no message of it will reach the handler any more. A
+   * broker's transport first delivers what the broker had already sent it (a group member that
+   * leaves drops nothing); an in-process one drops what it had not delivered yet. */
   unsubscribe(): Promise<void>;
   /** Optional: stop handling here but keep the subscription in a persistent broker session, so
    * messages wait for the next connection (`Service.stop()` uses it for `topic.host`). */
@@ -297,9 +299,9 @@ export interface Transport {
   /** Deliver the messages matching `filter` to `handler` from when this resolves (the broker
    * confirmed the subscription) until the subscription ends. */
   subscribe(filter: string, handler: MessageHandler, opts?: SubscribeOptions): Promise<Subscription>;
-  /** End every subscription and the connection; a second call does nothing. Resolves once no
-   * handler will be called again and what was taken was delivered; what a persistent session
-   * keeps stays unacknowledged at the broker. */
+  /** End every subscription and the connection it opened (a client passed in stays open); a
+   * second call does nothing. Resolves once no handler will be called again; what a persistent
+   * session keeps stays unacknowledged at the broker. */
   close(): Promise<void>;
   /** Optional: forget a persistent subscription (e.g. MQTT `clean: false`) for good. */
   forget?(filter: string, opts?: SubscribeOptions): Promise<void>;

@@ -106,10 +106,11 @@ export function registerScheme(scheme: string, plugin: Scheme): void {
   schemes.set(scheme, plugin);
 }
 
-/** Why `url` opens no `kind` that is registered, in words; undefined when it does. */
+/** Why `url` opens no `kind` that is registered, in words; undefined when it does. A URL must
+ * start with its scheme's `example` (`mqtt://`, `sqljs:`), as its plug-in reads it. */
 export function urlProblem(kind: Scheme["kind"], url: string): string | undefined {
-  const scheme = typeof url === "string" ? schemes.get(url.slice(0, url.indexOf(":") + 1).toLowerCase()) : undefined;
-  if (scheme?.kind !== kind) {
+  const scheme = typeof url === "string" ? schemes.get(url.slice(0, url.indexOf(":") + 1)) : undefined;
+  if (scheme?.kind !== kind || !url.startsWith(scheme.example)) {
     const known = [...schemes.values()].filter((s) => s.kind === kind).map((s) => s.example);
     return `must start with ${known.join(", ")}`;
   }
@@ -131,7 +132,7 @@ function lookup<K extends Scheme["kind"]>(kind: K, url: string): Extract<Scheme,
   if (problem !== undefined) {
     throw new TypeError(`Unsupported ${kind} URL ${quote(typeof url === "string" ? redactUrl(url) : url)}: ${problem}`);
   }
-  return schemes.get(url.slice(0, url.indexOf(":") + 1).toLowerCase()) as Extract<Scheme, { kind: K }>;
+  return schemes.get(url.slice(0, url.indexOf(":") + 1)) as Extract<Scheme, { kind: K }>;
 }
 
 /**

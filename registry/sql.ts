@@ -35,6 +35,8 @@ import {
   RegistryTimeoutError,
   type ServiceRecord,
   type ServiceRegistration,
+  TIMED_OUT,
+  within,
 } from "../mod.ts";
 import { GuardedPool } from "./pg-pool.ts";
 import { type SqlJsDatabaseLike, SqlJsDialect } from "./sqljs-dialect.ts";
@@ -194,6 +196,9 @@ export interface SqlRegistryOptions {
   /** The registry's name in error messages (a URL without its password). Errors of the database
    * are wrapped, naming the registry and the operation, when it is given. */
   name?: string;
+  /** Time limit of one operation, in seconds, for a database you built yourself; none when unset.
+   * ({@link openSqlRegistry} sets none: its PostgreSQL pool limits each operation itself.) */
+  timeout?: number;
 }
 
 /**
@@ -205,8 +210,16 @@ export class SqlRegistry implements Registry {
   #onClose?: () => void | Promise<void>;
   #closed = false;
   #name?: string;
+  #timeout?: number;
 
-  /** The kysely database of `registry`, for queries the Registry interface does not offer. */
+  /** The kysely database, untyped. @deprecated Use {@link SqlRegistry.database}, typed. */
+  get db(): unknown {
+    return this.#db;
+  }
+
+  /** The kysely database of `registry`, for queries the Registry interface does not offer. On
+   * PostgreSQL from {@link openSqlRegistry}, one checkout (a transaction, say) gets `queryTimeout`
+   * seconds in all. */
   static database(registry: SqlRegistry): Kysely<Schema> {
     return registry.#db;
   }
@@ -215,6 +228,7 @@ export class SqlRegistry implements Registry {
     this.#db = db;
     this.#onClose = opts.onClose;
     this.#name = opts.name;
+    this.#timeout = opts.timeout;
   }
 
   /**
@@ -248,10 +262,16 @@ export class SqlRegistry implements Registry {
    */
   async #run<T>(op: string, work: (db: Kysely<Schema>) => Promise<T>): Promise<T> {
     const running = this.#open().connection().execute(work);
-    if (this.#name === undefined) return await running;
+    if (this.#name === undefined && this.#timeout === undefined) return await running;
     try {
-      return await running;
+      const r = this.#timeout === undefined ? await running : await within(running, this.#timeout);
+      if (r === TIMED_OUT) {
+        const name = this.#name === undefined ? "" : `Registry ${JSON.stringify(this.#name)}: `;
+        throw new RegistryTimeoutError(`${name}${op} got no answer within ${this.#timeout} s`);
+      }
+      return r;
     } catch (e) {
+      if (this.#name === undefined) throw e;
       const message = `Registry ${JSON.stringify(this.#name)}: ${op} failed: ${(e as Error)?.message ?? e}`;
       if (e instanceof RegistryTimeoutError) throw new RegistryTimeoutError(message, { cause: e });
       if (e instanceof NovaletError) throw e; // NotFound, ClosedError: already say what happened

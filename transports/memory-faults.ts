@@ -16,7 +16,20 @@
  */
 
 import { topicMatches, validateFilter } from "../mod.ts";
-import type { MemoryHub } from "./memory.ts";
+
+/**
+ * What a hub's `fault` seam gets for a message: `send()` schedules one delivery of it to every
+ * subscription it was routed to, copied now; `delayMs` delivers it that much later.
+ */
+export type FaultHook = (topic: string, send: (delayMs?: number) => void) => void;
+
+/** The part of a {@link MemoryHub} that faults use (no import of it: memory.ts imports this). */
+export interface FaultableHub {
+  /** The seam: set while faults are in place. */
+  fault?: FaultHook;
+  /** The hub's counters; a dropped message counts here. */
+  stats: { dropped: number };
+}
 
 /** A fault injected on messages whose topic matches `filter`. */
 export interface FaultOptions {
@@ -36,14 +49,14 @@ interface Fault extends FaultOptions {
   left: number;
 }
 
-const faults = new WeakMap<MemoryHub, Fault[]>();
+const faults = new WeakMap<FaultableHub, Fault[]>();
 
 /**
  * Inject a fault on `hub`'s messages whose topic matches `opts.filter`; faults add up (a drop
- * wins, the last delay counts).
+ * wins, the last delay counts). It owns the hub's `fault` seam while faults are in place.
  * @returns a function that removes the fault.
  */
-export function inject(hub: MemoryHub, opts: FaultOptions): () => void {
+export function inject(hub: FaultableHub, opts: FaultOptions): () => void {
   validateFilter(opts.filter);
   // One timer per delayed message: at most what a timer holds (~24.8 days).
   if (opts.delay !== undefined && !(opts.delay >= 0 && opts.delay <= 2_147_483)) {
@@ -55,7 +68,7 @@ export function inject(hub: MemoryHub, opts: FaultOptions): () => void {
 }
 
 /** Keep `list` as the hub's faults; the hub's seam is set only while there are some. */
-function set(hub: MemoryHub, list: Fault[]): void {
+function set(hub: FaultableHub, list: Fault[]): void {
   faults.set(hub, list);
   hub.fault = list.length === 0 ? undefined : (topic, send) => {
     let times = 1;

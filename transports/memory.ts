@@ -4,7 +4,7 @@
  *
  * It behaves as the MQTT transport does (the conformance suite checks both): `+`/`#` filters,
  * shared groups, delivery never inside `publish()`'s call stack, payloads copied. Tests inject
- * faults (drop, delay, duplicate) through {@link MemoryHub.fault} (see `tests/faults.ts`).
+ * faults (drop, delay, duplicate) with `inject()` of transports/memory-faults.ts.
  *
  * @module
  */
@@ -13,8 +13,10 @@ import { Buffer } from "node:buffer";
 import { DeliveryError, getLogger, promising, runHandler, topicMatches, TransportGuard } from "../mod.ts";
 import type { LocalMessage, Logger, MessageHandler, MessageMeta } from "../mod.ts";
 import type { PublishOptions, SubscribeOptions, Subscription, Transport } from "../mod.ts";
+import { type FaultHook, type FaultOptions, inject } from "./memory-faults.ts";
 // Re-exported: the public signatures below use them.
 export type { LocalMessage, Logger, MessageHandler, PublishOptions, SubscribeOptions, Subscription, Transport };
+export type { FaultHook, FaultOptions };
 
 /** A subscription; `local`: it takes in-process messages as values; `g`: its shared group. */
 type Sub = { filter: string; handler: MessageHandler; group?: string; active: boolean; local: boolean; g?: Group };
@@ -47,12 +49,6 @@ class ByFilter<T extends { filter: string }> {
   }
 }
 
-/**
- * What {@link MemoryHub.fault} gets for a message: `send()` schedules one delivery of it to
- * every subscription it was routed to, copied now; `delayMs` delivers it that much later.
- */
-export type FaultHook = (topic: string, send: (delayMs?: number) => void) => void;
-
 /** The shared medium of memory transports: a broker without sockets. */
 export class MemoryHub {
   /** Subscriptions without a group. */
@@ -66,10 +62,15 @@ export class MemoryHub {
   /** Messages published, delivered and dropped (a fault hook counts its own), for tests. */
   stats = { published: 0, delivered: 0, dropped: 0 };
   /**
-   * A seam for fault injection in tests (`tests/faults.ts`): when set, every routed message goes
+   * A seam for fault injection (transports/memory-faults.ts): when set, every routed message goes
    * through it, and is delivered once per call of its `send` (so never when it does not call it).
    */
   fault?: FaultHook;
+
+  /** @deprecated Use `inject(hub, opts)` of transports/memory-faults.ts. */
+  inject(opts: FaultOptions): () => void {
+    return inject(this, opts);
+  }
 
   /** A hub of its own; `logger` gets the failures of handlers (default: `getLogger()`). */
   constructor(opts: { logger?: Logger } = {}) {
