@@ -212,6 +212,7 @@ export class MemoryTransport implements Transport {
     if (!local && !(payload instanceof Uint8Array)) {
       throw new TypeError(`Cannot publish to ${topic}: payload must be bytes`);
     }
+    // `retain` is ignored: a hub keeps no message for later subscribers.
     const n = this.hub.publish(topic, payload); // throws when a local message cannot be copied or encoded
     if (n === 0 && opts.mandatory) throw new DeliveryError(`No subscriber for "${topic}": nobody serves it`);
     return RESOLVED;

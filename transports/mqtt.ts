@@ -19,8 +19,10 @@ import { readFileSync } from "node:fs";
 import process from "node:process";
 import mqtt, { type IClientOptions, type IConnackPacket, type IPublishPacket, type MqttClient as Client } from "mqtt";
 import {
+  ClosedError,
   DeliveryError,
   getLogger,
+  type LastWill,
   type Logger,
   type MessageHandler,
   type MessageMeta,
@@ -34,6 +36,7 @@ import {
   topicMatches,
   type Transport,
   TransportGuard,
+  validateTopic,
   within,
 } from "../mod.ts";
 import {
@@ -51,7 +54,7 @@ import {
 } from "./mqtt-internals.ts";
 
 // Re-exported: the public signatures below use them.
-export type { Logger, MessageHandler, PublishOptions, SubscribeOptions, Subscription, Transport };
+export type { LastWill, Logger, MessageHandler, PublishOptions, SubscribeOptions, Subscription, Transport };
 
 /** mqtt.js's client (see mqtt.js's documentation). */
 export type MqttClient = Client;
@@ -104,6 +107,8 @@ export interface MqttTransportOptions {
   reconnectMax?: number;
   /** Where connection trouble and failed handlers are logged. Default: `getLogger()`. */
   logger?: Logger;
+  /** The MQTT Will of the connection: published by the broker if it ends without `close()`. */
+  will?: LastWill;
 }
 
 /** One broker subscription and the local handlers that share it. */
@@ -247,6 +252,37 @@ const AT_QOS_1: MessageMeta = Object.freeze({ qos: 1 });
 /** Options of a publish without properties; not frozen (V8 copies a frozen object slowly), and
  * mqtt.js copies them before use. */
 const PUBLISH_AT = [{ qos: 0 as const }, { qos: 1 as const }] as const;
+/** The same for a retained publish (`retain` is one of mqtt.js's defaults: no new hidden class). */
+const PUBLISH_RETAINED = [{ qos: 0 as const, retain: true }, { qos: 1 as const, retain: true }] as const;
+
+/** The longest client id a sibling connection gets: brokers must take 23 bytes, most take far more. */
+const MAX_CLIENT_ID_BYTES = 255;
+
+/** mqtt.js's form of a Will, checked: a bad one would make every (re)connection fail. */
+function mqttWill(will: LastWill, maxPayload: number): NonNullable<IClientOptions["will"]> {
+  if (will === null || typeof will !== "object") throw new TypeError(`Invalid will ${quote(will)}: must be an object`);
+  validateTopic(will.topic);
+  if (!(will.payload instanceof Uint8Array)) {
+    throw new TypeError(`Invalid will on ${will.topic}: payload must be bytes`);
+  }
+  if (will.payload.byteLength > maxPayload) {
+    throw new RangeError(
+      `Invalid will on ${will.topic}: ${will.payload.byteLength} bytes, over the limit of ${maxPayload} bytes (maxPayloadBytes)`,
+    );
+  }
+  const qos = will.qos ?? 1;
+  if (qos !== 0 && qos !== 1) throw new RangeError(`Invalid will qos ${quote(qos)}: use 0 or 1`);
+  // A copy: mqtt.js sends these options again on every reconnect, and the caller may reuse its bytes.
+  return { topic: will.topic, payload: Buffer.from(will.payload), qos, retain: will.retain === true };
+}
+
+/** A client id for the n-th sibling of `parent`: readable when it fits, else a stable hash of it. */
+function siblingClientId(parent: string, n: number): string {
+  const suffix = n === 1 ? "-live" : `-live${n}`;
+  const id = parent + suffix;
+  if (Buffer.byteLength(id, "utf8") <= MAX_CLIENT_ID_BYTES) return id;
+  return `novalet-${stableId(parent).toString(16)}${suffix}`;
+}
 
 function withHandlers(subs: BrokerSub[]): BrokerSub | BrokerSub[] | undefined {
   const out = subs.filter((s) => s.handlers.length > 0);
@@ -293,6 +329,13 @@ export class MqttTransport implements Transport {
   /** The re-sent packet that the last connections were closed on, and how many in a row. */
   #suspect?: PacketOut;
   #strikes = 0;
+  /** The options connect() opened this transport with (URL parameters merged); undefined for a
+   * client given to connect(): then connection() cannot open another. */
+  #opened?: MqttTransportOptions;
+  /** Client ids of this transport's open siblings (see connection()), so two never collide. */
+  #siblingIds = new Set<string>();
+  /** Called on close(): gives the client id back to the parent that opened this sibling. */
+  #onClosed?: () => void;
 
   private constructor(client: MqttClient, opts: MqttTransportOptions, owned: boolean) {
     checkInternals(client);
@@ -354,6 +397,11 @@ export class MqttTransport implements Transport {
    */
   static async connect(options: MqttTransportOptions): Promise<MqttTransport> {
     if (options.client) {
+      if (options.will !== undefined) {
+        throw new TypeError(
+          "MqttTransport.connect(): a will needs a url; give the mqtt.js client its own will instead",
+        );
+      }
       const t = new MqttTransport(options.client, options, false);
       if (options.client.connected) noDelay(options.client);
       return t;
@@ -370,6 +418,7 @@ export class MqttTransport implements Transport {
     const protocolVersion = opts.protocolVersion ?? 5;
     const reconnectMin = (opts.reconnectMin ?? 0.5) * 1000;
     const reconnectMax = (opts.reconnectMax ?? 30) * 1000;
+    const will = opts.will === undefined ? undefined : mqttWill(opts.will, opts.maxPayloadBytes ?? 8 * 1024 * 1024);
     const clientOpts: IClientOptions = {
       clientId: opts.clientId ?? (sessionExpiry > 0 ? opts.sessionClientId : undefined) ??
         `novalet-${crypto.randomUUID().slice(0, 12)}`,
@@ -393,6 +442,8 @@ export class MqttTransport implements Transport {
       cert: opts.cert ? readFileSync(opts.cert) : undefined,
       key: opts.key ? readFileSync(opts.key) : undefined,
       properties: protocolVersion === 5 && sessionExpiry > 0 ? { sessionExpiryInterval: sessionExpiry } : undefined,
+      // No Will Delay Interval (MQTT 5): the Will goes out as soon as the connection is lost.
+      will,
       // mqtt.js logs through `debug` several times per message, which costs even switched off.
       // A no-op unless DEBUG asks for mqtt.js's log.
       log: /mqttjs/.test(process.env.DEBUG ?? "") ? undefined : noop,
@@ -406,6 +457,7 @@ export class MqttTransport implements Transport {
       client.end(true); // an mqtt.js without the internals the transport needs
       throw e;
     }
+    transport.#opened = opts;
     // Backoff: mqtt.js waits a fixed reconnectPeriod; double it after each failed attempt.
     client.on("reconnect", () => {
       setReconnectPeriod(client, Math.min(reconnectMax, (client.options.reconnectPeriod ?? reconnectMin) * 2));
@@ -599,7 +651,7 @@ export class MqttTransport implements Transport {
     let resolveLater: (() => void) | undefined;
     let rejectLater: ((e: Error) => void) | undefined;
     try {
-      this.client.publish(topic, bytes, PUBLISH_AT[qos], (e, packet) => {
+      this.client.publish(topic, bytes, opts.retain ? PUBLISH_RETAINED[qos] : PUBLISH_AT[qos], (e, packet) => {
         answered = true;
         if (this.#laterExpiry.size > 0) this.#laterExpiry.delete(bytes); // failed while queued
         if (e) failure = new DeliveryError(`Cannot publish to ${topic}: ${e.message}`, { cause: e });
@@ -921,6 +973,50 @@ export class MqttTransport implements Transport {
   }
 
   /**
+   * Open another connection to the same broker, with this transport's options (URL, credentials,
+   * TLS, protocol version, QoS, keepalive, reconnect settings, logger) but a clean session, its
+   * own client id (this one's with `-live`, `-live2`... while earlier ones are open) and `will`
+   * as its MQTT Will. The caller closes it; it and this transport close independently. Its
+   * `close()` disconnects cleanly, so the broker drops the Will; a lost connection (a killed
+   * process, a keepalive timeout) makes the broker publish it. It stays set across reconnects.
+   * @throws {TypeError} when this transport wraps a client given to connect() (no URL to open),
+   * or the will is invalid.
+   * @throws {ClosedError} when this transport is closed.
+   */
+  async connection(opts: { will?: LastWill } = {}): Promise<MqttTransport> {
+    const parent = this.#opened;
+    if (parent === undefined) {
+      throw new TypeError(
+        "MqttTransport.connection() needs a transport opened from a URL: this one wraps an mqtt.js client given to connect()",
+      );
+    }
+    if (this.#guard.closed) throw new ClosedError("Cannot open a connection: the transport is closed");
+    // A clientId in the URL would win over ours in mqtt.js: the sibling's URL goes without it.
+    const u = new URL(parent.url!);
+    u.searchParams.delete("clientId");
+    let n = 1;
+    while (this.#siblingIds.has(siblingClientId(this.clientId, n))) n++;
+    const clientId = siblingClientId(this.clientId, n);
+    this.#siblingIds.add(clientId);
+    let sibling: MqttTransport;
+    try {
+      sibling = await MqttTransport.connect({
+        ...parent,
+        url: u.toString(),
+        clientId,
+        sessionClientId: undefined,
+        sessionExpiry: 60,
+        will: opts.will,
+      });
+    } catch (e) {
+      this.#siblingIds.delete(clientId);
+      throw e;
+    }
+    sibling.#onClosed = () => this.#siblingIds.delete(clientId);
+    return sibling;
+  }
+
+  /**
    * Remove the subscriptions and disconnect (an owned client). On a clean session they are
    * removed at the broker first, and what it delivers until it confirms still reaches their
    * handlers (that session and what it holds end with the connection). A persistent session
@@ -942,6 +1038,8 @@ export class MqttTransport implements Transport {
     this.#laterExpiry.clear();
     // This turn's acknowledgements go out before the DISCONNECT.
     if (this.#corked !== undefined) this.#releaseWrites();
+    // end() sends DISCONNECT: the broker drops the Will of a connection that ends this way.
     if (this.#owned) await this.client.endAsync();
+    this.#onClosed?.();
   }
 }
