@@ -314,6 +314,9 @@ export interface Transport {
    * Services use it for what must go to live servers only (shared topics, fanout, replies) and
    * for presence. */
   connection?(opts: { will?: LastWill }): Promise<Transport>;
+  /** Its subscriptions live in a persistent broker session: what they match waits there while it
+   * is away (MQTT `clean: false`). */
+  readonly persistent?: boolean;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -583,6 +586,8 @@ export interface TransportOpenOptions {
   logger?: Logger;
   /** The MQTT client id when the URL asks for a persistent session (`?session_expiry=N`). */
   sessionClientId?: string;
+  /** The Will of the connection, where the transport has Wills. */
+  will?: LastWill;
 }
 
 /** Options of {@link Opener.openRegistry}. */
@@ -1524,7 +1529,7 @@ export class Rpc {
       return Promise.reject(e); // the args do not encode (a BigInt, a cycle)
     }
     const call: OutgoingCall = { id, address, topic, method: msg.method, encoded, timeout, qos: opts.qos ?? this.#qos };
-    if (!this.#watched.has(address) && address.includes(".")) this.#watch(address);
+    if (address.includes(".") && !this.#watched.has(address)) this.#watch(address);
     // The reply subscription is made by the first call and reused; later calls skip the wait.
     if (this.#repliesReady) return this.#call(call);
     // Counted against maxPending while they wait for the subscription, like any waiting call.
@@ -2679,6 +2684,20 @@ export async function readPresence(
   prefix = "novalet",
   timeout = 5,
 ): Promise<Map<string, Presence>> {
+  // A connection of its own where there can be one: a subscription the transport already has
+  // would share the broker's, which sends retained messages only when a subscription is made.
+  if (transport.connection) {
+    const own = await transport.connection({});
+    try {
+      return await readFrom(own, prefix, timeout);
+    } finally {
+      await own.close();
+    }
+  }
+  return await readFrom(transport, prefix, timeout);
+}
+
+async function readFrom(transport: Transport, prefix: string, timeout: number): Promise<Map<string, Presence>> {
   const topics = new Topics(prefix);
   const found = new Map<string, Presence>();
   let done!: () => void;
@@ -3004,11 +3023,20 @@ export class Service {
   #state: "new" | "starting" | "running" | "stopping" | "stopped" = "new";
   #stopping?: Promise<boolean>;
   #registryDown = false;
-  /** Where shared work, the fanout, replies and presence go: a second connection with a clean
-   * session and this service's Will, where the transport can open one; else the transport. */
+  /** Where shared work, the fanout and replies go: on a transport with a persistent session, a
+   * second connection with a clean session (none of it may wait for a dead server); else the
+   * transport itself. */
   #live?: Transport;
-  /** This run's presence: its topic and incarnation, the watch of it, whether it is announced. */
-  #presence?: { topic: string; incarnation: number; sub?: Subscription; on: boolean; warned?: boolean };
+  /** This run's presence: its topic and incarnation, the connection that carries its Will (`via`),
+   * the watch of it, whether it is announced. */
+  #presence?: {
+    topic: string;
+    incarnation: number;
+    via?: Transport;
+    sub?: Subscription;
+    on: boolean;
+    warned?: boolean;
+  };
 
   private constructor(opts: ServiceOptions) {
     const flags = opts.flags ?? parseFlags([], process.env);
@@ -3116,13 +3144,18 @@ export class Service {
     manager.host = this.host;
     manager.service = this;
     this.#manager = manager;
+    this.#presence = { topic: this.#topics.presence(this.topic, this.host), incarnation: Date.now(), on: false };
+    const will: LastWill = { topic: this.#presence.topic, payload: this.#presenceBytes("lost"), retain: true };
+    let willOnTransport = false;
     if (!this.#transport) {
       // A persistent session must be found again by the next run of this service: a stable id.
       this.#transport = await (this.#opts.opener ?? theOpener("a transport")).openTransport(this.flags.transportUrl, {
         logger: this.logger,
         sessionClientId: `novalet-${this.binary}-${this.host}`,
+        will,
       });
       this.#owned.push(this.#transport);
+      willOnTransport = true;
     }
     if (!this.#registry) {
       this.#registry = await (this.#opts.opener ?? theOpener("a registry")).openRegistry(this.flags.registryUrl, {
@@ -3132,7 +3165,7 @@ export class Service {
     }
     await this.#register();
     await manager.initHost();
-    const live = this.#live = await this.#openLive(this.#transport);
+    const live = this.#live = await this.#openLive(this.#transport, will, willOnTransport);
     const dispatcher = new Dispatcher(manager, live, {
       prefix: this.#topics.prefix,
       logger: this.logger,
@@ -3151,7 +3184,7 @@ export class Service {
     this.#subs.push(await live.subscribe(t.forAddress(this.topic), handle, { group: this.topic, local }));
     this.#hostSub = await this.#transport.subscribe(t.forAddress(`${this.topic}.${this.host}`), handle, { local });
     this.#subs.push(await live.subscribe(t.fanout(this.topic), handle, { local }));
-    await this.#announce(live);
+    await this.#announce();
     this.#group.addTimer(() => this.#report(), { name: "report", interval: this.reportInterval, logger: this.logger });
     const ctx = RequestContext.admin();
     // The loop only starts the due tasks: a slow task must not hold back the next tick.
@@ -3163,23 +3196,31 @@ export class Service {
     });
   }
 
-  /** The live connection (see #live), with this run's Will: `lost`, retained. */
-  async #openLive(transport: Transport): Promise<Transport> {
-    if (!transport.connection) return transport;
-    const topic = this.#topics.presence(this.topic, this.host);
-    this.#presence = { topic, incarnation: Date.now(), on: false };
-    const will = { topic, payload: this.#presenceBytes("lost"), qos: 1 as const, retain: true };
-    let live: Transport;
+  /**
+   * The live connection (see #live), and the one that carries this run's Will: the transport
+   * when it was opened with the Will and keeps no session, else a second connection of its own.
+   * A transport that cannot open connections (memory) has no presence.
+   */
+  async #openLive(transport: Transport, will: LastWill, willOnTransport: boolean): Promise<Transport> {
+    const p = this.#presence!;
+    if (!transport.connection) {
+      this.#presence = undefined;
+      return transport;
+    }
+    if (willOnTransport && !transport.persistent) {
+      p.via = transport;
+      return transport;
+    }
     try {
-      live = await transport.connection({ will });
+      p.via = await transport.connection({ will });
     } catch (e) {
       if (!(e instanceof TypeError)) throw e;
       this.logger.warn(`No presence for this service: ${e.message}`);
       this.#presence = undefined;
       return transport;
     }
-    this.#owned.push(live);
-    return live;
+    this.#owned.push(p.via);
+    return transport.persistent ? p.via : transport;
   }
 
   #presenceBytes(state: Presence["state"]): Uint8Array {
@@ -3198,15 +3239,16 @@ export class Service {
 
   /** Say `online` (retained), and say it again whenever something else lands on our presence
    * topic: our own Will after a silent spell, or a late Will of an earlier run. */
-  async #announce(live: Transport): Promise<void> {
+  async #announce(): Promise<void> {
     const p = this.#presence;
-    if (!p) return;
+    if (!p?.via) return;
+    const via = p.via;
     p.on = true;
-    p.sub = await live.subscribe(p.topic, (payload) => this.#onOwnPresence(live, payload), { qos: 1 });
-    await live.publish(p.topic, this.#presenceBytes("online"), { qos: 1, retain: true });
+    p.sub = await via.subscribe(p.topic, (payload) => this.#onOwnPresence(via, payload), { qos: 1 });
+    await via.publish(p.topic, this.#presenceBytes("online"), { qos: 1, retain: true });
   }
 
-  #onOwnPresence(live: Transport, payload: Uint8Array): void {
+  #onOwnPresence(via: Transport, payload: Uint8Array): void {
     const p = this.#presence!;
     const seen = parsePresence(payload);
     if (!p.on || (seen?.state === "online" && seen.incarnation === p.incarnation)) return;
@@ -3217,7 +3259,7 @@ export class Service {
       p.warned = true;
       return;
     }
-    live.publish(p.topic, this.#presenceBytes("online"), { qos: 1, retain: true }).catch((e) =>
+    via.publish(p.topic, this.#presenceBytes("online"), { qos: 1, retain: true }).catch((e) =>
       this.logger.warn("Cannot announce this service's presence", { error: e })
     );
   }
@@ -3315,12 +3357,12 @@ export class Service {
     if (own) await step("detach topic.host", () => (own.detach ?? own.unsubscribe).call(own), false);
     // Gone at once for everyone watching: `offline` (kill: the presence cleared, as the row goes).
     const p = this.#presence;
-    if (p?.on) {
+    if (p?.on && p.via) {
       p.on = false;
-      const live = this.#live!;
+      const via = p.via;
       await step("stop watching presence", () => p.sub?.unsubscribe(), false);
       const bytes = kill ? EMPTY_BYTES : this.#presenceBytes("offline");
-      await step("announce the stop", () => live.publish(p.topic, bytes, { qos: 1, retain: true }));
+      await step("announce the stop", () => via.publish(p.topic, bytes, { qos: 1, retain: true }));
     }
     const transport = this.#transport;
     if (kill && transport?.forget) {

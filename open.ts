@@ -61,7 +61,12 @@ const mqtt: TransportScheme = {
   network: true,
   open: async (url, opts) => {
     const { MqttTransport } = await import("./transports/mqtt.ts");
-    return await MqttTransport.connect({ url, logger: opts.logger, sessionClientId: opts.sessionClientId });
+    return await MqttTransport.connect({
+      url,
+      logger: opts.logger,
+      sessionClientId: opts.sessionClientId,
+      will: opts.will,
+    });
   },
 };
 const sql = (example: string, network: boolean): RegistryScheme => ({

@@ -609,6 +609,6 @@ describe("MqttTransport.connect() refuses what it cannot carry, before connectin
     await refused({ url: "mqtt://127.0.0.1:1?session_expiry=4294967296" }, /sessionExpiry 4294967296/);
     await refused({ url: "mqtt://127.0.0.1:1", keepalive: 65_536 }, /keepalive 65536/);
     await refused({ url: "mqtt://127.0.0.1:1", reconnectMax: 3e6 }, /reconnectMax/);
-    await refused({ url: "mqtt://127.0.0.1:1?keepalive=5" }, /Unknown parameter "keepalive"/);
+    await refused({ url: "mqtt://127.0.0.1:1?keep_alive=5" }, /Unknown parameter "keep_alive"/);
   });
 });

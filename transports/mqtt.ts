@@ -194,6 +194,7 @@ function parseUrl(url: string): { url: string; opts: Partial<MqttTransportOption
     return n;
   };
   opts.sessionExpiry = num("session_expiry");
+  opts.keepalive = num("keepalive");
   const pv = num("protocol_version");
   if (pv !== undefined && pv !== 4 && pv !== 5) throw new RangeError(`Invalid protocol_version=${pv}: use 4 or 5`);
   opts.protocolVersion = pv as 4 | 5 | undefined;
@@ -212,7 +213,7 @@ function parseUrl(url: string): { url: string; opts: Partial<MqttTransportOption
     if (unknown.length > 0) {
       throw new TypeError(
         `Unknown parameter ${quote(unknown[0])} in broker URL ${quote(redactUrl(url))}: ` +
-          "known are session_expiry, protocol_version, qos, shared and clientId",
+          "known are session_expiry, keepalive, protocol_version, qos, shared and clientId",
       );
     }
   }
@@ -1005,7 +1006,7 @@ export class MqttTransport implements Transport {
         url: u.toString(),
         clientId,
         sessionClientId: undefined,
-        sessionExpiry: 60,
+        sessionExpiry: 0,
         will: opts.will,
       });
     } catch (e) {
