@@ -131,21 +131,22 @@ const rows: Row[] = [];
   });
 }
 
-// 3. SIGSTOP with keepalive=5 → lost; SIGCONT → online
-{
-  const child = await server("s1", withQuery("keepalive=5"));
-  await until(() => last("s1")?.p.state === "online", 5000);
+// 3. SIGSTOP → lost (the broker's keepalive, at its next sweep); SIGCONT → online
+for (const keepalive of [5, 2]) {
+  const host = `s${keepalive}`;
+  const child = await server(host, withQuery(`keepalive=${keepalive}`));
+  await until(() => last(host)?.p.state === "online", 5000);
   const t0 = performance.now();
   signal(child, "SIGSTOP");
-  const lost = await until(() => last("s1")?.p.state === "lost", 15_000);
+  const lost = await until(() => last(host)?.p.state === "lost", 20_000);
   const tLost = performance.now() - t0;
   const t1 = performance.now();
   signal(child, "SIGCONT");
-  const back = await until(() => last("s1")?.p.state === "online", 15_000);
+  const back = await until(() => last(host)?.p.state === "online", 15_000);
   const tBack = performance.now() - t1;
   signal(child, "SIGKILL");
   rows.push({
-    scenario: "SIGSTOP, keepalive=5 → lost; SIGCONT → online",
+    scenario: `SIGSTOP, keepalive=${keepalive} → lost; SIGCONT → online`,
     result: `${lost ? `lost after ${ms(tLost)} ms` : "not lost"}; ${
       back ? `online ${ms(tBack)} ms after SIGCONT` : "not back"
     }`,
