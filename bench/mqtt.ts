@@ -11,32 +11,17 @@ import { spawn } from "node:child_process";
 import process from "node:process";
 import mqtt from "mqtt";
 import { RequestContext, Rpc } from "../index.ts";
-import { EmbeddedBroker } from "../transports/broker.ts";
 import { MqttTransport } from "../transports/mqtt.ts";
-import { MOSQUITTO, Mosquitto } from "../tests/mosquitto.ts";
+import { benchBroker } from "./broker.ts";
 import { compare, report, type Row, takePeakRss } from "./harness.ts";
 
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 2);
 const BURST = Number(process.env.BENCH_BURST ?? 5000);
 
-let brokerName: string;
-let url: string;
-let stopBroker = async () => {};
-if (process.env.MQTT_URL) {
-  url = process.env.MQTT_URL;
-  brokerName = `MQTT_URL ${url}`;
-} else if (MOSQUITTO && process.env.BENCH_BROKER !== "embedded") {
-  const m = await Mosquitto.start();
-  url = m.url;
-  brokerName = "Mosquitto (own instance, .ci/mosquitto.conf)";
-  stopBroker = () => m.stop();
-} else {
-  const b = await EmbeddedBroker.start();
-  url = `${b.url}?protocol_version=4&shared=false`;
-  brokerName = "embedded (aedes, MQTT 3.1.1)";
-  stopBroker = () => b.close();
-}
-const embedded = url.includes("protocol_version=4");
+const broker = await benchBroker();
+const { url, embedded } = broker;
+const brokerName = broker.name;
+const stopBroker = () => broker.stop();
 
 /** Start the server child and wait for READY. */
 async function server(args: string[]): Promise<() => Promise<void>> {

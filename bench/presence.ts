@@ -11,10 +11,9 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import process from "node:process";
 import { parsePresence, type Presence, RequestContext, Rpc, ServerDied, Topics } from "../index.ts";
-import { EmbeddedBroker } from "../transports/broker.ts";
 import { MqttTransport } from "../transports/mqtt.ts";
-import { MOSQUITTO, Mosquitto } from "../tests/mosquitto.ts";
 import { childCommand } from "../tests/helpers.ts";
+import { benchBroker } from "./broker.ts";
 
 /** Signal a child by pid: under Deno, ChildProcess.kill() after a SIGSTOP sends nothing. */
 function signal(child: ChildProcess, sig: NodeJS.Signals): void {
@@ -26,24 +25,10 @@ function signal(child: ChildProcess, sig: NodeJS.Signals): void {
 const KILLS = Number(process.env.BENCH_KILLS ?? 20);
 const SERVER = new URL("../tests/fixtures/presence_server.ts", import.meta.url).pathname;
 
-let brokerName: string;
-let url: string;
-let stopBroker = async () => {};
-if (process.env.MQTT_URL) {
-  url = process.env.MQTT_URL;
-  brokerName = `MQTT_URL ${url}`;
-} else if (MOSQUITTO && process.env.BENCH_BROKER !== "embedded") {
-  const m = await Mosquitto.start();
-  url = m.url;
-  brokerName = "Mosquitto (own instance, .ci/mosquitto.conf)";
-  stopBroker = () => m.stop();
-} else {
-  const b = await EmbeddedBroker.start();
-  url = `${b.url}?protocol_version=4&shared=false`;
-  brokerName = "embedded (aedes, MQTT 3.1.1)";
-  stopBroker = () => b.close();
-}
-const embedded = url.includes("protocol_version=4");
+const broker = await benchBroker();
+const { url, embedded } = broker;
+const brokerName = broker.name;
+const stopBroker = () => broker.stop();
 const withQuery = (q: string) => url.includes("?") ? `${url}&${q}` : `${url}?${q}`;
 
 const prefix = `nvb-presence-${crypto.randomUUID().slice(0, 8)}`;
