@@ -253,7 +253,6 @@ describe("MQTT transport: sessions, limits and restarts", () => {
     try {
       await waitFor(() => out.includes("Serving slow.victim"), "the server", 20_000);
       const rpc = track(new Rpc(await connect(), { prefix: prefix.slice(9) }));
-      const t0 = Date.now();
       const call = rpc.call(ctx, "slow.victim", { method: "slow", args: { ms: 60_000 } }, { timeout: 20 });
       const outcome = assert.rejects(call, ServerDied);
       await waitFor(() => out.includes("SLOW STARTED"), "the call to start");
