@@ -1405,11 +1405,16 @@ function asBadRequest(e: unknown): BadRequest {
   return e instanceof BadRequest ? e : new BadRequest(String((e as Error)?.message ?? e), { cause: e });
 }
 
-/** The presence watch of one host: the newest incarnation seen online, and the subscription. */
-interface HostWatch {
-  online: number;
+/** The presence watch of one topic's servers: one subscription for all its hosts; per host the
+ * newest incarnation seen online, and the pending failure of its calls after a `lost`. */
+interface TopicWatch {
   sub?: Promise<Subscription>;
+  online: Map<string, number>;
+  dying: Map<string, { cancel(): void }>;
 }
+
+/** How long a `lost` may be taken back by an `online` (a network blip) before calls fail. */
+const LOST_GRACE_MS = 700;
 
 /** A call, encoded, on its way out. */
 interface OutgoingCall {
@@ -1439,8 +1444,10 @@ export class Rpc {
   #log: Logger;
   #pending = new PendingCalls();
   #replySub?: Promise<Subscription>;
-  /** Hosts called (`topic.host`), watched for their presence: a `lost` fails their calls at once. */
-  #watched = new Map<string, HostWatch>();
+  /** Topics whose hosts were called (`topic.host`), watched for presence: a `lost` fails the calls
+   * to that host; and the addresses already seen (no lookup of the topic per call). */
+  #watched = new Map<string, TopicWatch>();
+  #watchedAddresses = new Set<string>();
   #repliesReady = false;
   /** Calls made before the reply subscription was ready, waiting for it. */
   #beforeReplies = 0;
@@ -1529,7 +1536,7 @@ export class Rpc {
       return Promise.reject(e); // the args do not encode (a BigInt, a cycle)
     }
     const call: OutgoingCall = { id, address, topic, method: msg.method, encoded, timeout, qos: opts.qos ?? this.#qos };
-    if (address.includes(".") && !this.#watched.has(address)) this.#watch(address);
+    if (address.includes(".") && !this.#watchedAddresses.has(address)) this.#watch(address);
     // The reply subscription is made by the first call and reused; later calls skip the wait.
     if (this.#repliesReady) return this.#call(call);
     // Counted against maxPending while they wait for the subscription, like any waiting call.
@@ -1726,35 +1733,57 @@ export class Rpc {
     }
   }
 
-  /** Watch the presence of the server of `address` (`topic.host`), at most 1,024 of them. */
+  /** Watch the presence of the servers of `address`'s topic: one subscription per topic, at most
+   * 1,024 topics. */
   #watch(address: string): void {
-    if (this.#watched.size >= 1024) return;
-    const { topic, host } = parseAddress(address);
-    const w: HostWatch = { online: -1 };
-    this.#watched.set(address, w);
-    const filter = this.topics.presence(topic, host!);
-    w.sub = this.#transport.subscribe(filter, (payload) => this.#onPresence(address, w, payload), { qos: 1 });
+    if (this.#watchedAddresses.size >= 100_000) this.#watchedAddresses.clear();
+    this.#watchedAddresses.add(address);
+    const topic = address.slice(0, address.indexOf("."));
+    if (this.#watched.has(topic) || this.#watched.size >= 1024) return;
+    const w: TopicWatch = { online: new Map(), dying: new Map() };
+    this.#watched.set(topic, w);
+    w.sub = this.#transport.subscribe(
+      this.topics.presence(topic, "+"),
+      (payload) => this.#onPresence(topic, w, payload),
+      {
+        qos: 1,
+      },
+    );
     w.sub.catch((e) => {
-      this.#watched.delete(address);
-      this.#log.debug(`Cannot watch the presence of ${address}`, { error: e });
+      this.#watched.delete(topic);
+      this.#log.debug(`Cannot watch the presence of the servers of ${topic}`, { error: e });
     });
   }
 
-  /** A presence of a watched host: a `lost` not older than the online we saw fails its calls. */
-  #onPresence(address: string, w: HostWatch, payload: Uint8Array): void {
+  /** A presence of a server of a watched topic: a `lost` not older than the online we saw fails
+   * the calls to that host, unless an `online` takes it back within LOST_GRACE_MS (a blip). */
+  #onPresence(topic: string, w: TopicWatch, payload: Uint8Array): void {
     const p = parsePresence(payload);
-    if (p === undefined) return;
-    if (p.state === "online") w.online = Math.max(w.online, p.incarnation);
-    if (p.state !== "lost" || p.incarnation < w.online) return;
-    for (const pending of this.#pending.values()) {
-      if (pending.call.address !== address) continue;
-      this.#forget(pending);
-      pending.reject(
-        new ServerDied(
-          `Call "${address}.${pending.call.method}" failed: its server died before answering (presence lost)`,
-        ),
-      );
+    if (p === undefined || p.topic !== topic) return;
+    const { host } = p;
+    if (p.state === "online") {
+      if (p.incarnation < (w.online.get(host) ?? -1)) return;
+      w.online.set(host, p.incarnation);
+      w.dying.get(host)?.cancel();
+      w.dying.delete(host);
+      return;
     }
+    if (p.state !== "lost" || p.incarnation < (w.online.get(host) ?? -1) || w.dying.has(host)) return;
+    const address = `${topic}.${host}`;
+    const timer = setNodeTimeout(() => {
+      w.dying.delete(host);
+      for (const pending of this.#pending.values()) {
+        if (pending.call.address !== address) continue;
+        this.#forget(pending);
+        pending.reject(
+          new ServerDied(
+            `Call "${address}.${pending.call.method}" failed: its server died before answering (presence lost)`,
+          ),
+        );
+      }
+    }, LOST_GRACE_MS);
+    timer.unref();
+    w.dying.set(host, { cancel: () => clearTimeout(timer) });
   }
 
   /** Stop listening for replies; calls still waiting fail with ClosedError. Idempotent. */
@@ -1771,7 +1800,10 @@ export class Rpc {
     if (sub) await sub.then((s) => s.unsubscribe()).catch(() => {});
     const watches = [...this.#watched.values()];
     this.#watched.clear();
-    await Promise.all(watches.map((w) => w.sub?.then((s) => s.unsubscribe()).catch(() => {})));
+    for (const w of watches) {
+      for (const d of w.dying.values()) d.cancel();
+      await w.sub?.then((s) => s.unsubscribe()).catch(() => {});
+    }
   }
 }
 
@@ -2687,7 +2719,12 @@ export async function readPresence(
   // A connection of its own where there can be one: a subscription the transport already has
   // would share the broker's, which sends retained messages only when a subscription is made.
   if (transport.connection) {
-    const own = await transport.connection({});
+    const opening = transport.connection({});
+    const own = await within(opening, timeout);
+    if (own === TIMED_OUT) {
+      opening.then((t) => t.close(), () => {});
+      throw new DeliveryError(`Cannot read presence: no connection to the broker within ${timeout} s`);
+    }
     try {
       return await readFrom(own, prefix, timeout);
     } finally {
@@ -3252,7 +3289,9 @@ export class Service {
     const p = this.#presence!;
     const seen = parsePresence(payload);
     if (!p.on || (seen?.state === "online" && seen.incarnation === p.incarnation)) return;
-    if (seen !== undefined && seen.incarnation > p.incarnation) {
+    // Only a newer run that is online makes this one stand down; a newer one's Will or stop means
+    // that run is gone, and this one, alive, says so.
+    if (seen?.state === "online" && seen.incarnation > p.incarnation) {
       if (!p.warned) {
         this.logger.warn(`A newer run of ${this.topic}.${this.host} announced itself: two servers claim it`);
       }

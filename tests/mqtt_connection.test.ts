@@ -145,7 +145,7 @@ describe("MqttTransport retained messages and connection({ will })", () => {
     const own = await MqttTransport.connect({ ...fx.options(), reconnectMin: 0.05 });
     const live = await own.connection({ will: { topic: `${p}/will`, payload: utf8("lost"), qos: 1 } });
     try {
-      assert.equal(live.clientId, `${own.clientId}-live`);
+      assert.match(live.clientId, new RegExp(`^${own.clientId}-live-[0-9a-f]{8}$`));
       assert.equal(live.persistent, false);
       assert.equal(live.client.options.reconnectPeriod, 50, "the parent's reconnect settings");
       for (let i = 1; i <= 2; i++) {
@@ -171,19 +171,29 @@ describe("MqttTransport retained messages and connection({ will })", () => {
     assert.equal(got.length, 2, "the last close() was clean");
   });
 
-  it("gives open siblings distinct client ids, and the same one again once closed", async () => {
+  it("gives open siblings distinct client ids of their own run, and the same one again once closed", async () => {
     const a = await parent.connection({});
     const b = await parent.connection({});
     try {
-      assert.equal(a.clientId, `${parent.clientId}-live`);
-      assert.equal(b.clientId, `${parent.clientId}-live2`);
+      assert.match(a.clientId, new RegExp(`^${parent.clientId}-live-[0-9a-f]{8}$`));
+      assert.equal(b.clientId, `${a.clientId}-2`);
     } finally {
       await a.close();
       await b.close();
     }
     const c = await parent.connection({});
     await c.close();
-    assert.equal(c.clientId, `${parent.clientId}-live`);
+    assert.equal(c.clientId, a.clientId);
+    // Two runs with one client id (a service started twice) give their siblings different ids.
+    const ids: string[] = [];
+    for (let run = 0; run < 2; run++) {
+      const t = await MqttTransport.connect({ ...fx.options(), clientId: `${parent.clientId}-twin` });
+      const sibling = await t.connection({});
+      ids.push(sibling.clientId);
+      await sibling.close();
+      await t.close();
+    }
+    assert.notEqual(ids[0], ids[1]);
   });
 
   it("the sibling of a persistent-session transport has a clean session", async () => {

@@ -163,6 +163,36 @@ describe("presence over MQTT: who is online, and what a crash does", () => {
     await s.exited;
   });
 
+  it("a lost that the service takes back at once (a blip, a forged or newer-run Will) fails no call", async () => {
+    const prefix = newPrefix();
+    const s = await server("h6", prefix);
+    const rpc = new Rpc(observer, { prefix, timeout: 30 });
+    try {
+      const ctx = new RequestContext();
+      const outcome = rpc.call(ctx, "work.h6", { method: "hang" }).then(() => "answered", (e) => e);
+      await sleep(300);
+      const online = (await readPresence(observer, prefix)).get("work.h6")!;
+      const topic = new Topics(prefix).presence("work", "h6");
+      for (const incarnation of [online.incarnation, online.incarnation + 1000]) {
+        const lost: Presence = { ...online, state: "lost", incarnation };
+        await observer.publish(topic, utf8(JSON.stringify(lost)), { qos: 1, retain: true });
+        await sleep(300);
+        const now = (await readPresence(observer, prefix)).get("work.h6")!;
+        assert.deepEqual(
+          [now.state, now.incarnation],
+          ["online", online.incarnation],
+          `after a lost of ${incarnation}`,
+        );
+      }
+      await sleep(1000);
+      assert.equal(rpc.pending, 1, "the call still waits");
+      signal(s.child, "SIGKILL");
+      assert.ok((await outcome) instanceof ServerDied, "and fails once the server really dies");
+    } finally {
+      await rpc.close();
+    }
+  });
+
   it("restarted right after kill -9, a service ends online, ten times out of ten", async () => {
     const prefix = newPrefix();
     let s = await server("h3", prefix);

@@ -278,8 +278,10 @@ function mqttWill(will: LastWill, maxPayload: number): NonNullable<IClientOption
 }
 
 /** A client id for the n-th sibling of `parent`: readable when it fits, else a stable hash of it. */
-function siblingClientId(parent: string, n: number): string {
-  const suffix = n === 1 ? "-live" : `-live${n}`;
+function siblingClientId(parent: string, tag: string, n: number): string {
+  // The tag is this parent's (random): two processes that share a client id (the same service
+  // started twice, say) must not take each other's siblings over, in an endless loop of Wills.
+  const suffix = n === 1 ? `-live-${tag}` : `-live-${tag}-${n}`;
   const id = parent + suffix;
   if (Buffer.byteLength(id, "utf8") <= MAX_CLIENT_ID_BYTES) return id;
   return `novalet-${stableId(parent).toString(16)}${suffix}`;
@@ -335,6 +337,8 @@ export class MqttTransport implements Transport {
   #opened?: MqttTransportOptions;
   /** Client ids of this transport's open siblings (see connection()), so two never collide. */
   #siblingIds = new Set<string>();
+  /** The random part of this transport's siblings' client ids. */
+  #siblingTag = crypto.randomUUID().slice(0, 8);
   /** Called on close(): gives the client id back to the parent that opened this sibling. */
   #onClosed?: () => void;
 
@@ -996,8 +1000,8 @@ export class MqttTransport implements Transport {
     const u = new URL(parent.url!);
     u.searchParams.delete("clientId");
     let n = 1;
-    while (this.#siblingIds.has(siblingClientId(this.clientId, n))) n++;
-    const clientId = siblingClientId(this.clientId, n);
+    while (this.#siblingIds.has(siblingClientId(this.clientId, this.#siblingTag, n))) n++;
+    const clientId = siblingClientId(this.clientId, this.#siblingTag, n);
     this.#siblingIds.add(clientId);
     let sibling: MqttTransport;
     try {
