@@ -175,6 +175,9 @@ function checkLimits(opts: MqttTransportOptions): void {
   }
 }
 
+/** How long a connection must last for the reconnect backoff to start again from its minimum. */
+const STABLE_CONNECTION_MS = 5000;
+
 /** Read novalet's query parameters from a broker URL and return the URL without them. */
 function parseUrl(url: string): { url: string; opts: Partial<MqttTransportOptions> } {
   let u: URL;
@@ -463,11 +466,31 @@ export class MqttTransport implements Transport {
       throw e;
     }
     transport.#opened = opts;
-    // Backoff: mqtt.js waits a fixed reconnectPeriod; double it after each failed attempt.
+    // Backoff: mqtt.js waits a fixed reconnectPeriod; double it after each attempt, and start again
+    // from reconnectMin only after a connection that lasted. A connection the broker closes at once,
+    // again and again, is most often another client with our id: each would take the session back
+    // twice a second, for good; backing off makes that a takeover every reconnectMax.
     client.on("reconnect", () => {
       setReconnectPeriod(client, Math.min(reconnectMax, (client.options.reconnectPeriod ?? reconnectMin) * 2));
     });
-    client.on("connect", () => setReconnectPeriod(client, reconnectMin));
+    let connectedAt = -1;
+    let quickCloses = 0;
+    client.on("connect", () => (connectedAt = performance.now()));
+    client.on("close", () => {
+      if (connectedAt < 0) return;
+      const lasted = performance.now() - connectedAt >= STABLE_CONNECTION_MS;
+      connectedAt = -1;
+      if (lasted) {
+        quickCloses = 0;
+        setReconnectPeriod(client, reconnectMin);
+      } else if (++quickCloses === 3) {
+        transport.#log.warn(
+          `The broker closed the connection right after it was made, 3 times in a row: is another client connected as ${
+            quote(transport.clientId)
+          }? Backing off`,
+        );
+      }
+    });
     await new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => fail(new Error("no answer")), (opts.connectTimeout ?? 10) * 1000);
       const ok = () => {
