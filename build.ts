@@ -29,6 +29,7 @@ export const ENTRIES = [
   "transports/mqtt.ts",
   "transports/broker.ts",
   "registry/sql.ts",
+  "registry/conductor.ts",
 ];
 
 /** Build the entries (plus `extra`) into `outdir`; resolves with the files written. */

@@ -19,6 +19,8 @@ import {
   parseFlags,
   type Presence,
   readPresence,
+  redactUrl,
+  type Registry,
   RemoteError,
   RequestContext,
   Rpc,
@@ -27,6 +29,7 @@ import {
   type ServiceRecord,
   UsageError,
 } from "./index.ts";
+import { ConductorManager } from "./registry/conductor.ts";
 
 /** Each command's usage lines and what it does: `novalet help COMMAND` prints one. */
 const COMMANDS: Record<string, { usage: string; about: string }> = {
@@ -45,6 +48,12 @@ ADDRESS is a topic ("compute") or topic.host ("compute.node1"); JSON is the args
     usage: "  novalet cast ADDRESS METHOD [JSON] [--fanout] [flags]",
     about: `Sends without waiting for a result. --fanout sends to every server of topic ADDRESS (a topic,
 no ".host"). ADDRESS is a topic ("compute") or topic.host ("compute.node1"); JSON is the args object.`,
+  },
+  conductor: {
+    usage: "  novalet conductor [--topic=conductor] [flags]     serve the registry over the transport",
+    about: `Serves the registry at --registry_url (sqljs:PATH, sqljs::memory:, postgres://...) to other
+processes over --transport_url, on topic "conductor": they use --registry_url=conductor: (or
+conductor:TOPIC) and need no database. It registers itself like any service.`,
   },
   services: {
     usage: `  novalet services list [--topic=T] [--host=H] [--binary=B] [--json] [flags]
@@ -222,7 +231,15 @@ async function services(argv: string[]): Promise<number> {
     );
     return 1;
   }
-  const registry = await openRegistry(flags.registryUrl);
+  // A conductor is reached over the transport; other registries are opened directly.
+  const transport = flags.registryUrl.startsWith("conductor:") ? await openTransport(flags.transportUrl) : undefined;
+  let registry: Registry;
+  try {
+    registry = await openRegistry(flags.registryUrl, { transport, prefix: flags.prefix });
+  } catch (e) {
+    await transport?.close();
+    throw e;
+  }
   const json = "json" in opts;
   try {
     if (action === "list") {
@@ -246,6 +263,7 @@ async function services(argv: string[]): Promise<number> {
     return 0;
   } finally {
     await registry.close();
+    await transport?.close();
   }
 }
 
@@ -312,6 +330,32 @@ async function serveCommand(argv: string[]): Promise<number> {
   return await launcher.done;
 }
 
+async function conductorCommand(argv: string[]): Promise<number> {
+  const { opts, rest } = options(argv, ["topic"]);
+  const { args, flagArgs } = positional(rest);
+  if (args.length > 0) throw new UsageError(`"conductor" takes no arguments, only flags`);
+  const flags = flagsFrom(flagArgs);
+  if (flags.registryUrl.startsWith("conductor:")) {
+    throw new UsageError("A conductor serves a registry of its own: --registry_url=sqljs:PATH or postgres://...");
+  }
+  const topic = opts.topic ?? "conductor";
+  const registry = await openRegistry(flags.registryUrl, { prefix: flags.prefix });
+  const svc = Service.create({
+    manager: new ConductorManager(registry),
+    topic,
+    binary: "nova-conductor",
+    registry,
+    flags,
+  });
+  try {
+    const launcher = await serve(svc);
+    svc.logger.info(`Serving the registry ${redactUrl(flags.registryUrl)} on ${topic}`);
+    return await launcher.done;
+  } finally {
+    await registry.close();
+  }
+}
+
 /**
  * Run the CLI with `argv` (without the program name). Resolves with the exit status: 0 done,
  * 1 the operation failed, 2 bad arguments (the message, on stderr, names the `--help` to read).
@@ -343,6 +387,7 @@ export async function main(argv: string[]): Promise<number> {
     }
     try {
       if (command === "serve") return await serveCommand(rest);
+      if (command === "conductor") return await conductorCommand(rest);
       if (command === "call" || command === "cast") return await callOrCast(command, rest);
       return await services(rest);
     } catch (e) {

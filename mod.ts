@@ -594,6 +594,10 @@ export interface TransportOpenOptions {
 export interface RegistryOpenOptions {
   /** Where the registry logs. */
   logger?: Logger;
+  /** A transport, for a registry reached over one (`conductor:`). */
+  transport?: Transport;
+  /** The topic prefix on that transport. */
+  prefix?: string;
 }
 
 /** Opens transports and registries from URLs, for a {@link Service} not given one and for
@@ -3197,6 +3201,8 @@ export class Service {
     if (!this.#registry) {
       this.#registry = await (this.#opts.opener ?? theOpener("a registry")).openRegistry(this.flags.registryUrl, {
         logger: this.logger,
+        transport: this.#transport,
+        prefix: this.#topics.prefix,
       });
       this.#owned.push(this.#registry);
     }

@@ -95,6 +95,18 @@ const schemes = new Map<string, Scheme>([
   ["sqljs:", sql("sqljs:", false)],
   ["postgres:", sql("postgres://", true)],
   ["postgresql:", sql("postgresql://", true)],
+  ["conductor:", {
+    kind: "registry",
+    example: "conductor:",
+    open: async (url, opts) => {
+      if (!opts.transport) {
+        throw new TypeError(`Cannot open ${quote(url)}: a conductor is reached over a transport, and none was given`);
+      }
+      const { ConductorRegistry } = await import("./registry/conductor.ts");
+      const topic = url.slice("conductor:".length) || undefined;
+      return new ConductorRegistry(opts.transport, { topic, prefix: opts.prefix });
+    },
+  }],
 ]);
 
 /**

@@ -239,6 +239,58 @@ describe("novalet CLI", () => {
       await Promise.all(servers.map((s) => s.exited));
     });
 
+    it("novalet conductor serves a sqljs: file to a fleet of serve processes and to services list, while they run", async () => {
+      const path = join(dir, `${uniquePrefix("cond")}.db`);
+      const common = [`--transport_url=${url}`, `--prefix=${uniquePrefix("cond")}`];
+      const spawnCli = (args: string[]) => {
+        const [cmd, ...rest] = childCommand(CLI, [...args, ...common]);
+        const child = spawn(cmd!, rest, { stdio: ["ignore", "pipe", "pipe"], env });
+        const out = { log: "", exited: new Promise((r) => child.on("close", r)), child };
+        child.stderr.setEncoding("utf8").on("data", (d: string) => (out.log += d));
+        child.stdout.resume();
+        return out;
+      };
+      const conductor = spawnCli(["conductor", `--registry_url=sqljs:${path}`, "--host=cond-host"]);
+      const fleet: typeof conductor[] = [];
+      try {
+        await waitFor(() => /Serving the registry/.test(conductor.log), "the conductor", 20_000);
+        for (const host of ["dev-a", "dev-b"]) {
+          fleet.push(spawnCli([
+            "serve",
+            "./tests/fixtures/cli_managers.ts#FleetManager",
+            `--host=${host}`,
+            "--registry_url=conductor:",
+            "--report_interval=1",
+            "--service_down_time=3",
+          ]));
+        }
+        for (const s of fleet) await waitFor(() => /Serving fleet\./.test(s.log), "the fleet", 20_000);
+        const r = await cli(["services", "list", "--json", "--registry_url=conductor:", ...common]);
+        assert.equal(r.code, 0, r.stderr);
+        const rows = JSON.parse(r.stdout) as { id: number; host: string; binary: string; state: string }[];
+        const byHost = new Map(rows.map((row) => [row.host, row]));
+        assert.equal(byHost.get("dev-a")?.state, "up");
+        assert.equal(byHost.get("dev-b")?.state, "up");
+        assert.equal(byHost.get("cond-host")?.binary, "nova-conductor", "the conductor is listed too");
+        const edit = await cli([
+          "services",
+          "disable",
+          String(rows.find((x) => x.host === "dev-a")!.id),
+          "--reason=test",
+          "--registry_url=conductor:",
+          ...common,
+        ]);
+        assert.equal(edit.code, 0, edit.stderr);
+        assert.match(edit.stdout, /disabled/);
+        const second = await cli(["services", "list", `--registry_url=sqljs:${path}`]);
+        assert.equal(second.code, 1, "the file is the conductor's");
+        assert.match(second.stderr, /is in use by process \d+/);
+      } finally {
+        for (const s of [...fleet, conductor]) process.kill(s.child.pid!, "SIGTERM");
+      }
+      await Promise.all([...fleet, conductor].map((s) => s.exited));
+    });
+
     it("novalet serve answers novalet call and cast, and stops on SIGTERM", async () => {
       const path = join(dir, "served.db");
       const prefix = `--prefix=${uniquePrefix("cli")}`;
