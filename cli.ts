@@ -29,7 +29,7 @@ import {
   type ServiceRecord,
   UsageError,
 } from "./index.ts";
-import { ConductorManager } from "./registry/conductor.ts";
+import { adminTopic, createConductor } from "./registry/conductor.ts";
 
 /** Each command's usage lines and what it does: `novalet help COMMAND` prints one. */
 const COMMANDS: Record<string, { usage: string; about: string }> = {
@@ -53,7 +53,9 @@ no ".host"). ADDRESS is a topic ("compute") or topic.host ("compute.node1"); JSO
     usage: "  novalet conductor [--topic=conductor] [flags]     serve the registry over the transport",
     about: `Serves the registry at --registry_url (sqljs:PATH, sqljs::memory:, postgres://...) to other
 processes over --transport_url, on topic "conductor": they use --registry_url=conductor: (or
-conductor:TOPIC) and need no database. It registers itself like any service.`,
+conductor:TOPIC) and need no database. The admin operations (enable, disable, force-down,
+delete) are served on "conductor_admin", for admin contexts only: confine who may publish there
+with the broker's ACL. It registers itself like any service (nova-conductor, nova-conductor-admin).`,
   },
   services: {
     usage: `  novalet services list [--topic=T] [--host=H] [--binary=B] [--json] [flags]
@@ -69,7 +71,7 @@ stopped one "stopped"; else a row is down ("stale") after its own service_down_t
 };
 
 const FLAGS = `Flags (also NOVALET_<NAME> in the environment):
-  --transport_url=memory://|mqtt://user:pass@host:1883   --registry_url=sqljs::memory:|sqljs:PATH|postgres://...
+  --transport_url=memory://|mqtt://user:pass@host:1883   --registry_url=sqljs::memory:|sqljs:PATH|postgres://...|conductor:
   --prefix=novalet  --host=NAME  --report_interval=10  --periodic_interval=60  --periodic_fuzzy_delay=60
   --service_down_time=60  --rpc_response_timeout=60  --graceful_shutdown_timeout=60
   --max_running_handlers=64  --max_queued_handlers=1000  --max_held_bytes=33554432
@@ -340,16 +342,18 @@ async function conductorCommand(argv: string[]): Promise<number> {
   }
   const topic = opts.topic ?? "conductor";
   const registry = await openRegistry(flags.registryUrl, { prefix: flags.prefix });
-  const svc = Service.create({
-    manager: new ConductorManager(registry),
-    topic,
-    binary: "nova-conductor",
-    registry,
-    flags,
-  });
+  let pair;
   try {
-    const launcher = await serve(svc);
-    svc.logger.info(`Serving the registry ${redactUrl(flags.registryUrl)} on ${topic}`);
+    pair = createConductor({ registry, topic, flags });
+  } catch (e) {
+    await registry.close();
+    throw e instanceof TypeError ? new UsageError(e.message) : e;
+  }
+  try {
+    const launcher = await serve(...pair);
+    pair[0].logger.info(
+      `Serving the registry ${redactUrl(flags.registryUrl)} on ${topic}, admin on ${adminTopic(topic)}`,
+    );
     return await launcher.done;
   } finally {
     await registry.close();

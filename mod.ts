@@ -114,6 +114,9 @@ export class UnsupportedVersion extends NovaletError {}
 /** Remote type: the server had no room for the request; nothing ran, the caller may retry later. */
 export class Overloaded extends NovaletError {}
 
+/** Remote type: the caller's context may not call that method (its manager's authorisation refused it). */
+export class NotAuthorized extends NovaletError {}
+
 /** Remote type: the envelope was malformed. */
 export class BadRequest extends NovaletError {
   /** The request's id, when it could be read. */

@@ -1,15 +1,21 @@
 /**
  * 03 — IoT: sensor services on three hosts talk over MQTT. Each sensor takes readings in a
  * periodic task; a controller asks one sensor by `topic.host`, fans a `calibrate` out to all,
- * and prints the registry's view of who is up.
+ * and prints the registry's view of who is up. The devices hold no database: a conductor owns
+ * the registry file (services.db in a temporary folder) and they reach it over the broker with
+ * `conductor:`, as `--registry_url=conductor:` does on the command line.
  *
  * Runs on an embedded broker by default, or on MQTT_URL (e.g. a Mosquitto) when it is set:
  *   npx tsx examples/03_iot.ts
  *   MQTT_URL=mqtt://127.0.0.1:1883 deno run -A examples/03_iot.ts
  */
 
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import process from "node:process";
 import { isUp, Manager, openRegistry, periodicTask, RequestContext, Service } from "../index.ts";
+import { createConductor } from "../registry/conductor.ts";
 import { EmbeddedBroker } from "../transports/broker.ts";
 import { MqttTransport, type MqttTransportOptions } from "../transports/mqtt.ts";
 
@@ -38,12 +44,21 @@ const broker = process.env.MQTT_URL ? undefined : await EmbeddedBroker.start();
 const mqtt: MqttTransportOptions = broker ? broker.transportOptions() : { url: process.env.MQTT_URL };
 console.log(`Broker: ${broker ? `embedded (aedes) at ${broker.url}` : process.env.MQTT_URL}`);
 
-const registry = await openRegistry("sqljs::memory:");
 const prefix = `iot-demo-${crypto.randomUUID().slice(0, 6)}`; // runs on a shared broker never mix
+
+// The conductor: the only process that opens the registry file.
+const dir = mkdtempSync(join(tmpdir(), "novalet-iot-"));
+const file = await openRegistry(`sqljs:${join(dir, "services.db")}`);
+const conductorTransport = await MqttTransport.connect(mqtt);
+const conductor = createConductor({ registry: file, host: "gateway", transport: conductorTransport, prefix });
+for (const s of conductor) await s.start();
+console.log(`Conductor: serving ${join(dir, "services.db")} on topic "conductor"`);
+
 const sensors: Service[] = [];
 for (const host of ["greenhouse", "cellar", "attic"]) {
   // One connection per device, as separate devices would have.
   const transport = await MqttTransport.connect(mqtt);
+  const registry = await openRegistry("conductor:", { transport, prefix });
   const svc = Service.create({
     host,
     binary: "nova-sensor",
@@ -60,6 +75,7 @@ for (const host of ["greenhouse", "cellar", "attic"]) {
 }
 
 const controllerTransport = await MqttTransport.connect(mqtt);
+const registry = await openRegistry("conductor:", { transport: controllerTransport, prefix });
 const controller = Service.create({
   host: "hub",
   binary: "nova-controller",
@@ -80,14 +96,18 @@ console.log("Controller fans `calibrate` out to every sensor:");
 await controller.rpc.fanoutCast(ctx, "sensor", { method: "calibrate", args: { offset: -0.5 } });
 await new Promise((r) => setTimeout(r, 300));
 
-console.log("\nRegistry: who is up");
+console.log("\nRegistry (through the conductor): who is up");
 for (const s of await registry.list()) {
-  console.log(`  ${s.binary.padEnd(16)} ${s.host.padEnd(11)} ${isUp(s, { serviceDownTime: 5 }) ? "up" : "down"}`);
+  console.log(`  ${s.binary.padEnd(20)} ${s.host.padEnd(11)} ${isUp(s, { serviceDownTime: 5 }) ? "up" : "down"}`);
 }
 
 for (const s of [controller, ...sensors]) {
   await s.stop();
+  await s.registry.close();
   await s.transport.close();
 }
-await registry.close();
+for (const s of conductor) await s.stop();
+await conductorTransport.close();
+await file.close();
+rmSync(dir, { recursive: true, force: true });
 await broker?.close();

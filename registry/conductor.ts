@@ -1,18 +1,19 @@
 /**
  * The registry served over the transport, as Nova's nova-conductor: a {@link ConductorManager}
- * serves any {@link Registry} (a `sqljs:` file, PostgreSQL) on topic `conductor`, and a
- * {@link ConductorRegistry} is a Registry that calls it, so services and devices need no database
- * of their own (`--registry_url=conductor:` or `conductor:TOPIC`).
+ * serves a {@link Registry} (a `sqljs:` file, PostgreSQL) on topic `conductor` to every service;
+ * a {@link ConductorAdminManager} serves its admin operations (disable, enable, force down,
+ * delete) on `conductor_admin`, a topic of their own so that a broker ACL can confine them to
+ * operators; a {@link ConductorRegistry} is a Registry that calls both, so services and devices
+ * need no database of their own (`--registry_url=conductor:` or `conductor:TOPIC`).
  *
  * @example
  * ```ts
- * import { Service } from "novalet";
- * import { ConductorManager } from "novalet/registry/conductor.ts";
+ * import { serve } from "novalet";
+ * import { createConductor } from "novalet/registry/conductor.ts";
  * import { openSqlRegistry } from "novalet/registry/sql.ts";
  *
  * const registry = await openSqlRegistry("sqljs:./services.db");
- * const conductor = Service.create({ topic: "conductor", manager: new ConductorManager(registry), registry });
- * await conductor.start(); // now: --registry_url=conductor: everywhere else
+ * await serve(...createConductor({ registry })); // now: --registry_url=conductor: everywhere else
  * ```
  *
  * @module
@@ -22,6 +23,7 @@ import {
   ClosedError,
   DeliveryError,
   Manager,
+  NotAuthorized,
   NotFound,
   quote,
   type Registry,
@@ -31,12 +33,15 @@ import {
   RequestContext,
   Rpc,
   RpcTimeoutError,
+  Service,
+  type ServiceOptions,
   type ServiceRecord,
   type ServiceRegistration,
   type Transport,
 } from "../mod.ts";
 
-/** Serves a registry over RPC: its methods are the {@link Registry} interface's. */
+/** Serves a registry over RPC to services: register, heartbeat, read. The admin operations are
+ * {@link ConductorAdminManager}'s. */
 export class ConductorManager extends Manager {
   #registry: Registry;
 
@@ -65,25 +70,94 @@ export class ConductorManager extends Manager {
   list(_ctx: RequestContext, filter: { topic?: string; host?: string; binary?: string }): Promise<ServiceRecord[]> {
     return this.#registry.list(filter);
   }
+}
 
-  /** {@link Registry.setDisabled}. */
-  setDisabled(
-    _ctx: RequestContext,
+/** The topic of the admin operations of the conductor of `topic`. */
+export function adminTopic(topic: string): string {
+  return `${topic}_admin`;
+}
+
+/** Decides whether `ctx` may call the admin operation `method`. */
+export type Authorize = (ctx: RequestContext, method: string) => boolean | Promise<boolean>;
+
+/** The default {@link Authorize}: an admin context (`is_admin`, or the role `admin`). */
+export const adminOnly: Authorize = (ctx) => ctx.isAdmin || ctx.roles.includes("admin");
+
+/**
+ * Serves a registry's admin operations over RPC. Each call is first put to `authorize` (default
+ * {@link adminOnly}) and refused with {@link NotAuthorized} before it touches the registry. A
+ * context is only as trustworthy as the transport: on a shared broker, confine who may publish to
+ * this topic (the README's ACL).
+ */
+export class ConductorAdminManager extends Manager {
+  #registry: Registry;
+  #authorize: Authorize;
+
+  /** The admin operations of `registry` (it does not close it), allowed when `authorize` says so. */
+  constructor(registry: Registry, opts: { authorize?: Authorize } = {}) {
+    super();
+    this.#registry = registry;
+    this.#authorize = opts.authorize ?? adminOnly;
+  }
+
+  async #allow(ctx: RequestContext, method: string): Promise<void> {
+    if (!(await this.#authorize(ctx, method))) {
+      throw new NotAuthorized(`${method} is an admin operation: ${quote(ctx.userId)} may not call it`);
+    }
+  }
+
+  /** {@link Registry.setDisabled}, when allowed. */
+  async setDisabled(
+    ctx: RequestContext,
     { id, disabled, reason }: { id: number; disabled: boolean; reason?: string },
   ): Promise<ServiceRecord> {
-    return this.#registry.setDisabled(id, disabled, reason);
+    await this.#allow(ctx, "setDisabled");
+    return await this.#registry.setDisabled(id, disabled, reason);
   }
 
-  /** {@link Registry.setForcedDown}. */
-  setForcedDown(_ctx: RequestContext, { id, forcedDown }: { id: number; forcedDown: boolean }): Promise<ServiceRecord> {
-    return this.#registry.setForcedDown(id, forcedDown);
+  /** {@link Registry.setForcedDown}, when allowed. */
+  async setForcedDown(
+    ctx: RequestContext,
+    { id, forcedDown }: { id: number; forcedDown: boolean },
+  ): Promise<ServiceRecord> {
+    await this.#allow(ctx, "setForcedDown");
+    return await this.#registry.setForcedDown(id, forcedDown);
   }
 
-  /** {@link Registry.remove}. */
-  async remove(_ctx: RequestContext, { id }: { id: number }): Promise<null> {
+  /** {@link Registry.remove}, when allowed. */
+  async remove(ctx: RequestContext, { id }: { id: number }): Promise<null> {
+    await this.#allow(ctx, "remove");
     await this.#registry.remove(id);
     return null;
   }
+}
+
+/** Options of {@link createConductor}: a Service's, but the registry is the one served. */
+export interface ConductorOptions extends Omit<ServiceOptions, "manager" | "topic" | "binary" | "registry"> {
+  /** The registry served; the conductor registers itself there too. Not closed by stop(). */
+  registry: Registry;
+  /** Default `conductor`; the admin operations are served on {@link adminTopic}(topic). */
+  topic?: string;
+  /** Who may call the admin operations. Default {@link adminOnly}. */
+  authorize?: Authorize;
+}
+
+/**
+ * A conductor: two services to start together (`serve(...createConductor(opts))`), `topic`
+ * (binary `nova-conductor`) and its admin topic (binary `nova-conductor-admin`).
+ */
+export function createConductor(opts: ConductorOptions): [Service, Service] {
+  const { registry, topic = "conductor", authorize, ...rest } = opts;
+  return [
+    Service.create({ ...rest, registry, topic, binary: "nova-conductor", manager: new ConductorManager(registry) }),
+    Service.create({
+      ...rest,
+      registry,
+      topic: adminTopic(topic),
+      binary: "nova-conductor-admin",
+      manager: new ConductorAdminManager(registry, { authorize }),
+    }),
+  ];
 }
 
 /** Options of a {@link ConductorRegistry}. */
@@ -94,6 +168,8 @@ export interface ConductorRegistryOptions {
   prefix?: string;
   /** Seconds a call waits for the conductor. Default 10. */
   timeout?: number;
+  /** The context of admin operations. Default: an admin context of user `novalet-admin`. */
+  adminContext?: RequestContext;
 }
 
 type Wire = Omit<ServiceRecord, "lastSeenUp" | "createdAt" | "updatedAt"> & {
@@ -110,19 +186,22 @@ const toRecord = (w: Wire): ServiceRecord => ({
 });
 
 /**
- * A {@link Registry} that calls a conductor over `transport`. Errors keep their meaning
- * (`NotFound`, `TypeError`); a conductor that does not answer is a registry outage
+ * A {@link Registry} that calls a conductor over `transport`: its admin operations on the
+ * conductor's {@link adminTopic}, with an admin context. Errors keep their meaning (`NotFound`,
+ * `TypeError`, {@link NotAuthorized}); a conductor that does not answer is a registry outage
  * ({@link RegistryTimeoutError}, or {@link RegistryError} when nobody serves its topic).
  */
 export class ConductorRegistry implements Registry {
   #rpc: Rpc;
   #topic: string;
   #closed = false;
-  #ctx = RequestContext.admin({ userId: "novalet-registry" });
+  #ctx = new RequestContext({ userId: "novalet-registry" });
+  #adminCtx: RequestContext;
 
   /** A registry on the conductor of `opts.topic`, over `transport` (not closed by close()). */
   constructor(transport: Transport, opts: ConductorRegistryOptions = {}) {
     this.#topic = opts.topic ?? "conductor";
+    this.#adminCtx = opts.adminContext ?? RequestContext.admin({ userId: "novalet-admin" });
     this.#rpc = new Rpc(transport, { prefix: opts.prefix, timeout: opts.timeout ?? 10 });
     if (this.#topic.includes(".")) {
       throw new TypeError(`Invalid conductor topic ${quote(this.#topic)}: no "." in a topic`);
@@ -130,22 +209,28 @@ export class ConductorRegistry implements Registry {
     this.#rpc.topics.forAddress(this.#topic); // throws a TypeError naming a bad topic
   }
 
-  async #call<T>(method: string, args: Record<string, unknown>): Promise<T> {
+  async #call<T>(method: string, args: Record<string, unknown>, admin = false): Promise<T> {
     if (this.#closed) throw new ClosedError("The registry is closed");
+    const topic = admin ? adminTopic(this.#topic) : this.#topic;
     try {
-      return await this.#rpc.call<T>(this.#ctx, this.#topic, { method, args });
+      return await this.#rpc.call<T>(admin ? this.#adminCtx : this.#ctx, topic, { method, args });
     } catch (e) {
       if (e instanceof RemoteError) {
         if (e.type === "NotFound") throw new NotFound(e.message, { cause: e });
         if (e.type === "TypeError") throw new TypeError(e.message, { cause: e });
         if (e.type === "RangeError") throw new RangeError(e.message, { cause: e });
+        if (e.type === "NotAuthorized") throw new NotAuthorized(e.message, { cause: e });
         throw new RegistryError(`The conductor failed to ${method}: ${e.type}: ${e.message}`, { cause: e });
       }
       if (e instanceof RpcTimeoutError) {
-        throw new RegistryTimeoutError(`The conductor (${this.#topic}) gave no answer to ${method}`, { cause: e });
+        throw new RegistryTimeoutError(`The conductor (${topic}) gave no answer to ${method}`, { cause: e });
+      }
+      if (e instanceof DeliveryError && (e.cause as { code?: unknown } | undefined)?.code === 0x87) {
+        // MQTT 5's "not authorized": the broker's ACL keeps this client from the topic.
+        throw new NotAuthorized(`The broker refused ${method} on ${topic}: ${e.message}`, { cause: e });
       }
       if (e instanceof DeliveryError) {
-        throw new RegistryError(`No conductor serves ${this.#topic}: ${e.message}`, { cause: e });
+        throw new RegistryError(`No conductor serves ${topic}: ${e.message}`, { cause: e });
       }
       throw e;
     }
@@ -174,17 +259,17 @@ export class ConductorRegistry implements Registry {
 
   /** {@link Registry.setDisabled}, at the conductor. */
   async setDisabled(id: number, disabled: boolean, reason?: string): Promise<ServiceRecord> {
-    return toRecord(await this.#call<Wire>("setDisabled", { id, disabled, reason }));
+    return toRecord(await this.#call<Wire>("setDisabled", { id, disabled, reason }, true));
   }
 
   /** {@link Registry.setForcedDown}, at the conductor. */
   async setForcedDown(id: number, forcedDown: boolean): Promise<ServiceRecord> {
-    return toRecord(await this.#call<Wire>("setForcedDown", { id, forcedDown }));
+    return toRecord(await this.#call<Wire>("setForcedDown", { id, forcedDown }, true));
   }
 
   /** {@link Registry.remove}, at the conductor. */
   async remove(id: number): Promise<void> {
-    await this.#call<null>("remove", { id });
+    await this.#call<null>("remove", { id }, true);
   }
 
   /** Stop calling the conductor; a second call does nothing. */

@@ -17,16 +17,24 @@ import {
   writeFileSync,
   writeSync,
 } from "node:fs";
-import { dirname, resolve } from "node:path";
+import { basename, dirname, resolve } from "node:path";
 import { hostname } from "node:os";
 import process from "node:process";
-import { RegistryError, RegistryInUse } from "../mod.ts";
+import { redactUrl, RegistryError, RegistryInUse } from "../mod.ts";
 import type { SqlJsDatabaseLike } from "./sqljs-dialect.ts";
 
 interface LockInfo {
   pid: number;
   host: string;
   since: string;
+  /** The holder's command line (script name and arguments, passwords hidden), to name it. */
+  command?: string;
+}
+
+/** This process's command line for the lock, e.g. `cli.ts conductor --registry_url=sqljs:x.db`. */
+function commandLine(): string {
+  const line = [basename(process.argv[1] ?? process.argv[0] ?? "?"), ...process.argv.slice(2)].map(redactUrl).join(" ");
+  return line.length > 200 ? `${line.slice(0, 200)}…` : line;
 }
 
 function alive(pid: number): boolean {
@@ -70,7 +78,12 @@ export class SqlJsFile {
   }
 
   #lock(): void {
-    const me: LockInfo = { pid: process.pid, host: hostname(), since: new Date().toISOString() };
+    const me: LockInfo = {
+      pid: process.pid,
+      host: hostname(),
+      since: new Date().toISOString(),
+      command: commandLine(),
+    };
     for (let attempt = 0; attempt < 3; attempt++) {
       try {
         const fd = openSync(this.lockPath, "wx");
@@ -91,7 +104,9 @@ export class SqlJsFile {
         holder = JSON.parse(readFileSync(this.lockPath, "utf8"));
       } catch { /* a lock being written right now, or garbage left by a crash mid-write */ }
       if (holder && (holder.host !== me.host || alive(holder.pid))) {
-        const who = holder.pid === me.pid && holder.host === me.host ? "this process" : `process ${holder.pid}`;
+        const who = holder.pid === me.pid && holder.host === me.host
+          ? "this process"
+          : `process ${holder.pid}${typeof holder.command === "string" ? ` (${JSON.stringify(holder.command)})` : ""}`;
         throw new RegistryInUse(
           `Registry file "${this.path}" is in use by ${who} on ${holder.host} since ${holder.since} ` +
             `(lock file "${this.lockPath}"); close it there first`,

@@ -271,7 +271,11 @@ describe("novalet CLI", () => {
         const byHost = new Map(rows.map((row) => [row.host, row]));
         assert.equal(byHost.get("dev-a")?.state, "up");
         assert.equal(byHost.get("dev-b")?.state, "up");
-        assert.equal(byHost.get("cond-host")?.binary, "nova-conductor", "the conductor is listed too");
+        assert.deepEqual(
+          rows.filter((x) => x.host === "cond-host").map((x) => x.binary).sort(),
+          ["nova-conductor", "nova-conductor-admin"],
+          "the conductor is listed too",
+        );
         const edit = await cli([
           "services",
           "disable",
@@ -284,7 +288,10 @@ describe("novalet CLI", () => {
         assert.match(edit.stdout, /disabled/);
         const second = await cli(["services", "list", `--registry_url=sqljs:${path}`]);
         assert.equal(second.code, 1, "the file is the conductor's");
-        assert.match(second.stderr, /is in use by process \d+/);
+        assert.match(second.stderr, /is in use by process \d+ \(".*conductor --registry_url=sqljs:/);
+        const rival = await cli(["conductor", `--registry_url=sqljs:${path}`, "--host=cond-2", ...common]);
+        assert.equal(rival.code, 1, "a second conductor on the same file fails");
+        assert.match(rival.stderr, /is in use by process \d+ \(".*conductor --registry_url=sqljs:.*--host=cond-host/);
       } finally {
         for (const s of [...fleet, conductor]) process.kill(s.child.pid!, "SIGTERM");
       }

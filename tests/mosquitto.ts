@@ -95,7 +95,11 @@ export class Mosquitto {
   }
 
   async #run(): Promise<void> {
-    this.#child = spawn(MOSQUITTO!, ["-c", this.#conf], { stdio: "ignore" });
+    const child = this.#child = spawn(MOSQUITTO!, ["-c", this.#conf], { stdio: "ignore" });
+    // A test run that ends abruptly (a timeout, an uncaught error) must not leave the broker behind.
+    const kill = () => child.kill("SIGKILL");
+    process.once("exit", kill);
+    child.once("exit", () => process.removeListener("exit", kill));
     await listening(this.#port, this.#child, join(this.#dir, "mosquitto.log"));
   }
 
