@@ -81,7 +81,9 @@ export function adminTopic(topic: string): string {
 export type Authorize = (ctx: RequestContext, method: string) => boolean | Promise<boolean>;
 
 /** The default {@link Authorize}: an admin context (`is_admin`, or the role `admin`). */
-export const adminOnly: Authorize = (ctx) => ctx.isAdmin || ctx.roles.includes("admin");
+export function adminOnly(ctx: RequestContext): boolean {
+  return ctx.isAdmin || ctx.roles.includes("admin");
+}
 
 /**
  * Serves a registry's admin operations over RPC. Each call is first put to `authorize` (default
