@@ -20,9 +20,10 @@ import {
 import { openSqlRegistry } from "../registry/sql.ts";
 import { EmbeddedBroker } from "../transports/broker.ts";
 import { MqttTransport, type MqttTransportOptions } from "../transports/mqtt.ts";
-import { childCommand, MemoryLogger, sleep, uniquePrefix, waitFor } from "./helpers.ts";
+import { childCommand, MemoryLogger, sleep, text, uniquePrefix, utf8, waitFor } from "./helpers.ts";
 import { BIG_STALLS, EMBEDDED, embeddedOnly, mqttFixture } from "./mqtt_fixture.ts";
 import { Mosquitto, MOSQUITTO_PUB, MOSQUITTO_SUB, needs } from "./mosquitto.ts";
+import { TcpProxy } from "./tcp_proxy.ts";
 
 const ctx = new RequestContext({ userId: "tester" });
 
@@ -268,6 +269,179 @@ describe("MQTT transport: sessions, limits and restarts", () => {
       } catch { /* already gone */ }
       await exited;
     }
+  });
+});
+
+/** Counts the calls it answers. */
+class Counted extends Manager {
+  static calls = 0;
+  echo(_c: RequestContext, args: Record<string, unknown>) {
+    Counted.calls++;
+    return args;
+  }
+}
+
+describe("A clean session reconnects: subscriptions are back before mqtt.js re-sends its stored messages", () => {
+  let fx: Awaited<ReturnType<typeof mqttFixture>>;
+  let proxy: TcpProxy;
+  let viaProxy: string;
+  let opened: { close(): Promise<unknown> }[] = [];
+  before(async () => {
+    fx = await mqttFixture();
+    const u = new URL(fx.url);
+    proxy = await TcpProxy.start(u.hostname, Number(u.port));
+    u.port = String(proxy.port);
+    viaProxy = u.toString();
+  });
+  after(async () => {
+    await proxy.close();
+    await fx.close?.();
+  });
+  afterEach(async () => {
+    for (const o of opened.reverse()) await o.close();
+    opened = [];
+  });
+  const track = <T extends { close(): Promise<unknown> }>(x: T): T => {
+    opened.push(x);
+    return x;
+  };
+  /** A transport through the proxy, quick to reconnect. */
+  const cuttable = async (extra: Partial<MqttTransportOptions> = {}) =>
+    track(
+      await MqttTransport.connect({ ...fx.options(), url: viaProxy, reconnectMin: 0.1, reconnectMax: 0.2, ...extra }),
+    );
+
+  /** Make the connection of `t` a black hole, call `during` once `t` has written a QoS 1 publish
+   * into it (so it sits unacknowledged in mqtt.js's store), then cut it; `offline` runs while
+   * `t` is disconnected, then the proxy lets `t` connect again. */
+  async function cut(t: MqttTransport, during: () => void, offline: () => void): Promise<void> {
+    proxy.silence();
+    const written = new Promise<void>((resolve) => {
+      const onSend = (p: { cmd: string; qos?: number }) => {
+        if (p.cmd !== "publish" || p.qos !== 1) return;
+        t.client.off("packetsend", onSend);
+        resolve();
+      };
+      t.client.on("packetsend", onSend);
+    });
+    during();
+    await written;
+    const closed = new Promise<void>((r) => t.client.once("close", () => r()));
+    proxy.reset();
+    await closed;
+    offline(); // reconnect attempts meanwhile go into the black hole: nothing is sent
+    await sleep(50);
+    proxy.restore();
+    proxy.reset();
+  }
+
+  it("a call in flight when the connection drops, and one made while it is down, get their answers", async () => {
+    const prefix = uniquePrefix("replay");
+    const svc = Service.create({
+      host: "h1",
+      topic: "echo",
+      manager: Counted,
+      transport: track(await MqttTransport.connect(fx.options())), // not through the proxy
+      prefix,
+      registry: track(await openSqlRegistry("sqljs::memory:")),
+      logger: new MemoryLogger(),
+    });
+    await svc.start();
+    track({ close: () => svc.stop() });
+    const clientT = await cuttable();
+    const rpc = track(new Rpc(clientT, { prefix, timeout: 10 }));
+    const echo = (n: number) => rpc.call(ctx, "echo.h1", { method: "echo", args: { n } });
+    assert.deepEqual(await echo(0), { n: 0 }); // the reply subscription exists
+    const answered = Counted.calls;
+
+    let inFlight!: Promise<unknown>;
+    let whileDown!: Promise<unknown>;
+    const t0 = Date.now();
+    await cut(clientT, () => (inFlight = echo(1)), () => (whileDown = echo(2)));
+    assert.deepEqual(await inFlight, { n: 1 });
+    assert.deepEqual(await whileDown, { n: 2 });
+    const ms = Date.now() - t0;
+    assert.ok(ms < 5000, `answered ${ms} ms after the call (timeout 10 s)`);
+    assert.equal(Counted.calls - answered, 2, "the server answered each call once");
+    assert.equal(rpc.pending, 0);
+  });
+
+  it("a QoS 1 message to our own subscription, left in mqtt.js's store by the cut, reaches it; SUBSCRIBE goes first", async () => {
+    const topic = `${uniquePrefix("own")}/x`;
+    const t = await cuttable();
+    const got: string[] = [];
+    await t.subscribe(topic, (p) => void got.push(text(p)), { qos: 1 });
+    const sent: string[] = [];
+    const sending: Promise<void>[] = [];
+    await cut(t, () => sending.push(t.publish(topic, utf8("in flight"), { qos: 1 })), () => {
+      t.client.on("packetsend", (p) => void sent.push(p.cmd));
+      sending.push(t.publish(topic, utf8("while down"), { qos: 1 }));
+    });
+    await Promise.all(sending);
+    await waitFor(() => got.length === 2, `both messages (got ${JSON.stringify(got)})`, 5000);
+    assert.deepEqual(got.sort(), ["in flight", "while down"]);
+    const first = sent.indexOf("publish");
+    assert.ok(sent.indexOf("subscribe") >= 0 && sent.indexOf("subscribe") < first, `sent: ${sent.join(" ")}`);
+  });
+
+  it("a connection lost again before the broker confirmed the subscriptions: the next one makes them, then re-sends", async () => {
+    const topic = `${uniquePrefix("twice")}/x`;
+    const t = await cuttable();
+    const got: string[] = [];
+    await t.subscribe(topic, (p) => void got.push(text(p)), { qos: 1 });
+    let connects = 0;
+    let subscribes = 0;
+    let sending!: Promise<void>;
+    await cut(t, () => (sending = t.publish(topic, utf8("in flight"), { qos: 1 })), () => {
+      t.client.on("connect", () => void connects++);
+      t.client.on("packetsend", (p) => {
+        // The first SUBSCRIBE after the cut never reaches the broker: its connection goes too.
+        if (p.cmd === "subscribe" && subscribes++ === 0) proxy.reset();
+      });
+    });
+    await sending;
+    await waitFor(() => got.length === 1, "the message", 5000);
+    assert.ok(subscribes >= 2, `subscribed on both connections (${subscribes})`);
+    assert.equal(connects, 1, "mqtt.js emitted connect only for the connection that completed its replay");
+    await sleep(100);
+    assert.deepEqual(got, ["in flight"]);
+  });
+
+  it("a subscription refused after the reconnect is logged; the stored messages are sent all the same", async () => {
+    const prefix = uniquePrefix("refused");
+    const log = new MemoryLogger();
+    const t = await cuttable({ logger: log });
+    const got: string[] = [];
+    await t.subscribe(`${prefix}/ok`, (p) => void got.push(text(p)), { qos: 1 });
+    await t.subscribe(`${prefix}/no`, () => {}, { qos: 1 });
+    const client = t.client as unknown as { subscribeAsync(topic: string, opts: object): Promise<unknown> };
+    const subscribeAsync = client.subscribeAsync;
+    client.subscribeAsync = (topic, opts) =>
+      topic === `${prefix}/no` ? Promise.reject(new Error("refused here")) : subscribeAsync.call(t.client, topic, opts);
+    try {
+      let sending!: Promise<void>;
+      await cut(t, () => (sending = t.publish(`${prefix}/ok`, utf8("in flight"), { qos: 1 })), () => {});
+      await sending;
+      await waitFor(() => got.length === 1, "the message", 5000);
+    } finally {
+      delete (client as { subscribeAsync?: unknown }).subscribeAsync; // the prototype's again
+    }
+    assert.ok(log.has("error", new RegExp(`Cannot subscribe again to ${prefix}/no after a reconnect`)), "logged");
+  });
+
+  it("a persistent session that the broker kept is not subscribed again", async () => {
+    const t = await cuttable({ clientId: `keep-${crypto.randomUUID().slice(0, 8)}`, sessionExpiry: 600 });
+    const topic = `${uniquePrefix("kept")}/x`;
+    const got: string[] = [];
+    await t.subscribe(topic, (p) => void got.push(text(p)), { qos: 1 });
+    const sent: string[] = [];
+    await cut(t, () => void t.publish(topic, utf8("in flight"), { qos: 1 }), () => {
+      t.client.on("packetsend", (p) => void sent.push(p.cmd));
+    });
+    await waitFor(() => got.includes("in flight"), "the message", 5000);
+    assert.ok(t.client.connected);
+    assert.deepEqual(sent.filter((c) => c === "subscribe"), [], `sent: ${sent.join(" ")}`);
+    await t.forget(topic);
   });
 });
 

@@ -73,6 +73,8 @@ describe("MqttTransport.publish() while the connection is down", () => {
       if (!t.client.connected) assert.equal(settled, false, "a QoS 1 message waits for the connection and its PUBACK");
       await later; // stored by mqtt.js, sent and acknowledged once connected again
       assert.ok(t.client.connected);
+      // Sent again only once the subscription was made again: it reaches our own handler.
+      await waitFor(() => got.includes("kept"), "the stored QoS 1 message");
       // The transport subscribes again after the reconnect, asynchronously: QoS 0 until one arrives.
       for (let n = 0; !got.includes("again"); n++) {
         assert.ok(n < 100, "a QoS 0 message after the reconnect within 5 s");

@@ -7,6 +7,9 @@
  * @module
  */
 
+import { Readable } from "node:stream";
+import type { IStore } from "mqtt";
+
 /** The part of mqtt.js's `MqttClient` that these functions type; they reach for the rest. */
 export interface MqttClientParts {
   /** The connection's stream, replaced on every reconnect. */
@@ -132,4 +135,44 @@ export function noDelay(client: MqttClientParts): void {
  * time (undocumented), which is how the transport backs off. */
 export function setReconnectPeriod(client: MqttClientParts, ms: number): void {
   client.options.reconnectPeriod = ms;
+}
+
+/**
+ * Call `hook` on every new connection before mqtt.js sends its stored QoS 1 packets again, and
+ * hold them until the promise it returns settles (it must not reject). mqtt.js's `_onConnect`
+ * asks the outgoing store (public API) for them right after setting `connected`, before it emits
+ * `connect`; that order is not documented, so `hook` runs only while the client says it is
+ * connected, and a release that asks at another time merely skips it.
+ */
+export function beforeReplay(client: MqttClientParts, hook: () => Promise<void> | undefined): void {
+  const c = client as unknown as { outgoingStore?: IStore; connected: boolean };
+  const store = c.outgoingStore;
+  if (store === undefined) return;
+  // Only createStream changes: put() and del() run for every QoS 1 message and stay as they are.
+  const createStream = store.createStream;
+  store.createStream = () => {
+    const wait = c.connected ? hook() : undefined;
+    const stored = createStream.call(store);
+    return wait === undefined ? stored : heldUntil(wait, stored as unknown as Readable) as unknown as typeof stored;
+  };
+}
+
+/** `stored`'s packets once `wait` settled; destroying it (the connection closed) destroys `stored`. */
+function heldUntil(wait: Promise<void>, stored: Readable): Readable {
+  const out = new Readable({
+    objectMode: true,
+    read() {},
+    destroy(error, done) {
+      stored.destroy();
+      done(error);
+    },
+  });
+  const go = () => {
+    if (out.destroyed) return;
+    stored.on("data", (packet) => out.destroyed || out.push(packet));
+    stored.on("end", () => out.destroyed || out.push(null));
+    stored.on("error", (e) => out.destroy(e));
+  };
+  wait.then(go, go);
+  return out;
 }

@@ -10,7 +10,8 @@
  *   against delayed ACK. The broker needs it too (`set_tcp_nodelay true`).
  * - A message is acknowledged once a handler took it; with a persistent session a message that
  *   no handler takes is never acknowledged, so the broker delivers it again later.
- * - Reconnects with exponential backoff and subscribes again when the broker lost the session.
+ * - Reconnects with exponential backoff and subscribes again when the broker lost the session,
+ *   before mqtt.js sends the QoS 1 messages it kept (a request's reply needs its subscription).
  *
  * @module
  */
@@ -33,6 +34,7 @@ import {
   runHandler,
   type SubscribeOptions,
   type Subscription,
+  TIMED_OUT,
   topicMatches,
   type Transport,
   TransportGuard,
@@ -40,6 +42,7 @@ import {
   within,
 } from "../mod.ts";
 import {
+  beforeReplay,
   checkInternals,
   cork,
   isDisconnecting,
@@ -233,6 +236,10 @@ const CLOSE_UNSUBSCRIBE_S = 5;
  * queued for the subscription (see #quiet); what comes later finds no handler. */
 const LEAVE_QUIET_MS = 3000;
 
+/** How long, in seconds, mqtt.js's stored messages wait after a reconnect for the broker to
+ * confirm our subscriptions; then they go anyway (see #beforeReplay). */
+const RESUBSCRIBE_WAIT_S = 10;
+
 /** The largest message expiry interval MQTT 5 can carry: four bytes, in seconds (136 years). */
 const MAX_EXPIRY = 0xffff_ffff;
 
@@ -330,6 +337,10 @@ export class MqttTransport implements Transport {
   /** The stored QoS 1 packet that mqtt.js last sent again on this connection, and when. */
   #resent?: PacketOut;
   #resentAt = 0;
+  /** The CONNACK of the current (or last) connection. */
+  #connack?: IConnackPacket;
+  /** The stream of the connection whose subscriptions #beforeReplay dealt with. */
+  #subscribedOn?: unknown;
   /** Why the broker closed this connection, when it said (an MQTT 5 DISCONNECT). */
   #closeReason?: number;
   /** The re-sent packet that the last connections were closed on, and how many in a row. */
@@ -379,9 +390,12 @@ export class MqttTransport implements Transport {
       callback();
     };
     client.on("packetreceive", (p) => {
-      // PUBACK reason 16 (v5): "no matching subscribers"; mqtt.js reports it as success.
-      if (p.cmd === "puback" && p.reasonCode === 16 && p.messageId !== undefined) this.#noSubscribers.add(p.messageId);
+      if (p.cmd === "puback") {
+        // Reason 16 (v5): "no matching subscribers"; mqtt.js reports it as success.
+        if (p.reasonCode === 16 && p.messageId !== undefined) this.#noSubscribers.add(p.messageId);
+      } else if (p.cmd === "connack") this.#connack = p;
     });
+    beforeReplay(client, this.#beforeReplay);
     client.on("connect", (connack) => this.#onConnect(connack));
     // Message expiry goes onto the packet here, not through publish()'s options: mqtt.js spreads
     // those over its defaults, and on Node 20 an object spread followed by a key that the
@@ -582,15 +596,46 @@ export class MqttTransport implements Transport {
     this.#sharedAvailable = connack.properties?.sharedSubscriptionAvailable !== false;
     const max = connack.properties?.maximumPacketSize;
     if (max !== undefined) this.#maxPayload = Math.min(this.#maxPayload, max - 1024);
-    // A broker that kept our session kept our subscriptions; otherwise make them again.
-    if (!connack.sessionPresent && this.#subs.size > 0) {
-      for (const s of this.#subs.values()) {
-        if (s.leaving !== undefined) continue;
+    // A broker that kept our session kept our subscriptions; otherwise make them again, unless
+    // #beforeReplay did on this connection (it always does, with the mqtt.js we are tested with).
+    if (this.#subscribedOn !== this.client.stream && !connack.sessionPresent) this.#subscribeAgain();
+  }
+
+  /**
+   * A new connection, before mqtt.js sends its stored QoS 1 messages again (see beforeReplay). A
+   * broker that kept no session has none of our subscriptions: make them first, and hold those
+   * messages until it confirmed them, or a request sent again is answered before its reply
+   * subscription exists. Never rejects: a refused subscription is logged and the messages go.
+   */
+  #beforeReplay = (): Promise<void> | undefined => {
+    const stream = this.client.stream;
+    if (this.#subscribedOn === stream) return undefined;
+    this.#subscribedOn = stream;
+    noDelay(this.client);
+    if (this.#connack?.sessionPresent || this.#subs.size === 0) return undefined;
+    this.#holdWrites(); // the SUBSCRIBEs in one write
+    const made = this.#subscribeAgain();
+    if (made.length === 0) return undefined;
+    return within(Promise.all(made), RESUBSCRIBE_WAIT_S).then((r) => {
+      if (r !== TIMED_OUT) return;
+      this.#log.warn(
+        `The broker has not confirmed our subscriptions ${RESUBSCRIBE_WAIT_S} s after the reconnect: sending the stored messages anyway`,
+      );
+    });
+  };
+
+  /** Subscribe again at the broker to every subscription we have; the promises never reject. */
+  #subscribeAgain(): Promise<void>[] {
+    const made: Promise<void>[] = [];
+    for (const s of this.#subs.values()) {
+      if (s.leaving !== undefined) continue;
+      made.push(
         s.ready = this.#brokerSubscribe(s).catch((e) => {
           this.#log.error(`Cannot subscribe again to ${s.key} after a reconnect`, { error: e });
-        });
-      }
+        }),
+      );
     }
+    return made;
   }
 
   /**
