@@ -232,7 +232,7 @@ export class ConductorRegistry implements Registry {
         throw new NotAuthorized(`The broker refused ${method} on ${topic}: ${e.message}`, { cause: e });
       }
       if (e instanceof DeliveryError) {
-        throw new RegistryError(`No conductor serves ${topic}: ${e.message}`, { cause: e });
+        throw new RegistryError(`The conductor (${topic}) cannot be reached for ${method}: ${e.message}`, { cause: e });
       }
       throw e;
     }

@@ -21,8 +21,10 @@ import { ConductorAdminManager, ConductorManager, ConductorRegistry, createCondu
 import { openSqlRegistry } from "../registry/sql.ts";
 import { MemoryHub, MemoryTransport } from "../transports/memory.ts";
 import { registryConformance } from "./registry_conformance.ts";
-import { MemoryLogger, uniquePrefix } from "./helpers.ts";
+import { MemoryLogger, uniquePrefix, waitFor } from "./helpers.ts";
 import { mqttFixture } from "./mqtt_fixture.ts";
+import { Mosquitto, needs } from "./mosquitto.ts";
+import { MqttTransport } from "../transports/mqtt.ts";
 import pg from "pg";
 
 const PG_URL = process.env.PG_URL;
@@ -137,7 +139,8 @@ describe("conductor", () => {
     const r: Registry = new ConductorRegistry(t, { prefix: uniquePrefix("none"), timeout: 1 });
     await assert.rejects(
       r.list(),
-      (e: Error) => e instanceof RegistryError && /No conductor serves conductor/.test(e.message),
+      (e: Error) =>
+        e instanceof RegistryError && /The conductor \(conductor\) cannot be reached for list/.test(e.message),
     );
     await r.close();
     assert.throws(() => new ConductorRegistry(t, { topic: "a/b" }), TypeError);
@@ -259,6 +262,87 @@ describe("conductor", () => {
         await client.connect();
         await client.query(`drop schema if exists ${schema} cascade`).finally(() => client.end());
       }
+    }
+  });
+});
+
+describe("conductor behind the README's Mosquitto ACL (examples/mosquitto/conductor.acl)", () => {
+  const skip = needs("mosquitto");
+  it("a device heartbeats through the conductor but cannot administer; an operator can", { skip }, async () => {
+    const acl = new URL("../examples/mosquitto/conductor.acl", import.meta.url).pathname;
+    const broker = await Mosquitto.start({
+      users: { operator: "op-secret", conductor: "c-secret", device: "d-secret" },
+      conf: `acl_file ${acl}`,
+    });
+    const as = (user: string, pw: string) =>
+      MqttTransport.connect({ url: broker.url.replace("//", `//${user}:${pw}@`), logger: new MemoryLogger() });
+    const open: Transport[] = [];
+    const served = await openSqlRegistry("sqljs::memory:");
+    let pair: Service[] = [];
+    try {
+      const ct = await as("conductor", "c-secret"); // default prefix and topic: the ACL names them
+      open.push(ct);
+      pair = createConductor({ registry: served, host: "c1", transport: ct, logger: new MemoryLogger() });
+      for (const s of pair) await s.start();
+      const dt = await as("device", "d-secret");
+      const ot = await as("operator", "op-secret");
+      open.push(dt, ot);
+      const device = await openRegistry("conductor:", { transport: dt });
+      const operator = await openRegistry("conductor:", { transport: ot });
+      const rpc = new Rpc(ot);
+      const svc = Service.create({
+        topic: "sensor",
+        host: "dev-1",
+        manager: class Sensor extends Manager {
+          ping() {
+            return "pong";
+          }
+        },
+        transport: dt,
+        registry: device,
+        reportInterval: 0.1,
+        logger: new MemoryLogger(),
+      });
+      try {
+        await svc.start();
+        await new Promise((r) => setTimeout(r, 400));
+        const [row] = await device.list({ host: "dev-1" });
+        assert.ok(row && row.reportCount >= 2, `the device heartbeats: ${row?.reportCount}`);
+        // Mosquitto refuses the publish (MQTT 5: "not authorized") and, in 2.0, drops the connection:
+        // the refusal may be lost with it, and the call then fails as a connection error.
+        const refused = (e: Error) =>
+          e instanceof NotAuthorized && /broker refused/.test(e.message) ||
+          e instanceof RegistryError && /Connection closed/.test(e.message);
+        const connected = () =>
+          waitFor(() => (dt as MqttTransport).client.connected, "the device to reconnect", 10_000);
+        await assert.rejects(device.setDisabled(row.id, true), refused);
+        await connected();
+        await assert.rejects(device.remove(row.id), refused);
+        const seen = (await operator.get(row.id))!;
+        assert.equal(seen.disabled, false, "nothing reached the conductor");
+        // The device reconnects; its own work and its heartbeats go on.
+        await connected();
+        const ping = await rpc.call(new RequestContext(), "sensor.dev-1", { method: "ping" }, { timeout: 10 });
+        assert.equal(ping, "pong");
+        const until = Date.now() + 5000;
+        let count = seen.reportCount;
+        while (count <= seen.reportCount + 2 && Date.now() < until) {
+          await new Promise((r) => setTimeout(r, 100));
+          count = (await operator.get(row.id))!.reportCount;
+        }
+        assert.ok(count > seen.reportCount + 2, `heartbeats after the refusals: ${count - seen.reportCount}`);
+        assert.equal((await operator.setDisabled(row.id, true, "maintenance")).disabled, true);
+      } finally {
+        await svc.stop();
+        await rpc.close();
+        await device.close();
+        await operator.close();
+      }
+    } finally {
+      for (const s of pair) await s.stop();
+      await served.close();
+      await Promise.all(open.map((t) => t.close()));
+      await broker.stop();
     }
   });
 });

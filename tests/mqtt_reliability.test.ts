@@ -335,6 +335,25 @@ describe("A clean session reconnects: subscriptions are back before mqtt.js re-s
     proxy.reset();
   }
 
+  it("close() while offline with a QoS 1 message stored ends at once, and that publish() rejects", async () => {
+    const t = await cuttable();
+    proxy.silence();
+    const written = new Promise<void>((r) => t.client.once("packetsend", () => r()));
+    const published = t.publish(`${uniquePrefix("gone")}/x`, new Uint8Array([1]), { qos: 1 }).then(
+      () => "sent",
+      (e) => e,
+    );
+    await written;
+    const closed = new Promise<void>((r) => t.client.once("close", () => r()));
+    proxy.reset(); // offline now; reconnects go into the silence
+    await closed;
+    const t0 = Date.now();
+    await t.close();
+    assert.ok(Date.now() - t0 < 1000, `close() took ${Date.now() - t0} ms`);
+    assert.ok((await published) instanceof Error, "the stored publish failed");
+    proxy.restore();
+  });
+
   it("a call in flight when the connection drops, and one made while it is down, get their answers", async () => {
     const prefix = uniquePrefix("replay");
     const svc = Service.create({

@@ -1111,8 +1111,24 @@ export class MqttTransport implements Transport {
     this.#laterExpiry.clear();
     // This turn's acknowledgements go out before the DISCONNECT.
     if (this.#corked !== undefined) this.#releaseWrites();
-    // end() sends DISCONNECT: the broker drops the Will of a connection that ends this way.
-    if (this.#owned) await this.client.endAsync();
+    if (this.#owned) {
+      // mqtt.js's end() first waits for every stored QoS 1 message to be acknowledged: forever when
+      // offline. Give a connected broker CLOSE_UNSUBSCRIBE_S, then drop what is left (its publish()
+      // rejects). A clean end() sends DISCONNECT: the broker drops the Will of a connection ended so.
+      const pending = () => Object.keys(this.client.outgoing).map(Number);
+      if (pending().length > 0 && this.client.connected) {
+        await within(new Promise<void>((r) => this.client.once("outgoingEmpty", r)), CLOSE_UNSUBSCRIBE_S);
+      }
+      const left = pending();
+      for (const id of left) {
+        const entry = outgoing(this.client, id);
+        if (entry === undefined) continue;
+        const cb = entry.cb;
+        entry.cb = (_e, p) => cb(new Error("the transport closed before the broker acknowledged it"), p);
+        this.client.removeOutgoingMessage(id);
+      }
+      await this.client.endAsync(!this.client.connected || left.length > 0);
+    }
     this.#onClosed?.();
   }
 }
