@@ -349,8 +349,15 @@ async function conductorCommand(argv: string[]): Promise<number> {
     await registry.close();
     throw e instanceof TypeError ? new UsageError(e.message) : e;
   }
+  if (flags.transportUrl.startsWith("memory:")) {
+    pair[0].logger.warn(
+      "Serving the registry on the memory:// transport: only this process can reach it " +
+        "(use --transport_url=mqtt://HOST:1883 to serve other processes)",
+    );
+  }
   try {
-    const launcher = await serve(...pair);
+    // exit: false, so that the registry is closed below (a sqljs: file's lock released) before the exit.
+    const launcher = await serve(...pair, { exit: false });
     pair[0].logger.info(
       `Serving the registry ${redactUrl(flags.registryUrl)} on ${topic}, admin on ${adminTopic(topic)}`,
     );

@@ -2531,6 +2531,7 @@ export class LoopingCall {
   #fn: () => unknown;
   #log: Logger;
   #stopOnError: boolean;
+  #late = false;
   #timer?: { cancel(): void };
   #wake?: () => void;
   #stopped = false;
@@ -2586,11 +2587,14 @@ export class LoopingCall {
       }
       if (this.#stopped) break;
       const took = Date.now() - start;
-      if (took > intervalMs) {
-        this.#log.warn(`Loop ${this.name} run took ${took} ms, longer than its interval of ${intervalMs} ms`, {
-          loop: this.name,
-        });
+      // Once per streak of late runs: a registry that hangs would otherwise repeat it every interval.
+      if (took > intervalMs && !this.#late) {
+        this.#log.warn(
+          `Loop ${this.name} run took ${took} ms, longer than its interval of ${intervalMs} ms (said once until one is on time)`,
+          { loop: this.name },
+        );
       }
+      this.#late = took > intervalMs;
       await this.#sleep(Math.max(0, intervalMs - took));
     }
   }

@@ -104,7 +104,8 @@ export class ConductorAdminManager extends Manager {
 
   async #allow(ctx: RequestContext, method: string): Promise<void> {
     if (!(await this.#authorize(ctx, method))) {
-      throw new NotAuthorized(`${method} is an admin operation: ${quote(ctx.userId)} may not call it`);
+      const who = ctx.userId === null ? "an anonymous caller" : quote(ctx.userId);
+      throw new NotAuthorized(`${method} is an admin operation: ${who} may not call it`);
     }
   }
 

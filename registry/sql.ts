@@ -25,8 +25,10 @@ import {
 } from "kysely";
 import {
   ClosedError,
+  MAX_SECONDS,
   NotFound,
   NovaletError,
+  parseAddress,
   quote,
   redactUrl,
   type Registry,
@@ -174,10 +176,23 @@ function checkField(name: string, v: unknown): string {
   return v;
 }
 
+/** A topic, host or binary as RPC names them: one topic level (no "/", "+", "#", control characters); a topic has no ".". */
+function checkName(name: "topic" | "host" | "binary", v: unknown): string {
+  const s = checkField(name, v);
+  try {
+    if (name === "topic") parseAddress(s);
+    else parseAddress(`t.${s}`);
+    if (name === "topic" && s.includes(".")) throw new TypeError(`no "." in a topic`);
+  } catch (e) {
+    throw new TypeError(`Invalid ${name} ${quote(s)}: ${(e as Error).message.replace(/^Invalid [a-z]+ .*?: /, "")}`);
+  }
+  return s;
+}
+
 function checkSeconds(name: string, v: unknown): number | null {
   if (v === undefined) return null;
-  if (typeof v !== "number" || !(v > 0) || !Number.isFinite(v)) {
-    throw new TypeError(`Invalid ${name} ${quote(v)}: must be a positive number of seconds`);
+  if (typeof v !== "number" || !(v > 0) || !(v <= MAX_SECONDS)) {
+    throw new TypeError(`Invalid ${name} ${quote(v)}: must be a positive number of seconds, at most ${MAX_SECONDS}`);
   }
   return v;
 }
@@ -286,9 +301,9 @@ export class SqlRegistry implements Registry {
    */
   async register(s: ServiceRegistration): Promise<ServiceRecord> {
     this.#open();
-    const host = checkField("host", s?.host);
-    const binary = checkField("binary", s?.binary);
-    const topic = checkField("topic", s?.topic);
+    const host = checkName("host", s?.host);
+    const binary = checkName("binary", s?.binary);
+    const topic = checkName("topic", s?.topic);
     const settings = {
       report_interval: checkSeconds("reportInterval", s.reportInterval),
       service_down_time: checkSeconds("serviceDownTime", s.serviceDownTime),
@@ -389,7 +404,7 @@ export class SqlRegistry implements Registry {
     return this.#edit(
       id,
       { disabled: disabled ? 1 : 0, disabled_reason: disabled ? reason ?? null : null },
-      "disable",
+      disabled ? "disable" : "enable",
       "setDisabled",
     );
   }
@@ -402,7 +417,12 @@ export class SqlRegistry implements Registry {
     if (typeof forcedDown !== "boolean") {
       throw new TypeError(`Invalid forcedDown ${quote(forcedDown)}: must be a boolean`);
     }
-    return this.#edit(id, { forced_down: forcedDown ? 1 : 0 }, "force down", "setForcedDown");
+    return this.#edit(
+      id,
+      { forced_down: forcedDown ? 1 : 0 },
+      forcedDown ? "force down" : "lift its forced down",
+      "setForcedDown",
+    );
   }
 
   /**

@@ -12,12 +12,13 @@ import {
   fsyncSync,
   openSync,
   readFileSync,
+  realpathSync,
   renameSync,
   unlinkSync,
   writeFileSync,
   writeSync,
 } from "node:fs";
-import { basename, dirname, resolve } from "node:path";
+import { basename, dirname, join, resolve } from "node:path";
 import { hostname } from "node:os";
 import process from "node:process";
 import { redactUrl, RegistryError, RegistryInUse } from "../mod.ts";
@@ -35,6 +36,21 @@ interface LockInfo {
 function commandLine(): string {
   const line = [basename(process.argv[1] ?? process.argv[0] ?? "?"), ...process.argv.slice(2)].map(redactUrl).join(" ");
   return line.length > 200 ? `${line.slice(0, 200)}…` : line;
+}
+
+/** The file's own path, symbolic links resolved (also in its folders, for a file not yet made),
+ * so that every name of one file locks and replaces that file, not a link to it. */
+function realPath(path: string): string {
+  const full = resolve(path);
+  try {
+    return realpathSync(full);
+  } catch {
+    try {
+      return join(realpathSync(dirname(full)), basename(full));
+    } catch {
+      return full; // no folder yet: the write will say so
+    }
+  }
 }
 
 function alive(pid: number): boolean {
@@ -66,7 +82,7 @@ export class SqlJsFile {
    * lock; naming the file when it cannot be locked or read.
    */
   static acquire(path: string): { file: SqlJsFile; bytes?: Uint8Array } {
-    const file = new SqlJsFile(resolve(path));
+    const file = new SqlJsFile(realPath(path));
     file.#lock();
     try {
       const bytes = existsSync(file.path) ? new Uint8Array(readFileSync(file.path)) : undefined;

@@ -296,6 +296,7 @@ describe("novalet CLI", () => {
         for (const s of [...fleet, conductor]) process.kill(s.child.pid!, "SIGTERM");
       }
       await Promise.all([...fleet, conductor].map((s) => s.exited));
+      assert.equal(existsSync(`${path}.lock`), false, "the conductor released the file on SIGTERM");
     });
 
     it("novalet serve answers novalet call and cast, and stops on SIGTERM", async () => {

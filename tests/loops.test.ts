@@ -35,6 +35,8 @@ describe("LoopingCall", () => {
     await loop.done;
     assert.equal(maxRunning, 1);
     assert.ok(log.has("warn", /Loop slow run took \d+ ms, longer than its interval of 10 ms/));
+    const said = log.lines.filter((l) => /longer than its interval/.test(l.msg)).length;
+    assert.equal(said, 1, "once for a streak of late runs");
   });
 
   it("LoopingCall logs an error and goes on; with stopOnError it stops and done rejects", async () => {

@@ -1,6 +1,6 @@
 import { after, describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, lstatSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import process from "node:process";
@@ -139,6 +139,27 @@ describe("openSqlRegistry()", () => {
     const second = await openSqlRegistry(`sqljs:${path}`);
     assert.equal((await second.list()).length, 1);
     await second.close();
+  });
+
+  it("a file named through a symbolic link is the same file: locked, and the link left in place", async () => {
+    const path = tempPath();
+    const link = `${path}.link`;
+    const first = await openSqlRegistry(`sqljs:${path}`);
+    await first.register({ host: "h", binary: "b", topic: "t" });
+    symlinkSync(path, link);
+    try {
+      await assert.rejects(openSqlRegistry(`sqljs:${link}`), RegistryInUse);
+      await first.close();
+      const second = await openSqlRegistry(`sqljs:${link}`);
+      await second.register({ host: "h2", binary: "b", topic: "t" });
+      await second.close();
+      assert.ok(lstatSync(link).isSymbolicLink(), "a write replaced the file, not the link");
+      const again = await openSqlRegistry(`sqljs:${path}`);
+      assert.equal((await again.list()).length, 2);
+      await again.close();
+    } finally {
+      rmSync(link, { force: true });
+    }
   });
 
   it("a stale lock left by a dead process is taken over", async () => {

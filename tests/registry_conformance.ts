@@ -95,6 +95,7 @@ export function registryConformance(name: string, newStore: () => Promise<Regist
       const r = await open();
       await assert.rejects(r.reportState(424242), NotFound);
       await assert.rejects(r.setDisabled(424242, true), NotFound);
+      await assert.rejects(r.setDisabled(424242, false), /cannot enable/);
       await assert.rejects(r.setForcedDown(424242, true), NotFound);
       await assert.rejects(r.remove(424242), NotFound);
       assert.equal(await r.get(424242), undefined);
@@ -108,6 +109,17 @@ export function registryConformance(name: string, newStore: () => Promise<Regist
       await assert.rejects(async () => await r.register(svc("")), /Invalid host ""/);
       await assert.rejects(async () => await r.register(svc("h", "x".repeat(256))), /Invalid binary/);
       await assert.rejects(async () => await r.register({ host: "h", binary: "b" } as never), /Invalid topic/);
+      // Names RPC could not use: a topic level each, no wildcard, no control character; no "." in a topic.
+      await assert.rejects(async () => await r.register({ host: "h/#+", binary: "b", topic: "t" }), /Invalid host/);
+      await assert.rejects(
+        async () => await r.register({ host: "h", binary: "b\u0000", topic: "t" }),
+        /Invalid binary/,
+      );
+      await assert.rejects(async () => await r.register({ host: "h", binary: "b", topic: "t.x" }), /Invalid topic/);
+      await assert.rejects(
+        async () => await r.register({ host: "h", binary: "b", topic: "t", serviceDownTime: 1e308 }),
+        /Invalid serviceDownTime.*at most 4294967295/,
+      );
       assert.deepEqual(await r.list(), []);
     });
 
