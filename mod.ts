@@ -1988,6 +1988,49 @@ export function rpcMethods(manager: Manager): Map<string, (ctx: RequestContext, 
   return table;
 }
 
+// The roles a method requires, keyed by the method; global for the same reason as periodicRegistry.
+const requiredRoles: WeakMap<object, readonly string[]> =
+  ((globalThis as Record<symbol, unknown>)[Symbol.for("novalet.requiredRoles")] ??= new WeakMap()) as WeakMap<
+    object,
+    readonly string[]
+  >;
+
+/**
+ * Confine an RPC method to callers whose context is admin (`is_admin`) or holds one of `roles`;
+ * the dispatcher refuses others with {@link NotAuthorized} before the method runs. A context is
+ * only as trustworthy as the transport that carried it (see the README on broker ACLs).
+ *
+ * @example
+ * ```ts
+ * class Compute extends Manager {
+ *   @requires("admin", "operator")
+ *   evacuate(_ctx: RequestContext) {}
+ * }
+ * ```
+ */
+export function requires(...roles: string[]): PeriodicTaskDecorator {
+  if (roles.length === 0 || roles.some((r) => typeof r !== "string" || r.length === 0)) {
+    throw new TypeError(`requires() needs one or more role names: got ${quote(roles)}`);
+  }
+  const frozen = Object.freeze([...roles]);
+  function decorate(method: unknown, context: unknown, descriptor?: PropertyDescriptor): unknown {
+    const fn = typeof context === "string"
+      ? (descriptor ?? Object.getOwnPropertyDescriptor(method as object, context))?.value
+      : (context as ClassMethodDecoratorContext | undefined)?.kind === "method"
+      ? method
+      : undefined;
+    if (typeof fn !== "function") throw new TypeError("@requires applies to methods only");
+    requiredRoles.set(fn, frozen);
+    return typeof context === "string" ? undefined : method;
+  }
+  return decorate as PeriodicTaskDecorator;
+}
+
+/** Whether `ctx` may call a method that requires `roles`. */
+function mayCall(ctx: RequestContext, roles: readonly string[]): boolean {
+  return ctx.isAdmin || roles.some((r) => ctx.roles.includes(r));
+}
+
 interface TaskState {
   info: PeriodicTaskInfo;
   nextRun: number;
@@ -2411,6 +2454,11 @@ export class Dispatcher {
       ctx = RequestContext.from(req.context);
     } catch (e) {
       throw new BadRequest(`Malformed request: ${(e as Error).message}`, { cause: e });
+    }
+    const roles = requiredRoles.get(fn);
+    if (roles !== undefined && !mayCall(ctx, roles)) {
+      const who = ctx.userId === null ? "an anonymous caller" : quote(ctx.userId);
+      throw new NotAuthorized(`${quote(req.method)} requires the role ${roles.join(" or ")}: ${who} has none of them`);
     }
     // A handler that is not an async function but returns a promise gets the async scope too,
     // from its next call on (its first one cannot be told apart before it has run).

@@ -15,16 +15,20 @@ import {
   parseAddress,
   periodicTask,
   queueGetFor,
+  RemoteError,
   type ReplyEnvelope,
   RequestContext,
+  requires,
   Rpc,
   rpcMethods,
   RpcTimeoutError,
+  Service,
   topicMatches,
   Topics,
   type Transport,
 } from "../index.ts";
 import { MemoryLogger, sleep, text, utf8, waitFor } from "./helpers.ts";
+import { MemoryHub, MemoryTransport } from "../transports/memory.ts";
 
 describe("topicMatches()", () => {
   const cases: [string, string, boolean][] = [
@@ -451,6 +455,64 @@ describe("Manager method table", () => {
   });
   it("periodicTask() refuses a negative spacing", () => {
     assert.throws(() => periodicTask({ spacing: -1 }), RangeError);
+  });
+});
+
+describe("requires(): methods for some roles only", () => {
+  const ran: string[] = [];
+  class Compute extends Manager {
+    @requires("admin")
+    evacuate(_ctx: RequestContext) {
+      ran.push("evacuate");
+    }
+    @requires("operator", "admin")
+    migrate(_ctx: RequestContext) {
+      ran.push("migrate");
+    }
+    show(_ctx: RequestContext) {
+      ran.push("show");
+    }
+    legacy(_ctx: RequestContext) {
+      ran.push("legacy");
+    }
+  }
+  requires("auditor")(Compute.prototype, "legacy"); // by hand, as plain JavaScript would
+
+  it("refuses a caller without a required role with NotAuthorized before the method runs; admin contexts pass", async () => {
+    const hub = new MemoryHub();
+    const svc = Service.create({ host: "h", topic: "compute", manager: Compute, transport: new MemoryTransport(hub) });
+    await svc.start();
+    const rpc = new Rpc(new MemoryTransport(hub));
+    const call = (ctx: RequestContext, method: string) => rpc.call(ctx, "compute", { method });
+    try {
+      ran.length = 0;
+      const member = new RequestContext({ userId: "alice", roles: ["member"] });
+      for (const m of ["evacuate", "migrate", "legacy"]) {
+        await assert.rejects(
+          call(member, m),
+          (e: Error) =>
+            e instanceof RemoteError && e.type === "NotAuthorized" && e.message.includes(`"${m}" requires the role`) &&
+            e.message.includes('"alice" has none of them'),
+        );
+      }
+      await call(member, "show");
+      assert.deepEqual(ran, ["show"], "nothing refused ran");
+      await call(new RequestContext({ roles: ["operator"] }), "migrate");
+      await assert.rejects(call(new RequestContext({ roles: ["operator"] }), "evacuate"), /requires the role admin/);
+      await call(new RequestContext({ roles: ["auditor"] }), "legacy");
+      await call(RequestContext.admin(), "evacuate");
+      await call(new RequestContext({ roles: ["admin"] }), "evacuate");
+      assert.deepEqual(ran, ["show", "migrate", "legacy", "evacuate", "evacuate"]);
+    } finally {
+      await rpc.close();
+      await svc.stop();
+    }
+  });
+
+  it("requires() needs a role name, and applies to methods only", () => {
+    assert.throws(() => requires(), TypeError);
+    assert.throws(() => requires(""), TypeError);
+    assert.throws(() => requires("admin")(Compute.prototype, "missing"), TypeError);
   });
 });
 
