@@ -3241,17 +3241,13 @@ export class Service {
     manager.service = this;
     this.#manager = manager;
     this.#presence = { topic: this.#topics.presence(this.topic, this.host), incarnation: Date.now(), on: false };
-    const will: LastWill = { topic: this.#presence.topic, payload: this.#presenceBytes("lost"), retain: true };
-    let willOnTransport = false;
     if (!this.#transport) {
       // A persistent session must be found again by the next run of this service: a stable id.
       this.#transport = await (this.#opts.opener ?? theOpener("a transport")).openTransport(this.flags.transportUrl, {
         logger: this.logger,
         sessionClientId: `novalet-${this.binary}-${this.host}`,
-        will,
       });
       this.#owned.push(this.#transport);
-      willOnTransport = true;
     }
     if (!this.#registry) {
       this.#registry = await (this.#opts.opener ?? theOpener("a registry")).openRegistry(this.flags.registryUrl, {
@@ -3263,7 +3259,7 @@ export class Service {
     }
     await this.#register();
     await manager.initHost();
-    const live = this.#live = await this.#openLive(this.#transport, will, willOnTransport);
+    const live = this.#live = await this.#openLive(this.#transport);
     const dispatcher = new Dispatcher(manager, live, {
       prefix: this.#topics.prefix,
       logger: this.logger,
@@ -3295,20 +3291,20 @@ export class Service {
   }
 
   /**
-   * The live connection (see #live), and the one that carries this run's Will: the transport
-   * when it was opened with the Will and keeps no session, else a second connection of its own.
+   * The connection that carries this run's Will and presence, and the live connection (see
+   * #live). Presence has a connection of its own, which carries nothing else: a Will must follow
+   * a silence within 1.5 × keepalive, so that connection negotiates a shorter keepalive and pings
+   * often (MQTT: see willKeepalive), and a process that stalls for longer than it tolerates loses
+   * only that connection (it says `online` again once it runs: #onOwnPresence), never its work.
    * A transport that cannot open connections (memory) has no presence.
    */
-  async #openLive(transport: Transport, will: LastWill, willOnTransport: boolean): Promise<Transport> {
+  async #openLive(transport: Transport): Promise<Transport> {
     const p = this.#presence!;
     if (!transport.connection) {
       this.#presence = undefined;
       return transport;
     }
-    if (willOnTransport && !transport.persistent) {
-      p.via = transport;
-      return transport;
-    }
+    const will: LastWill = { topic: p.topic, payload: this.#presenceBytes("lost"), retain: true };
     try {
       p.via = await transport.connection({ will });
     } catch (e) {
@@ -3318,7 +3314,10 @@ export class Service {
       return transport;
     }
     this.#owned.push(p.via);
-    return transport.persistent ? p.via : transport;
+    if (!transport.persistent) return transport;
+    const live = await transport.connection({});
+    this.#owned.push(live);
+    return live;
   }
 
   #presenceBytes(state: Presence["state"]): Uint8Array {

@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { type ChildProcess, spawn } from "node:child_process";
 import process from "node:process";
 import mqtt from "mqtt";
-import { MqttTransport } from "../transports/mqtt.ts";
+import { MqttTransport, willKeepalive } from "../transports/mqtt.ts";
 import { childCommand, MemoryLogger, sleep, text, uniquePrefix, utf8, waitFor } from "./helpers.ts";
 import { EMBEDDED, mqttFixture } from "./mqtt_fixture.ts";
 
@@ -290,9 +290,31 @@ describe("MqttTransport retained messages and connection({ will })", () => {
     );
   });
 
-  // Mosquitto 2.0 checks keepalives only every 5 to 6 seconds (its keepalive__check): up to that
-  // much later there; aedes times each client.
-  const late = EMBEDDED ? 1000 : 7000;
+  it("a connection with a Will negotiates willKeepalive(keepalive) and pings 4 times per floor(1.5 × it)", async () => {
+    assert.deepEqual([0, 1, 2, 4.9, 5, 6, 7, 10, 30, 60].map(willKeepalive), [0, 1, 1, 1, 1, 1, 3, 5, 25, 55]);
+    const own = await MqttTransport.connect({ ...fx.options(), keepalive: 5 });
+    const p = uniquePrefix("kalive");
+    const live = await own.connection({ will: { topic: `${p}/will`, payload: utf8("lost") } });
+    const plain = await own.connection({});
+    try {
+      assert.equal(live.client.options.keepalive, 1, "the Will's connection: 1 s for keepalive 5");
+      assert.equal(own.client.options.keepalive, 5, "the transport keeps its keepalive");
+      assert.equal(plain.client.options.keepalive, 5, "so does a sibling without a Will");
+      let pings = 0;
+      live.client.on("packetsend", (pk) => void (pk.cmd === "pingreq" && pings++));
+      await sleep(1100);
+      assert.ok(pings >= 3 && pings <= 6, `a ping every 250 ms (got ${pings} in 1.1 s)`);
+    } finally {
+      await plain.close();
+      await live.close();
+      await own.close();
+    }
+  });
+
+  // Mosquitto 2.0 checks keepalives only every 6 s (src/keepalive.c): the Will of a connection
+  // negotiating keepalive 1 comes within floor(1.5 × 1) + 6 s of its last packet there; aedes
+  // times each client (1.5 × 1 s).
+  const late = EMBEDDED ? 1000 : 6000;
   it(`a stopped process's Will comes within 1.5 × keepalive + ${late / 1000} s (keepalive 1 s)`, async () => {
     const p = uniquePrefix("ka");
     const got = await watch(watcher, `${p}/will`);

@@ -92,7 +92,10 @@ export interface MqttTransportOptions {
   protocolVersion?: 4 | 5;
   /** QoS when a publish does not say. Default 1. */
   qos?: 0 | 1;
-  /** Seconds between pings. Default 30. */
+  /** Seconds: a connection silent for about 1.5 × this is lost to the broker (which then
+   * publishes its Will), and mqtt.js pings this often. Default 30. A connection with a `will`
+   * negotiates {@link willKeepalive}(keepalive) instead and pings more often, so that its Will
+   * comes within 1.5 × keepalive of silence even on a broker that checks only every 6 s. */
   keepalive?: number;
   /** Seconds the broker keeps the session after a disconnect; > 0 makes it persistent
    * (`clean: false`). Default 0. */
@@ -110,7 +113,8 @@ export interface MqttTransportOptions {
   reconnectMax?: number;
   /** Where connection trouble and failed handlers are logged. Default: `getLogger()`. */
   logger?: Logger;
-  /** The MQTT Will of the connection: published by the broker if it ends without `close()`. */
+  /** The MQTT Will of the connection: published by the broker if it ends without `close()`,
+   * or when it falls silent (see `keepalive`). */
   will?: LastWill;
 }
 
@@ -180,6 +184,42 @@ function checkLimits(opts: MqttTransportOptions): void {
 
 /** How long a connection must last for the reconnect backoff to start again from its minimum. */
 const STABLE_CONNECTION_MS = 5000;
+
+/**
+ * How late a broker may notice a silent client, at worst, beyond the 1.5 × keepalive that MQTT
+ * allows it: Mosquitto 2.0 looks for silent clients only when more than 5 whole seconds have
+ * passed since it last looked (`last_keepalive_check + 5 < now`, src/keepalive.c), that is every
+ * 6 s, and counts silence in whole seconds against floor(1.5 × keepalive).
+ */
+const KEEPALIVE_SWEEP_S = 6;
+/** Room for the broker's loop (Mosquitto's wakes at least every 100 ms) and the Will's trip. */
+const WILL_MARGIN_S = 0.5;
+/** A connection with a Will pings this many times within the silence its broker tolerates. */
+const WILL_PINGS = 4;
+
+/**
+ * The MQTT keepalive that a connection with a Will negotiates for the `keepalive` it was given,
+ * so that a silent process's Will still comes within 1.5 × keepalive on a broker that checks
+ * keepalives only every 6 s (Mosquitto 2.0).
+ *
+ * With a negotiated keepalive K, Mosquitto 2.0 closes a silent connection at the first of its
+ * sweeps (every 6 s) at which the whole seconds since the connection's last packet exceed
+ * floor(1.5 × K): its Will comes between floor(1.5 × K) and floor(1.5 × K) + 6 s after the last
+ * packet. This is the largest K (at least 1) with floor(1.5 × K) + 6 + 0.5 ≤ 1.5 × keepalive: 5
+ * gives 1 (the Will within ~7.1 s), 10 gives 5, 30 gives 25. Under 5 s no K meets the bound on
+ * such a broker; 1 comes closest. Brokers that time each client (aedes, most others) publish the
+ * Will 1.5 × K after the last packet: sooner. 0 (no keepalive) stays 0.
+ *
+ * The price: the connection pings 4 times per floor(1.5 × K) s (every 250 ms for K = 1), and a
+ * process whose event loop stalls for longer than floor(1.5 × K) s minus that interval may be
+ * declared lost (0.75 s for keepalive 5); it says `online` again once it runs (see Service).
+ */
+export function willKeepalive(keepalive: number): number {
+  if (!(keepalive > 1)) return keepalive;
+  let k = Math.floor(keepalive);
+  while (k > 1 && Math.floor(1.5 * k) + KEEPALIVE_SWEEP_S + WILL_MARGIN_S > 1.5 * keepalive) k--;
+  return k;
+}
 
 /** Read novalet's query parameters from a broker URL and return the URL without them. */
 function parseUrl(url: string): { url: string; opts: Partial<MqttTransportOptions> } {
@@ -355,6 +395,10 @@ export class MqttTransport implements Transport {
   #siblingTag = crypto.randomUUID().slice(0, 8);
   /** Called on close(): gives the client id back to the parent that opened this sibling. */
   #onClosed?: () => void;
+  /** The pings of a connection with a Will (see #pingOften). */
+  #pinger?: ReturnType<typeof setInterval>;
+  /** PINGREQs of ours (#pingOften's, #quiet's) not answered yet on this connection. */
+  #pingsOut = 0;
 
   private constructor(client: MqttClient, opts: MqttTransportOptions, owned: boolean) {
     checkInternals(client);
@@ -394,6 +438,7 @@ export class MqttTransport implements Transport {
         // Reason 16 (v5): "no matching subscribers"; mqtt.js reports it as success.
         if (p.reasonCode === 16 && p.messageId !== undefined) this.#noSubscribers.add(p.messageId);
       } else if (p.cmd === "connack") this.#connack = p;
+      else if (p.cmd === "pingresp" && this.#pingsOut > 0) this.#pingsOut--;
     });
     beforeReplay(client, this.#beforeReplay);
     client.on("connect", (connack) => this.#onConnect(connack));
@@ -441,12 +486,13 @@ export class MqttTransport implements Transport {
     const reconnectMin = (opts.reconnectMin ?? 0.5) * 1000;
     const reconnectMax = (opts.reconnectMax ?? 30) * 1000;
     const will = opts.will === undefined ? undefined : mqttWill(opts.will, opts.maxPayloadBytes ?? 8 * 1024 * 1024);
+    const keepalive = will === undefined ? opts.keepalive ?? 30 : willKeepalive(opts.keepalive ?? 30);
     const clientOpts: IClientOptions = {
       clientId: opts.clientId ?? (sessionExpiry > 0 ? opts.sessionClientId : undefined) ??
         `novalet-${crypto.randomUUID().slice(0, 12)}`,
       protocolVersion,
       clean: sessionExpiry <= 0,
-      keepalive: opts.keepalive ?? 30,
+      keepalive,
       // A ping every keepalive instead of the keepalive timer cleared and set again for every
       // acknowledgement received (mqtt.js's default): a QoS 1 call costs one less timer pair on
       // each side. The broker needs a packet per keepalive; the ping is one.
@@ -529,7 +575,31 @@ export class MqttTransport implements Transport {
     });
     client.on("error", (e) => transport.#log.warn("MQTT connection error", { broker: where, error: e }));
     client.on("offline", () => transport.#log.warn("MQTT broker unreachable; reconnecting", { broker: where }));
+    if (will !== undefined) transport.#pingOften();
     return transport;
+  }
+
+  /**
+   * Ping WILL_PINGS times within the silence the broker tolerates (floor(1.5 × keepalive) s, the
+   * keepalive it announced if it set one), instead of once per keepalive: a connection with a
+   * Will negotiates a short keepalive (see willKeepalive), and a ping per keepalive, sent after
+   * the previous answer, would leave gaps the broker may take for silence. Runs until close().
+   */
+  #pingOften(): void {
+    const client = this.client;
+    const arm = () => {
+      clearInterval(this.#pinger);
+      const keepalive = client.keepalive; // the broker's Server Keep Alive when it sent one
+      if (!(keepalive > 0)) return;
+      const every = Math.max(1, Math.floor(1.5 * keepalive)) * 1000 / WILL_PINGS;
+      this.#pinger = setInterval(() => {
+        if (!client.connected || isDisconnecting(client)) return;
+        sendPing(client);
+        this.#pingsOut++;
+      }, every);
+    };
+    arm();
+    client.on("connect", arm);
   }
 
   /**
@@ -645,6 +715,7 @@ export class MqttTransport implements Transport {
    * is dropped and its publish() fails, instead of being sent again on every reconnect forever.
    */
   #onClose(): void {
+    this.#pingsOut = 0;
     // Unacknowledged messages of a lost connection come again, with the session, on the next one.
     if (this.#held.length > 0) this.#held = [];
     const packet = this.#resent;
@@ -891,7 +962,8 @@ export class MqttTransport implements Transport {
     const client = this.client;
     return new Promise((resolve) => {
       let sent = 0; // PINGREQs written since we started, ours or the keepalive's
-      let answered = 0;
+      // PINGRESPs still due for PINGREQs written before we started (#pingOften's) come first.
+      let answered = -this.#pingsOut;
       let ours = 0; // the count of PINGREQs when ours went out
       let received = 0;
       const round = () => {
@@ -899,6 +971,7 @@ export class MqttTransport implements Transport {
         // This turn's acknowledgements first: the PINGREQ must follow them.
         if (this.#corked !== undefined) this.#releaseWrites();
         sendPing(client);
+        this.#pingsOut++;
         ours = sent;
       };
       const onSend = (p: { cmd: string }) => void (p.cmd === "pingreq" && sent++);
@@ -1049,9 +1122,10 @@ export class MqttTransport implements Transport {
    * Open another connection to the same broker, with this transport's options (URL, credentials,
    * TLS, protocol version, QoS, keepalive, reconnect settings, logger) but a clean session, its
    * own client id (this one's with `-live`, `-live2`... while earlier ones are open) and `will`
-   * as its MQTT Will. The caller closes it; it and this transport close independently. Its
-   * `close()` disconnects cleanly, so the broker drops the Will; a lost connection (a killed
-   * process, a keepalive timeout) makes the broker publish it. It stays set across reconnects.
+   * as its MQTT Will (with a Will, it negotiates the keepalive {@link willKeepalive} gives). The
+   * caller closes it; it and this transport close independently. Its `close()` disconnects
+   * cleanly, so the broker drops the Will; a lost connection (a killed process, a keepalive
+   * timeout) makes the broker publish it. It stays set across reconnects.
    * @throws {TypeError} when this transport wraps a client given to connect() (no URL to open),
    * or the will is invalid.
    * @throws {ClosedError} when this transport is closed.
@@ -1111,6 +1185,8 @@ export class MqttTransport implements Transport {
     this.#laterExpiry.clear();
     // This turn's acknowledgements go out before the DISCONNECT.
     if (this.#corked !== undefined) this.#releaseWrites();
+    // (Pinging until then: a connection with a Will has a short keepalive.)
+    clearInterval(this.#pinger);
     if (this.#owned) {
       // mqtt.js's end() first waits for every stored QoS 1 message to be acknowledged: forever when
       // offline. Give a connected broker CLOSE_UNSUBSCRIBE_S, then drop what is left (its publish()
