@@ -5,12 +5,12 @@
  * Broker: MQTT_URL, else a Mosquitto of our own (.ci/mosquitto.conf), else the embedded aedes
  * broker (no shared subscriptions: the shared-topic rows are left out).
  *
- * Run: `npx tsx bench/presence.ts` (BENCH_KILLS=20).
+ * Run: `npx tsx bench/presence.ts` (BENCH_KILLS=20, BENCH_STOPS=6).
  */
 
 import { type ChildProcess, spawn } from "node:child_process";
 import process from "node:process";
-import { parsePresence, type Presence, RequestContext, Rpc, ServerDied, Topics } from "../index.ts";
+import { parsePresence, type Presence, readPresence, RequestContext, Rpc, ServerDied, Topics } from "../index.ts";
 import { MqttTransport } from "../transports/mqtt.ts";
 import { childCommand } from "../tests/helpers.ts";
 import { benchBroker } from "./broker.ts";
@@ -23,7 +23,9 @@ function signal(child: ChildProcess, sig: NodeJS.Signals): void {
 }
 
 const KILLS = Number(process.env.BENCH_KILLS ?? 20);
+const STOPS = Number(process.env.BENCH_STOPS ?? 6);
 const SERVER = new URL("../tests/fixtures/presence_server.ts", import.meta.url).pathname;
+const CLI = new URL("../cli.ts", import.meta.url).pathname;
 
 const broker = await benchBroker();
 const { url, embedded } = broker;
@@ -116,26 +118,63 @@ const rows: Row[] = [];
   });
 }
 
-// 3. SIGSTOP → lost (the broker's keepalive, at its next sweep); SIGCONT → online
+// 3. SIGSTOP → lost (the broker's keepalive, at its next sweep); SIGCONT → online. STOPS servers,
+// stopped one after another across 6 s (Mosquitto 2.0 sweeps for silent clients every 6 s).
 for (const keepalive of [5, 2]) {
-  const host = `s${keepalive}`;
-  const child = await server(host, withQuery(`keepalive=${keepalive}`));
-  await until(() => last(host)?.p.state === "online", 5000);
-  const t0 = performance.now();
-  signal(child, "SIGSTOP");
-  const lost = await until(() => last(host)?.p.state === "lost", 20_000);
-  const tLost = performance.now() - t0;
-  const t1 = performance.now();
-  signal(child, "SIGCONT");
-  const back = await until(() => last(host)?.p.state === "online", 15_000);
-  const tBack = performance.now() - t1;
-  signal(child, "SIGKILL");
+  const hosts = Array.from({ length: STOPS }, (_, i) => `s${keepalive}-${i}`);
+  const servers: ChildProcess[] = [];
+  for (const host of hosts) servers.push(await server(host, withQuery(`keepalive=${keepalive}`)));
+  await until(() => hosts.every((h) => last(h)?.p.state === "online"), 5000);
+  const lost: number[] = [];
+  const back: number[] = [];
+  await Promise.all(servers.map(async (child, i) => {
+    const host = hosts[i]!;
+    await new Promise((r) => setTimeout(r, (i * 6000) / STOPS));
+    const t0 = performance.now();
+    signal(child, "SIGSTOP");
+    if (await until(() => last(host)?.p.state === "lost", 20_000)) lost.push(last(host)!.at - t0);
+    const t1 = performance.now();
+    signal(child, "SIGCONT");
+    if (await until(() => last(host)?.p.state === "online", 15_000)) back.push(last(host)!.at - t1);
+    signal(child, "SIGKILL");
+  }));
   rows.push({
-    scenario: `SIGSTOP, keepalive=${keepalive} → lost; SIGCONT → online`,
-    result: `${lost ? `lost after ${ms(tLost)} ms` : "not lost"}; ${
-      back ? `online ${ms(tBack)} ms after SIGCONT` : "not back"
-    }`,
+    scenario: `SIGSTOP, keepalive=${keepalive} → lost; SIGCONT → online (${STOPS} servers)`,
+    result: `lost after median ${ms(median(lost))} ms, max ${ms(Math.max(...lost))} ms (${lost.length}/${STOPS}); ` +
+      `online ${ms(median(back))} ms (max ${ms(Math.max(...back))}) after SIGCONT (${back.length}/${STOPS})`,
     baseline: "60,000 ms (service_down_time)",
+    values: lost.map(ms),
+  });
+}
+
+// 3b. What a reader adds: `novalet services list --json` as a new process (start, registry,
+// presence read), and readPresence() alone in a running process (its own connection and read).
+{
+  const cli: number[] = [];
+  for (let i = 0; i < 3; i++) {
+    const [cmd, ...args] = childCommand(CLI, [
+      "services",
+      "list",
+      "--json",
+      "--registry_url=sqljs::memory:",
+      `--transport_url=${url}`,
+      `--prefix=${prefix}`,
+    ]);
+    const t0 = performance.now();
+    const child = spawn(cmd!, args, { stdio: ["ignore", "ignore", "inherit"] });
+    await new Promise((r) => child.on("close", r));
+    cli.push(performance.now() - t0);
+  }
+  const read: number[] = [];
+  for (let i = 0; i < 5; i++) {
+    const t0 = performance.now();
+    await readPresence(observer, prefix);
+    read.push(performance.now() - t0);
+  }
+  rows.push({
+    scenario: "reading presence: services list --json (a new process); readPresence() in a running one",
+    result: `${ms(median(cli))} ms (median of 3); ${ms(median(read))} ms (median of 5)`,
+    baseline: "-",
   });
 }
 
