@@ -169,6 +169,10 @@ function checkId(id: unknown): number {
   return id;
 }
 
+/** Ids bound in one UPDATE of {@link SqlRegistry.reportStates}: well below SQLite's limit of
+ * 32,766 variables (sql.js 1.16) and PostgreSQL's 65,535 parameters. */
+const MAX_IDS_PER_STATEMENT = 10_000;
+
 function checkField(name: string, v: unknown): string {
   if (typeof v !== "string" || v.length === 0 || v.length > 255) {
     throw new TypeError(`Invalid ${name} ${quote(v)}: must be a string of 1 to 255 characters`);
@@ -348,6 +352,62 @@ export class SqlRegistry implements Registry {
         .where("id", "=", id).returningAll().executeTakeFirst();
       if (!row) throw new NotFound(`Service ${id} not found: cannot report its state`);
       return toRecord(row);
+    });
+  }
+
+  /**
+   * Heartbeats of many services in one database operation: one transaction, so a `sqljs:` file
+   * is written once. Each time an id appears it adds 1 to that service's reportCount; lastSeenUp
+   * is set to now. A conductor uses it to commit the heartbeats that reach it close together.
+   * @param ids The services' ids, in any order; an id may appear more than once.
+   * @returns For each element of `ids`, in the same order, the record after that heartbeat (an id
+   * given twice gets two successive records), or undefined when no service has that id.
+   * @throws {TypeError} when `ids` is not an array or one of them is not a positive integer;
+   * nothing is written then.
+   * @example
+   * ```ts
+   * const [a, gone] = await registry.reportStates([row.id, 12345]); // gone: undefined (no row)
+   * ```
+   */
+  async reportStates(ids: readonly number[]): Promise<Array<ServiceRecord | undefined>> {
+    this.#open();
+    if (!Array.isArray(ids)) throw new TypeError(`Invalid service ids ${quote(ids)}: must be an array`);
+    // One UPDATE touches a row once: an id's k-th occurrence goes into the k-th round.
+    const rounds: number[][] = [];
+    const seen = new Map<number, number>();
+    for (const id of ids) {
+      checkId(id);
+      const k = seen.get(id) ?? 0;
+      seen.set(id, k + 1);
+      (rounds[k] ??= []).push(id);
+    }
+    if (ids.length === 0) return [];
+    const statements: { round: number; ids: number[] }[] = [];
+    rounds.forEach((round, k) => {
+      for (let i = 0; i < round.length; i += MAX_IDS_PER_STATEMENT) {
+        statements.push({ round: k, ids: round.slice(i, i + MAX_IDS_PER_STATEMENT) });
+      }
+    });
+    const now = new Date().toISOString();
+    const byRound = rounds.map(() => new Map<number, ServiceRecord>());
+    await this.#run(`reportStates(${ids.length} ids)`, async (db) => {
+      const update = async (q: Kysely<Schema>) => {
+        for (const s of statements) {
+          const rows = await q.updateTable("services")
+            .set({ report_count: sql<number>`report_count + 1`, last_seen_up: now, updated_at: now })
+            .where("id", "in", s.ids).returningAll().execute();
+          for (const row of rows) byRound[s.round]!.set(Number(row.id), toRecord(row));
+        }
+      };
+      // A single statement is a transaction of its own; BEGIN/COMMIT would cost round trips.
+      if (statements.length === 1) await update(db);
+      else await db.transaction().execute(update);
+    });
+    seen.clear();
+    return ids.map((id) => {
+      const k = seen.get(id) ?? 0;
+      seen.set(id, k + 1);
+      return byRound[k]!.get(id);
     });
   }
 

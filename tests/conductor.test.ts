@@ -5,9 +5,14 @@
  */
 import { after, describe, it } from "node:test";
 import assert from "node:assert/strict";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import process from "node:process";
 import {
   Manager,
   NotAuthorized,
+  NotFound,
   openRegistry,
   type Registry,
   RegistryError,
@@ -15,10 +20,12 @@ import {
   RequestContext,
   Rpc,
   Service,
+  type ServiceRecord,
   type Transport,
 } from "../index.ts";
 import { ConductorAdminManager, ConductorManager, ConductorRegistry, createConductor } from "../registry/conductor.ts";
-import { openSqlRegistry } from "../registry/sql.ts";
+import { openSqlRegistry, SqlRegistry } from "../registry/sql.ts";
+import { SqlJsFile } from "../registry/sqljs-file.ts";
 import { MemoryHub, MemoryTransport } from "../transports/memory.ts";
 import { registryConformance } from "./registry_conformance.ts";
 import { MemoryLogger, uniquePrefix, waitFor } from "./helpers.ts";
@@ -343,6 +350,290 @@ describe("conductor behind the README's Mosquitto ACL (examples/mosquitto/conduc
       await served.close();
       await Promise.all(open.map((t) => t.close()));
       await broker.stop();
+    }
+  });
+});
+
+const dir = mkdtempSync(join(tmpdir(), "novalet-conductor-"));
+after(() => rmSync(dir, { recursive: true, force: true }));
+
+/** Counts the rewrites of every `sqljs:` file (SqlJsFile.save) while `work` runs. */
+async function countingFileWrites<T>(work: () => Promise<T>): Promise<{ result: T; writes: number }> {
+  const save = SqlJsFile.prototype.save;
+  let writes = 0;
+  SqlJsFile.prototype.save = function (this: SqlJsFile, db) {
+    writes++;
+    return save.call(this, db);
+  };
+  try {
+    return { result: await work(), writes };
+  } finally {
+    SqlJsFile.prototype.save = save;
+  }
+}
+
+/** `n` services registered in one transaction (setting up is not what these tests look at). */
+async function fill(r: SqlRegistry, n: number): Promise<number[]> {
+  const now = new Date().toISOString();
+  const tag = crypto.randomUUID().slice(0, 8);
+  for (let i = 0; i < n; i += 5000) {
+    const rows = Array.from({ length: Math.min(5000, n - i) }, (_, j) => ({
+      host: `h-${tag}-${i + j}`,
+      binary: "nova-fill",
+      topic: "fill",
+      created_at: now,
+      updated_at: now,
+    }));
+    await SqlRegistry.database(r).insertInto("services").values(rows).execute();
+  }
+  return (await r.list({ binary: "nova-fill" })).map((s) => s.id);
+}
+
+async function dropSchema(schema: string): Promise<void> {
+  const client = new pg.Client({ connectionString: PG_URL });
+  await client.connect();
+  try {
+    await client.query(`drop schema if exists ${schema} cascade`);
+  } finally {
+    await client.end();
+  }
+}
+
+/** The registries the batching tests run on: a `sqljs:` file (whose rewrites are counted), and
+ * PostgreSQL when PG_URL is set (in a schema of its own, dropped afterwards). */
+const backends: { name: string; file: boolean; open(): Promise<{ registry: SqlRegistry; drop(): Promise<void> }> }[] = [
+  {
+    name: "a sqljs: file",
+    file: true,
+    open: async () => {
+      const path = join(dir, `${crypto.randomUUID()}.db`);
+      const registry = await openSqlRegistry(`sqljs:${path}`);
+      return { registry, drop: async () => await registry.close() };
+    },
+  },
+];
+if (PG_URL) {
+  backends.push({
+    name: "PostgreSQL",
+    file: false,
+    open: async () => {
+      const schema = `nvt_${crypto.randomUUID().replaceAll("-", "").slice(0, 12)}`;
+      const registry = await openSqlRegistry(PG_URL, { schema });
+      return {
+        registry,
+        drop: async () => {
+          await registry.close();
+          await dropSchema(schema);
+        },
+      };
+    },
+  });
+}
+
+for (const backend of backends) {
+  describe(`SqlRegistry.reportStates() on ${backend.name}`, () => {
+    it("reportStates() returns each id's record in order, undefined for an id with no row, in one write", async () => {
+      const { registry, drop } = await backend.open();
+      try {
+        const [a, b, c] = await fill(registry, 3);
+        await registry.remove(b!);
+        const { result, writes } = await countingFileWrites(() => registry.reportStates([c!, b!, a!]));
+        assert.deepEqual(result.map((r) => r?.id), [c, undefined, a]);
+        assert.deepEqual(result.map((r) => r?.reportCount), [1, undefined, 1]);
+        assert.ok(result[0]!.lastSeenUp instanceof Date);
+        if (backend.file) assert.equal(writes, 1);
+        assert.deepEqual(await registry.reportStates([]), []);
+      } finally {
+        await drop();
+      }
+    });
+
+    it("reportStates() counts an id given several times once per time, each with its own record", async () => {
+      const { registry, drop } = await backend.open();
+      try {
+        const [a, b] = await fill(registry, 2);
+        const { result, writes } = await countingFileWrites(() => registry.reportStates([a!, b!, a!, a!]));
+        assert.deepEqual(result.map((r) => [r?.id, r?.reportCount]), [[a, 1], [b, 1], [a, 2], [a, 3]]);
+        assert.equal((await registry.get(a!))!.reportCount, 3);
+        if (backend.file) assert.equal(writes, 1, "rounds of one batch share one transaction");
+      } finally {
+        await drop();
+      }
+    });
+
+    it("reportStates() of more ids than one statement binds commits them in one transaction", async () => {
+      const { registry, drop } = await backend.open();
+      try {
+        const ids = await fill(registry, 10_050);
+        const { result, writes } = await countingFileWrites(() => registry.reportStates([...ids].reverse()));
+        assert.equal(result.length, ids.length);
+        assert.ok(result.every((r, i) => r?.id === ids[ids.length - 1 - i] && r?.reportCount === 1));
+        if (backend.file) assert.equal(writes, 1);
+        assert.ok((await registry.list()).every((r) => r.reportCount === 1));
+      } finally {
+        await drop();
+      }
+    });
+
+    it("reportStates() refuses a malformed id with a TypeError and writes nothing", async () => {
+      const { registry, drop } = await backend.open();
+      try {
+        const [a] = await fill(registry, 1);
+        for (const bad of [0, -1, 1.5, "1", null]) {
+          await assert.rejects(registry.reportStates([a!, bad as number]), TypeError);
+        }
+        await assert.rejects(registry.reportStates("1" as unknown as number[]), TypeError);
+        assert.equal((await registry.get(a!))!.reportCount, 0);
+      } finally {
+        await drop();
+      }
+    });
+  });
+
+  describe(`conductor batching heartbeats on ${backend.name}`, () => {
+    /** A conductor over the memory transport in front of a fresh registry of this backend. */
+    async function setUp() {
+      const hub = new MemoryHub();
+      const prefix = uniquePrefix("batch");
+      const server = new MemoryTransport(hub);
+      const { registry, drop } = await backend.open();
+      const c = await conductor(server, prefix, { backing: registry });
+      const client = new MemoryTransport(hub);
+      const remote = new ConductorRegistry(client, { prefix });
+      // Batches written, counted at the registry (each one is one transaction).
+      let batches = 0;
+      const reportStates = registry.reportStates.bind(registry);
+      registry.reportStates = (ids) => {
+        batches++;
+        return reportStates(ids);
+      };
+      return {
+        registry,
+        remote,
+        batches: () => batches,
+        async close() {
+          await remote.close();
+          await c.stop();
+          await drop();
+          await server.close();
+          await client.close();
+        },
+      };
+    }
+
+    it("concurrent reportState() calls are committed in far fewer writes than calls, each caller getting its own record", async () => {
+      const s = await setUp();
+      try {
+        const ids = await fill(s.registry, 300);
+        const { result, writes } = await countingFileWrites(() =>
+          Promise.all(ids.map((id) => s.remote.reportState(id)))
+        );
+        assert.deepEqual(result.map((r) => r.id), ids);
+        assert.ok(result.every((r) => r.reportCount === 1 && r.lastSeenUp instanceof Date));
+        assert.ok((await s.registry.list()).every((r) => r.reportCount === 1));
+        assert.ok(s.batches() <= 30, `${s.batches()} batches for ${ids.length} heartbeats`);
+        if (backend.file) assert.ok(writes <= 30, `${writes} file writes for ${ids.length} heartbeats`);
+      } finally {
+        await s.close();
+      }
+    });
+
+    it("reportState() of a deleted id fails only that caller with NotFound; the others of its batch succeed", async () => {
+      const s = await setUp();
+      try {
+        const ids = await fill(s.registry, 10);
+        await s.registry.remove(ids[4]!);
+        const { result, writes } = await countingFileWrites(() =>
+          Promise.allSettled(ids.map((id) => s.remote.reportState(id)))
+        );
+        result.forEach((r, i) => {
+          if (i === 4) {
+            assert.equal(r.status, "rejected");
+            assert.ok((r as PromiseRejectedResult).reason instanceof NotFound);
+            assert.match((r as PromiseRejectedResult).reason.message, new RegExp(`Service ${ids[4]} not found`));
+          } else {
+            assert.equal(r.status, "fulfilled");
+            assert.equal((r as PromiseFulfilledResult<ServiceRecord>).value.id, ids[i]);
+            assert.equal((r as PromiseFulfilledResult<ServiceRecord>).value.reportCount, 1);
+          }
+        });
+        assert.equal(s.batches(), 1, "all ten in one batch");
+        if (backend.file) assert.equal(writes, 1);
+      } finally {
+        await s.close();
+      }
+    });
+
+    it("reportState() of a malformed id fails only that caller with a TypeError", async () => {
+      const s = await setUp();
+      try {
+        const ids = await fill(s.registry, 3);
+        const result = await Promise.allSettled([...ids, 0].map((id) => s.remote.reportState(id)));
+        assert.ok((result[3] as PromiseRejectedResult).reason instanceof TypeError);
+        assert.deepEqual(result.slice(0, 3).map((r) => r.status), ["fulfilled", "fulfilled", "fulfilled"]);
+      } finally {
+        await s.close();
+      }
+    });
+
+    it("concurrent reportState() calls of one id count once each, every caller getting its own count", async () => {
+      const s = await setUp();
+      try {
+        const [a] = await fill(s.registry, 1);
+        const result = await Promise.all(Array.from({ length: 5 }, () => s.remote.reportState(a!)));
+        assert.deepEqual(result.map((r) => r.reportCount).sort(), [1, 2, 3, 4, 5]);
+        assert.equal((await s.registry.get(a!))!.reportCount, 5);
+      } finally {
+        await s.close();
+      }
+    });
+
+    it("a heartbeat that arrives alone is written at once, without waiting for company", async () => {
+      const s = await setUp();
+      try {
+        const [a] = await fill(s.registry, 1);
+        for (let i = 1; i <= 3; i++) assert.equal((await s.remote.reportState(a!)).reportCount, i);
+        assert.equal(s.batches(), 3);
+      } finally {
+        await s.close();
+      }
+    });
+  });
+}
+
+describe("conductor on a registry without reportStates()", () => {
+  it("reportState() goes to the registry's own reportState(), one call per heartbeat", async () => {
+    const hub = new MemoryHub();
+    const prefix = uniquePrefix("plain");
+    const inner = await openSqlRegistry("sqljs::memory:");
+    let calls = 0;
+    // Any Registry: only the interface's methods, no reportStates.
+    const plain: Registry = {
+      register: (s) => inner.register(s),
+      reportState: (id) => (calls++, inner.reportState(id)),
+      get: (id) => inner.get(id),
+      list: (f) => inner.list(f),
+      setDisabled: (id, d, r) => inner.setDisabled(id, d, r),
+      setForcedDown: (id, f) => inner.setForcedDown(id, f),
+      remove: (id) => inner.remove(id),
+      close: () => inner.close(),
+    };
+    const server = new MemoryTransport(hub);
+    const c = await conductor(server, prefix, { backing: plain });
+    const client = new MemoryTransport(hub);
+    const remote = new ConductorRegistry(client, { prefix });
+    try {
+      const row = await remote.register({ host: "p1", binary: "nova-x", topic: "x" });
+      const result = await Promise.all([1, 2, 3].map(() => remote.reportState(row.id)));
+      assert.deepEqual(result.map((r) => r.reportCount).sort(), [1, 2, 3]);
+      assert.equal(calls, 3);
+      await assert.rejects(remote.reportState(row.id + 1), NotFound);
+    } finally {
+      await remote.close();
+      await c.stop();
+      await inner.close();
+      await server.close();
+      await client.close();
     }
   });
 });
