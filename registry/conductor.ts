@@ -62,7 +62,7 @@ export class ConductorManager extends Manager {
    * that arrive while one write is running are committed together in the next one.
    */
   reportState(_ctx: RequestContext, { id }: { id: number }): Promise<ServiceRecord> {
-    this.#heartbeats ??= Heartbeats.of(this.#registry) ?? false;
+    this.#heartbeats ??= Heartbeats.of(this.#registry, () => (this.service?.dispatcher?.load.queued ?? 0) > 0) ?? false;
     return this.#heartbeats ? this.#heartbeats.report(id) : this.#registry.reportState(id);
   }
   #heartbeats?: Heartbeats | false;
@@ -183,21 +183,31 @@ interface Waiting {
 /**
  * Group commit of heartbeats: while a batch is being written, the heartbeats that arrive wait and
  * all go in the next write, so a registry that pays per write transaction (a `sqljs:` file
- * rewrites itself) keeps up with a fleet. No timer: at low load a heartbeat costs one write.
+ * rewrites itself) keeps up with a fleet. A heartbeat that finds the writer idle is written at
+ * once; under load the writer rests REST times as long as its last write took, so that writes
+ * take at most a quarter of the time: a `sqljs:` file's write costs CPU in proportion to the file,
+ * and writing back to back would keep a core busy whatever the load. It does not rest while the
+ * service queues requests for a running slot: every caller then waits for the writer already.
  */
 class Heartbeats {
   #registry: BatchRegistry;
+  #saturated: () => boolean;
   #waiting: Waiting[] = [];
-  #writing = false;
+  /** A write is running or scheduled. */
+  #busy = false;
+  /** performance.now() until which the writer rests. */
+  #restUntil = 0;
 
-  private constructor(registry: BatchRegistry) {
+  private constructor(registry: BatchRegistry, saturated: () => boolean) {
     this.#registry = registry;
+    this.#saturated = saturated;
   }
 
-  /** The batcher of `registry`, or null when it has no `reportStates`. */
-  static of(registry: Registry): Heartbeats | null {
+  /** The batcher of `registry`, or null when it has no `reportStates`; `saturated` tells whether
+   * requests wait for a running slot. */
+  static of(registry: Registry, saturated: () => boolean): Heartbeats | null {
     const r = registry as Partial<BatchRegistry>;
-    return typeof r.reportStates === "function" ? new Heartbeats(registry as BatchRegistry) : null;
+    return typeof r.reportStates === "function" ? new Heartbeats(registry as BatchRegistry, saturated) : null;
   }
 
   report(id: number): Promise<ServiceRecord> {
@@ -205,31 +215,41 @@ class Heartbeats {
     if (!Number.isSafeInteger(id) || id <= 0) return this.#registry.reportState(id);
     return new Promise((resolve, reject) => {
       this.#waiting.push({ id, resolve, reject });
-      if (this.#writing) return;
-      this.#writing = true;
-      // Not at once: the other requests read from the same socket data join the first write.
-      setImmediate(() => void this.#write());
+      if (!this.#busy) this.#schedule();
     });
   }
 
+  #schedule(): void {
+    this.#busy = true;
+    const rest = this.#saturated() ? 0 : this.#restUntil - performance.now();
+    // setImmediate, not at once: the other requests read from the same socket data join the write.
+    if (rest > 0) setTimeout(() => void this.#write(), rest);
+    else setImmediate(() => void this.#write());
+  }
+
   async #write(): Promise<void> {
-    while (this.#waiting.length > 0) {
-      const batch = this.#waiting;
-      this.#waiting = [];
-      try {
-        const rows = await this.#registry.reportStates(batch.map((w) => w.id));
-        batch.forEach((w, i) => {
-          const row = rows[i];
-          if (row) w.resolve(row);
-          else w.reject(new NotFound(`Service ${w.id} not found: cannot report its state`));
-        });
-      } catch (e) {
-        for (const w of batch) w.reject(e);
-      }
+    const batch = this.#waiting;
+    this.#waiting = [];
+    const start = performance.now();
+    try {
+      const rows = await this.#registry.reportStates(batch.map((w) => w.id));
+      batch.forEach((w, i) => {
+        const row = rows[i];
+        if (row) w.resolve(row);
+        else w.reject(new NotFound(`Service ${w.id} not found: cannot report its state`));
+      });
+    } catch (e) {
+      for (const w of batch) w.reject(e);
     }
-    this.#writing = false;
+    const end = performance.now();
+    this.#restUntil = end + (end - start) * REST;
+    this.#busy = false;
+    if (this.#waiting.length > 0) this.#schedule();
   }
 }
+
+/** How long the heartbeat writer rests after a write under load, in multiples of the write's time. */
+const REST = 3;
 
 /** Options of a {@link ConductorRegistry}. */
 export interface ConductorRegistryOptions {

@@ -601,23 +601,80 @@ for (const backend of backends) {
   });
 }
 
+/** The Registry interface's methods of `r`, and nothing else. */
+function only(r: Registry): Registry {
+  return {
+    register: (s) => r.register(s),
+    reportState: (id) => r.reportState(id),
+    get: (id) => r.get(id),
+    list: (f) => r.list(f),
+    setDisabled: (id, d, reason) => r.setDisabled(id, d, reason),
+    setForcedDown: (id, f) => r.setForcedDown(id, f),
+    remove: (id) => r.remove(id),
+    close: () => r.close(),
+  };
+}
+
+describe("conductor pacing its heartbeat writes", () => {
+  it("under load it rests three times as long as a write took, unless requests queue for a running slot", async () => {
+    const hub = new MemoryHub();
+    const prefix = uniquePrefix("pace");
+    const inner = await openSqlRegistry("sqljs::memory:");
+    const ids = await fill(inner, 300);
+    // A registry whose writes take 20 ms, recording when each ran.
+    const writes: { start: number; end: number }[] = [];
+    const slow = {
+      ...only(inner),
+      reportStates: async (batch: number[]) => {
+        const start = performance.now();
+        await new Promise((r) => setTimeout(r, 20));
+        const rows = await inner.reportStates(batch);
+        writes.push({ start, end: performance.now() });
+        return rows;
+      },
+    };
+    const server = new MemoryTransport(hub);
+    const c = await conductor(server, prefix, slow);
+    const client = new MemoryTransport(hub);
+    const remote = new ConductorRegistry(client, { prefix });
+    /** `callers` callers heartbeating one after the other for `ms`; the gaps between writes. */
+    const load = async (callers: number, ms: number) => {
+      writes.length = 0;
+      const end = performance.now() + ms;
+      await Promise.all(Array.from({ length: callers }, async (_, k) => {
+        for (let i = k; performance.now() < end; i += callers) await remote.reportState(ids[i % ids.length]!);
+      }));
+      return writes.slice(1).map((w, i) => ({
+        gap: w.start - writes[i]!.end,
+        took: writes[i]!.end - writes[i]!.start,
+      }));
+    };
+    try {
+      // 8 callers: fewer than the service runs at once (64), so nothing queues for a slot.
+      const paced = await load(8, 600);
+      assert.ok(paced.length >= 2, `${paced.length + 1} writes`);
+      for (const { gap, took } of paced) assert.ok(gap >= 3 * took - 2, `rested ${gap} ms after a ${took} ms write`);
+      // 200 callers: requests queue for a running slot, and the writer no longer rests.
+      const saturated = await load(200, 600);
+      const gaps = saturated.map((g) => g.gap).sort((a, b) => a - b);
+      assert.ok(gaps[gaps.length >> 1]! < 20, `median rest ${gaps[gaps.length >> 1]} ms when saturated`);
+    } finally {
+      await remote.close();
+      await c.stop();
+      await inner.close();
+      await server.close();
+      await client.close();
+    }
+  });
+});
+
 describe("conductor on a registry without reportStates()", () => {
   it("reportState() goes to the registry's own reportState(), one call per heartbeat", async () => {
     const hub = new MemoryHub();
     const prefix = uniquePrefix("plain");
     const inner = await openSqlRegistry("sqljs::memory:");
     let calls = 0;
-    // Any Registry: only the interface's methods, no reportStates.
-    const plain: Registry = {
-      register: (s) => inner.register(s),
-      reportState: (id) => (calls++, inner.reportState(id)),
-      get: (id) => inner.get(id),
-      list: (f) => inner.list(f),
-      setDisabled: (id, d, r) => inner.setDisabled(id, d, r),
-      setForcedDown: (id, f) => inner.setForcedDown(id, f),
-      remove: (id) => inner.remove(id),
-      close: () => inner.close(),
-    };
+    const plain: Registry = { ...only(inner), reportState: (id) => (calls++, inner.reportState(id)) };
     const server = new MemoryTransport(hub);
     const c = await conductor(server, prefix, { backing: plain });
     const client = new MemoryTransport(hub);
