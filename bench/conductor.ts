@@ -12,13 +12,14 @@
  * Baseline in the same run: heartbeats straight to the same registry, one at a time
  * (bench/registry.ts's measurement), in the conductor's process before it serves.
  * The conductor reports its CPU time (process.cpuUsage) and the writes (transactions) it made.
+ * CONDUCTOR_MAX_RUNNING sets the conductor service's maxRunningHandlers (default 64), which caps a batch.
  *
  * Run: `npx tsx bench/conductor.ts` (prints a markdown table, then one JSON line).
  */
 
 import { type ChildProcess, spawn } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import process from "node:process";
 import pg from "pg";
@@ -171,6 +172,7 @@ async function pgAnswers(): Promise<string | undefined> {
   }
 }
 
+const loadBefore = loadavg()[0]!;
 const broker = await benchBroker();
 const dir = mkdtempSync(join(tmpdir(), "novalet-bench-conductor-"));
 const rows: Row[] = [];
@@ -289,9 +291,12 @@ try {
   rmSync(dir, { recursive: true, force: true });
 }
 
+// Other work on the machine shows in every figure: say how much there was.
+const load = [round(loadBefore, 2), round(loadavg()[0]!, 2)];
 console.log(
   `Conductor heartbeats: ${SERVICES} services, ${LOADS} load processes × ${CONNECTIONS} MQTT connections, ` +
-    `paced ${SECONDS} s, max ${MAX_SECONDS} s (node ${process.version}, broker: ${broker.name})\n`,
+    `paced ${SECONDS} s, max ${MAX_SECONDS} s (node ${process.version}, broker: ${broker.name}; ` +
+    `load average ${load[0]} before, ${load[1]} after)\n`,
 );
 console.log(
   "| backend | mode | heartbeats/s | p50 ms | p99 ms | max ms | > 1 s | errors | conductor CPU % | load CPU % | writes/s | heartbeats/write |",
@@ -305,5 +310,13 @@ for (const r of rows) {
 }
 for (const n of notes) console.log(`\n${n}`);
 console.log(
-  JSON.stringify({ bench: "conductor", services: SERVICES, seconds: SECONDS, maxSeconds: MAX_SECONDS, rows, notes }),
+  JSON.stringify({
+    bench: "conductor",
+    services: SERVICES,
+    seconds: SECONDS,
+    maxSeconds: MAX_SECONDS,
+    load,
+    rows,
+    notes,
+  }),
 );

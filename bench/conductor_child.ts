@@ -74,6 +74,8 @@ if (role === "conductor") {
     transport,
     registry: own,
     prefix,
+    // The service's default (64) unless the bench is asked for another: it caps a batch.
+    ...(process.env.CONDUCTOR_MAX_RUNNING ? { maxRunningHandlers: Number(process.env.CONDUCTOR_MAX_RUNNING) } : {}),
   });
   await svc.start();
   send({ type: "ready", first: ids[0], count: ids.length, direct });
@@ -103,7 +105,8 @@ if (role === "conductor") {
       if (r.id !== c.id) throw new Error(`got the record of ${r.id} for ${c.id}`);
       lat.push(performance.now() - t);
     } catch (e) {
-      const k = (e as Error).name ?? "Error";
+      // Counted by name and message, numbers left out.
+      const k = `${(e as Error).name}: ${(e as Error).message.replace(/\d+/g, "N").slice(0, 100)}`;
       errors.set(k, (errors.get(k) ?? 0) + 1);
     }
   };
