@@ -184,8 +184,8 @@ interface Waiting {
  * Group commit of heartbeats: while a batch is being written, the heartbeats that arrive wait and
  * all go in the next write, so a registry that pays per write transaction (a `sqljs:` file
  * rewrites itself) keeps up with a fleet. A heartbeat that finds the writer idle is written at
- * once; under load the writer rests REST times as long as its last write took, so that writes
- * take at most a quarter of the time: a `sqljs:` file's write costs CPU in proportion to the file,
+ * once; under load the writer rests REST times as long as its last write took (at most a second;
+ * not after a failed write), so that writes take at most a quarter of the time: a `sqljs:` file's write costs CPU in proportion to the file,
  * and writing back to back would keep a core busy whatever the load. It does not rest while the
  * service queues requests for a running slot: every caller then waits for the writer already.
  */
@@ -231,6 +231,7 @@ class Heartbeats {
     const batch = this.#waiting;
     this.#waiting = [];
     const start = performance.now();
+    let rest = 0;
     try {
       const rows = await this.#registry.reportStates(batch.map((w) => w.id));
       batch.forEach((w, i) => {
@@ -238,11 +239,12 @@ class Heartbeats {
         if (row) w.resolve(row);
         else w.reject(new NotFound(`Service ${w.id} not found: cannot report its state`));
       });
+      // Not after a failure: a write that waited for a dead database says nothing of the next one.
+      rest = Math.min((performance.now() - start) * REST, MAX_REST_MS);
     } catch (e) {
       for (const w of batch) w.reject(e);
     }
-    const end = performance.now();
-    this.#restUntil = end + (end - start) * REST;
+    this.#restUntil = performance.now() + rest;
     this.#busy = false;
     if (this.#waiting.length > 0) this.#schedule();
   }
@@ -250,6 +252,8 @@ class Heartbeats {
 
 /** How long the heartbeat writer rests after a write under load, in multiples of the write's time. */
 const REST = 3;
+/** The longest rest, in ms: a slow write (a database waiting for a lock) must not hold the next back long. */
+const MAX_REST_MS = 1000;
 
 /** Options of a {@link ConductorRegistry}. */
 export interface ConductorRegistryOptions {

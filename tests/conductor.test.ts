@@ -668,6 +668,51 @@ describe("conductor pacing its heartbeat writes", () => {
   });
 });
 
+describe("conductor after a failed heartbeat write", () => {
+  it("does not rest after a write that failed: the heartbeats that waited are written at once", async () => {
+    const hub = new MemoryHub();
+    const prefix = uniquePrefix("fail");
+    const inner = await openSqlRegistry("sqljs::memory:");
+    const [a, b] = await fill(inner, 2);
+    const writes: { start: number; end: number }[] = [];
+    const failing = {
+      ...only(inner),
+      reportStates: async (batch: number[]) => {
+        const start = performance.now();
+        try {
+          // The first write waits 200 ms for a database that then fails.
+          if (writes.length === 0) {
+            await new Promise((r) => setTimeout(r, 200));
+            throw new RegistryError("The database went away");
+          }
+          return await inner.reportStates(batch);
+        } finally {
+          writes.push({ start, end: performance.now() });
+        }
+      },
+    };
+    const server = new MemoryTransport(hub);
+    const c = await conductor(server, prefix, failing);
+    const client = new MemoryTransport(hub);
+    const remote = new ConductorRegistry(client, { prefix });
+    try {
+      const first = remote.reportState(a!);
+      await new Promise((r) => setTimeout(r, 50)); // while the first write runs
+      const second = remote.reportState(b!);
+      await assert.rejects(first, RegistryError);
+      assert.equal((await second).reportCount, 1);
+      const gap = writes[1]!.start - writes[0]!.end;
+      assert.ok(gap < 300, `the next write started ${gap} ms after the failed one (a rest would be 600 ms)`);
+    } finally {
+      await remote.close();
+      await c.stop();
+      await inner.close();
+      await server.close();
+      await client.close();
+    }
+  });
+});
+
 describe("conductor on a registry without reportStates()", () => {
   it("reportState() goes to the registry's own reportState(), one call per heartbeat", async () => {
     const hub = new MemoryHub();
