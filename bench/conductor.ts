@@ -12,7 +12,7 @@
  * Baseline in the same run: heartbeats straight to the same registry, one at a time
  * (bench/registry.ts's measurement), in the conductor's process before it serves.
  * The conductor reports its CPU time (process.cpuUsage) and the writes (transactions) it made.
- * CONDUCTOR_MAX_RUNNING sets the conductor service's maxRunningHandlers (default 64), which caps a batch.
+ * CONDUCTOR_MAX_RUNNING sets the conductor service's maxRunningHandlers (default CONDUCTOR_RUNNING, 1024), which caps a batch.
  *
  * Run: `npx tsx bench/conductor.ts` (prints a markdown table, then one JSON line).
  */

@@ -10,7 +10,7 @@
  */
 import process from "node:process";
 import { type Registry, Service, type ServiceRecord } from "../index.ts";
-import { ConductorManager, ConductorRegistry } from "../registry/conductor.ts";
+import { CONDUCTOR_RUNNING, ConductorManager, ConductorRegistry } from "../registry/conductor.ts";
 import { openSqlRegistry, SqlRegistry } from "../registry/sql.ts";
 import { MqttTransport } from "../transports/mqtt.ts";
 
@@ -74,8 +74,8 @@ if (role === "conductor") {
     transport,
     registry: own,
     prefix,
-    // The service's default (64) unless the bench is asked for another: it caps a batch.
-    ...(process.env.CONDUCTOR_MAX_RUNNING ? { maxRunningHandlers: Number(process.env.CONDUCTOR_MAX_RUNNING) } : {}),
+    // createConductor()'s default unless the bench is asked for another: it caps a batch.
+    maxRunningHandlers: Number(process.env.CONDUCTOR_MAX_RUNNING ?? CONDUCTOR_RUNNING),
   });
   await svc.start();
   send({ type: "ready", first: ids[0], count: ids.length, direct });

@@ -141,6 +141,10 @@ export class ConductorAdminManager extends Manager {
   }
 }
 
+/** The conductor service's default `maxRunningHandlers`: a heartbeat holds a slot until the write
+ * of its batch, and a batch cannot be larger than the slots. */
+export const CONDUCTOR_RUNNING = 1024;
+
 /** Options of {@link createConductor}: a Service's, but the registry is the one served. */
 export interface ConductorOptions extends Omit<ServiceOptions, "manager" | "topic" | "binary" | "registry"> {
   /** The registry served; the conductor registers itself there too. Not closed by stop(). */
@@ -158,7 +162,14 @@ export interface ConductorOptions extends Omit<ServiceOptions, "manager" | "topi
 export function createConductor(opts: ConductorOptions): [Service, Service] {
   const { registry, topic = "conductor", authorize, ...rest } = opts;
   return [
-    Service.create({ ...rest, registry, topic, binary: "nova-conductor", manager: new ConductorManager(registry) }),
+    Service.create({
+      maxRunningHandlers: CONDUCTOR_RUNNING,
+      ...rest,
+      registry,
+      topic,
+      binary: "nova-conductor",
+      manager: new ConductorManager(registry),
+    }),
     Service.create({
       ...rest,
       registry,
@@ -240,7 +251,9 @@ class Heartbeats {
         else w.reject(new NotFound(`Service ${w.id} not found: cannot report its state`));
       });
       // Not after a failure: a write that waited for a dead database says nothing of the next one.
-      rest = Math.min((performance.now() - start) * REST, MAX_REST_MS);
+      // A batch of several means a fleet is heartbeating: write at most every MIN_REST_MS then.
+      const took = (performance.now() - start) * REST;
+      rest = Math.min(batch.length > 1 ? Math.max(took, MIN_REST_MS) : took, MAX_REST_MS);
     } catch (e) {
       for (const w of batch) w.reject(e);
     }
@@ -254,6 +267,8 @@ class Heartbeats {
 const REST = 3;
 /** The longest rest, in ms: a slow write (a database waiting for a lock) must not hold the next back long. */
 const MAX_REST_MS = 1000;
+/** The least rest after a write of several heartbeats: each write of a `sqljs:` file rewrites it whole. */
+const MIN_REST_MS = 100;
 
 /** Options of a {@link ConductorRegistry}. */
 export interface ConductorRegistryOptions {
