@@ -2163,6 +2163,8 @@ export class Dispatcher {
   /** The manager whose methods run. */
   readonly manager: Manager;
   #table: Map<string, (ctx: RequestContext, args: unknown) => unknown>;
+  /** The roles of the methods that `@requires` some, by name (looked up once, not per call). */
+  #roles = new Map<string, readonly string[]>();
   #transport: Transport;
   #topics: Topics;
   #codec: Codec;
@@ -2197,6 +2199,10 @@ export class Dispatcher {
   constructor(manager: Manager, transport: Transport, opts: DispatcherOptions = {}) {
     this.manager = manager;
     this.#table = rpcMethods(manager);
+    for (const [name, fn] of this.#table) {
+      const roles = requiredRoles.get(fn);
+      if (roles !== undefined) this.#roles.set(name, roles);
+    }
     for (const fn of this.#table.values()) if (fn.constructor.name === "AsyncFunction") this.#async.add(fn);
     this.#transport = transport;
     this.#topics = new Topics(opts.prefix);
@@ -2455,7 +2461,7 @@ export class Dispatcher {
     } catch (e) {
       throw new BadRequest(`Malformed request: ${(e as Error).message}`, { cause: e });
     }
-    const roles = requiredRoles.get(fn);
+    const roles = this.#roles.size === 0 ? undefined : this.#roles.get(req.method);
     if (roles !== undefined && !mayCall(ctx, roles)) {
       const who = ctx.userId === null ? "an anonymous caller" : quote(ctx.userId);
       throw new NotAuthorized(`${quote(req.method)} requires the role ${roles.join(" or ")}: ${who} has none of them`);

@@ -24,6 +24,7 @@ import { join } from "node:path";
 import process from "node:process";
 import pg from "pg";
 import { benchBroker } from "./broker.ts";
+import { dropSchema } from "./sql_rows.ts";
 
 const SERVICES = Number(process.env.CONDUCTOR_SERVICES ?? 10_000);
 const SECONDS = Number(process.env.CONDUCTOR_SECONDS ?? 20);
@@ -146,18 +147,6 @@ async function phase(conductor: Child, loads: Child[], cmd: { cmd: string; start
     writesPerSecond: Math.round(writes / seconds),
     heartbeatsPerWrite: round((m1.written - m0.written) / Math.max(1, writes)),
   };
-}
-
-async function dropSchema(schema: string): Promise<void> {
-  const client = new pg.Client({ connectionString: PG_URL, connectionTimeoutMillis: 2000 });
-  try {
-    await client.connect();
-    await client.query(`drop schema if exists ${schema} cascade`);
-  } catch {
-    /* no server: nothing was created */
-  } finally {
-    await client.end().catch(() => {});
-  }
 }
 
 async function pgAnswers(): Promise<string | undefined> {
@@ -286,7 +275,7 @@ try {
   }
 } finally {
   await Promise.all([...children].map(stop));
-  for (const s of schemas) await dropSchema(s);
+  for (const s of schemas) await dropSchema(PG_URL, s);
   await broker.stop();
   rmSync(dir, { recursive: true, force: true });
 }

@@ -11,8 +11,9 @@
 import process from "node:process";
 import { type Registry, Service, type ServiceRecord } from "../index.ts";
 import { CONDUCTOR_RUNNING, ConductorManager, ConductorRegistry } from "../registry/conductor.ts";
-import { openSqlRegistry, SqlRegistry } from "../registry/sql.ts";
+import { openSqlRegistry, type SqlRegistry } from "../registry/sql.ts";
 import { MqttTransport } from "../transports/mqtt.ts";
+import { fill } from "./sql_rows.ts";
 
 const [role, url, prefix, ...rest] = process.argv.slice(2);
 if (!url || !prefix || !process.send) throw new Error("usage: see the head of bench/conductor_child.ts (IPC needed)");
@@ -176,22 +177,6 @@ if (role === "conductor") {
   send({ type: "ready" });
 } else {
   throw new Error(`unknown role ${role}`);
-}
-
-/** SERVICES rows in one transaction per 1,000 (setting up is not what is measured). */
-async function fill(r: SqlRegistry, n: number): Promise<number[]> {
-  const now = new Date().toISOString();
-  for (let i = 0; i < n; i += 1000) {
-    const rows = Array.from({ length: Math.min(1000, n - i) }, (_, j) => ({
-      host: `host-${i + j}`,
-      binary: "nova-bench",
-      topic: "bench",
-      created_at: now,
-      updated_at: now,
-    }));
-    await SqlRegistry.database(r).transaction().execute((trx) => trx.insertInto("services").values(rows).execute());
-  }
-  return (await r.list()).map((s) => s.id);
 }
 
 /** bench/registry.ts's measurement: heartbeats one at a time, straight to the registry. */

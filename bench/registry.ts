@@ -10,8 +10,8 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import process from "node:process";
-import pg from "pg";
-import { openSqlRegistry, SqlRegistry } from "../registry/sql.ts";
+import { openSqlRegistry, type SqlRegistry } from "../registry/sql.ts";
+import { dropSchema, fill } from "./sql_rows.ts";
 
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 1.5);
 const SIZES = [1, 100, 10_000];
@@ -27,22 +27,6 @@ interface Row {
 }
 
 const pct = (sorted: number[], p: number) => sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * p))]!;
-
-async function fill(r: SqlRegistry, n: number): Promise<number[]> {
-  const now = new Date().toISOString();
-  // Bulk insert in one transaction per chunk: setting up 10,000 rows is not what is measured.
-  for (let i = 0; i < n; i += 1000) {
-    const rows = Array.from({ length: Math.min(1000, n - i) }, (_, j) => ({
-      host: `host-${i + j}`,
-      binary: "nova-bench",
-      topic: "bench",
-      created_at: now,
-      updated_at: now,
-    }));
-    await SqlRegistry.database(r).transaction().execute((trx) => trx.insertInto("services").values(rows).execute());
-  }
-  return (await r.list()).map((s) => s.id);
-}
 
 async function measure(backend: string, r: SqlRegistry, services: number): Promise<Row> {
   const ids = await fill(r, services);
@@ -70,19 +54,6 @@ async function measure(backend: string, r: SqlRegistry, services: number): Promi
 const dir = mkdtempSync(join(tmpdir(), "novalet-bench-"));
 const rows: Row[] = [];
 const notes: string[] = [];
-/** Drop a schema of this run, if the server can be reached at all. */
-async function dropSchema(schema: string): Promise<void> {
-  const client = new pg.Client({ connectionString: PG_URL, connectionTimeoutMillis: 2000 });
-  try {
-    await client.connect();
-    await client.query(`drop schema if exists ${schema} cascade`);
-  } catch {
-    /* no server: nothing was created */
-  } finally {
-    await client.end().catch(() => {});
-  }
-}
-
 try {
   for (const n of SIZES) {
     const mem = await openSqlRegistry("sqljs::memory:");
@@ -99,14 +70,14 @@ try {
       onPg = await openSqlRegistry(PG_URL, { schema });
     } catch (e) {
       if (n === SIZES[0]) notes.push(`PostgreSQL skipped: ${(e as Error).message}`);
-      await dropSchema(schema); // open may have failed after creating it
+      await dropSchema(PG_URL, schema); // open may have failed after creating it
     }
     if (onPg) {
       try {
         rows.push(await measure("PostgreSQL", onPg, n));
       } finally {
         await onPg.close();
-        await dropSchema(schema);
+        await dropSchema(PG_URL, schema);
       }
     }
   }

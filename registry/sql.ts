@@ -180,15 +180,15 @@ function checkField(name: string, v: unknown): string {
   return v;
 }
 
-/** A topic, host or binary as RPC names them: one topic level (no "/", "+", "#", control characters); a topic has no ".". */
+/** A topic, host or binary as RPC names them (parseAddress's rules): one topic level, without "/",
+ * "+", "#" or control characters; a topic has no ".". */
 function checkName(name: "topic" | "host" | "binary", v: unknown): string {
   const s = checkField(name, v);
+  if (name === "topic" && s.includes(".")) throw new TypeError(`Invalid topic ${quote(s)}: no "." in a topic`);
   try {
-    if (name === "topic") parseAddress(s);
-    else parseAddress(`t.${s}`);
-    if (name === "topic" && s.includes(".")) throw new TypeError(`no "." in a topic`);
-  } catch (e) {
-    throw new TypeError(`Invalid ${name} ${quote(s)}: ${(e as Error).message.replace(/^Invalid [a-z]+ .*?: /, "")}`);
+    parseAddress(name === "topic" ? s : `t.${s}`);
+  } catch {
+    throw new TypeError(`Invalid ${name} ${quote(s)}: one topic level, without "/", "+", "#" or control characters`);
   }
   return s;
 }

@@ -62,6 +62,26 @@ async function conductor(transport: Transport, prefix: string, opts: { backing?:
   };
 }
 
+/** A conductor in front of `backing` over a memory hub, and a ConductorRegistry calling it;
+ * close() stops both (not `backing`). */
+async function viaConductor(backing: Registry, tag: string) {
+  const hub = new MemoryHub();
+  const prefix = uniquePrefix(tag);
+  const server = new MemoryTransport(hub);
+  const c = await conductor(server, prefix, { backing });
+  const client = new MemoryTransport(hub);
+  const remote = new ConductorRegistry(client, { prefix });
+  return {
+    remote,
+    async close() {
+      await remote.close();
+      await c.stop();
+      await server.close();
+      await client.close();
+    },
+  };
+}
+
 registryConformance("conductor over the memory transport", async () => {
   const hub = new MemoryHub();
   const prefix = uniquePrefix("cond");
@@ -493,13 +513,8 @@ for (const backend of backends) {
   describe(`conductor batching heartbeats on ${backend.name}`, () => {
     /** A conductor over the memory transport in front of a fresh registry of this backend. */
     async function setUp() {
-      const hub = new MemoryHub();
-      const prefix = uniquePrefix("batch");
-      const server = new MemoryTransport(hub);
       const { registry, drop } = await backend.open();
-      const c = await conductor(server, prefix, { backing: registry });
-      const client = new MemoryTransport(hub);
-      const remote = new ConductorRegistry(client, { prefix });
+      const { remote, close } = await viaConductor(registry, "batch");
       // Batches written, counted at the registry (each one is one transaction).
       let batches = 0;
       const reportStates = registry.reportStates.bind(registry);
@@ -512,11 +527,8 @@ for (const backend of backends) {
         remote,
         batches: () => batches,
         async close() {
-          await remote.close();
-          await c.stop();
+          await close();
           await drop();
-          await server.close();
-          await client.close();
         },
       };
     }
@@ -617,8 +629,6 @@ function only(r: Registry): Registry {
 
 describe("conductor pacing its heartbeat writes", () => {
   it("under load it rests three times as long as a write took (at least 100 ms after a batch), unless requests queue for a running slot", async () => {
-    const hub = new MemoryHub();
-    const prefix = uniquePrefix("pace");
     const inner = await openSqlRegistry("sqljs::memory:");
     const ids = await fill(inner, 300);
     // A registry whose writes take 20 ms, recording when each ran.
@@ -633,10 +643,7 @@ describe("conductor pacing its heartbeat writes", () => {
         return rows;
       },
     };
-    const server = new MemoryTransport(hub);
-    const c = await conductor(server, prefix, { backing: slow });
-    const client = new MemoryTransport(hub);
-    const remote = new ConductorRegistry(client, { prefix });
+    const { remote, close } = await viaConductor(slow, "pace");
     /** `callers` callers heartbeating one after the other for `ms`; the gaps between writes. */
     const load = async (callers: number, ms: number) => {
       writes.length = 0;
@@ -663,19 +670,14 @@ describe("conductor pacing its heartbeat writes", () => {
       const gaps = saturated.map((g) => g.gap).sort((a, b) => a - b);
       assert.ok(gaps[gaps.length >> 1]! < 20, `median rest ${gaps[gaps.length >> 1]} ms when saturated`);
     } finally {
-      await remote.close();
-      await c.stop();
+      await close();
       await inner.close();
-      await server.close();
-      await client.close();
     }
   });
 });
 
 describe("conductor after a failed heartbeat write", () => {
   it("does not rest after a write that failed: the heartbeats that waited are written at once", async () => {
-    const hub = new MemoryHub();
-    const prefix = uniquePrefix("fail");
     const inner = await openSqlRegistry("sqljs::memory:");
     const [a, b] = await fill(inner, 2);
     const writes: { start: number; end: number }[] = [];
@@ -695,10 +697,7 @@ describe("conductor after a failed heartbeat write", () => {
         }
       },
     };
-    const server = new MemoryTransport(hub);
-    const c = await conductor(server, prefix, { backing: failing });
-    const client = new MemoryTransport(hub);
-    const remote = new ConductorRegistry(client, { prefix });
+    const { remote, close } = await viaConductor(failing, "fail");
     try {
       const first = remote.reportState(a!);
       await new Promise((r) => setTimeout(r, 50)); // while the first write runs
@@ -708,26 +707,18 @@ describe("conductor after a failed heartbeat write", () => {
       const gap = writes[1]!.start - writes[0]!.end;
       assert.ok(gap < 300, `the next write started ${gap} ms after the failed one (a rest would be 600 ms)`);
     } finally {
-      await remote.close();
-      await c.stop();
+      await close();
       await inner.close();
-      await server.close();
-      await client.close();
     }
   });
 });
 
 describe("conductor on a registry without reportStates()", () => {
   it("reportState() goes to the registry's own reportState(), one call per heartbeat", async () => {
-    const hub = new MemoryHub();
-    const prefix = uniquePrefix("plain");
     const inner = await openSqlRegistry("sqljs::memory:");
     let calls = 0;
     const plain: Registry = { ...only(inner), reportState: (id) => (calls++, inner.reportState(id)) };
-    const server = new MemoryTransport(hub);
-    const c = await conductor(server, prefix, { backing: plain });
-    const client = new MemoryTransport(hub);
-    const remote = new ConductorRegistry(client, { prefix });
+    const { remote, close } = await viaConductor(plain, "plain");
     try {
       const row = await remote.register({ host: "p1", binary: "nova-x", topic: "x" });
       const result = await Promise.all([1, 2, 3].map(() => remote.reportState(row.id)));
@@ -735,11 +726,8 @@ describe("conductor on a registry without reportStates()", () => {
       assert.equal(calls, 3);
       await assert.rejects(remote.reportState(row.id + 1), NotFound);
     } finally {
-      await remote.close();
-      await c.stop();
+      await close();
       await inner.close();
-      await server.close();
-      await client.close();
     }
   });
 });
