@@ -30,6 +30,7 @@ import {
   UsageError,
 } from "./index.ts";
 import { adminTopic, createConductor } from "./registry/conductor.ts";
+import { generateKey, publicPart, readKeys, SignedCodec } from "./keys.ts";
 
 /** Each command's usage lines and what it does: `novalet help COMMAND` prints one. */
 const COMMANDS: Record<string, { usage: string; about: string }> = {
@@ -57,6 +58,16 @@ conductor:TOPIC) and need no database. The admin operations (enable, disable, fo
 delete) are served on "conductor_admin", for admin contexts only: confine who may publish there
 with the broker's ACL. It registers itself like any service (nova-conductor, nova-conductor-admin).`,
   },
+  keys: {
+    usage: `  novalet keys new ID [--type=hmac|ed25519] [--call=T,..] [--serve=T,..] [--roles=R,..]
+  novalet keys public FILE`,
+    about: `"keys new" prints a key file (JSON) that signs with a new key: an hmac shared secret (the
+default) or an ed25519 key pair. --call/--serve name the topics its holder may call and answer
+for (default *), --roles the roles it may assert (admin for an operator; default none). "keys
+public FILE" prints FILE's keys without private parts and without "sign": the entries others add
+to their key files to trust its holder. Every command takes --keys=FILE (NOVALET_KEYS): sign
+what it sends, refuse what is unsigned.`,
+  },
   services: {
     usage: `  novalet services list [--topic=T] [--host=H] [--binary=B] [--json] [flags]
   novalet services enable ID [--json] [flags]
@@ -75,7 +86,7 @@ const FLAGS = `Flags (also NOVALET_<NAME> in the environment):
   --prefix=novalet  --host=NAME  --report_interval=10  --periodic_interval=60  --periodic_fuzzy_delay=60
   --service_down_time=60  --rpc_response_timeout=60  --graceful_shutdown_timeout=60
   --max_running_handlers=64  --max_queued_handlers=1000  --max_held_bytes=33554432
-  --log_format=text|json  --log_level=info  --debug
+  --log_format=text|json  --log_level=info  --debug  --keys=FILE (sign and verify envelopes)
 
 Exit status: 0 done, 1 the operation failed, 2 bad arguments.`;
 
@@ -135,6 +146,37 @@ function flagsFrom(flagArgs: string[]): Flags {
   } catch (e) {
     throw new UsageError((e as Error).message);
   }
+}
+
+/** The signing codec of --keys, if given. */
+async function codecOf(flags: Flags): Promise<SignedCodec | undefined> {
+  return flags.keys ? await SignedCodec.fromFile(flags.keys, { prefix: flags.prefix }) : undefined;
+}
+
+async function keysCommand(argv: string[]): Promise<number> {
+  const { opts, rest } = options(argv, ["type", "call", "serve", "roles"]);
+  const [action, arg, ...extra] = rest;
+  if (extra.length || arg === undefined || (action !== "new" && action !== "public")) {
+    throw new UsageError(`"keys" needs "new ID" or "public FILE"`);
+  }
+  if (action === "public") {
+    const config = await readKeys(arg);
+    new SignedCodec(config, { file: arg }); // checks every key
+    console.log(JSON.stringify({ keys: config.keys.map(publicPart) }, null, 2));
+    return 0;
+  }
+  const type = opts.type ?? "hmac";
+  if (type !== "hmac" && type !== "ed25519") {
+    throw new UsageError(`Invalid --type=${JSON.stringify(type)}: hmac or ed25519`);
+  }
+  const names = (v: string | undefined) => v === undefined ? undefined : v.split(",").filter((x) => x !== "");
+  try {
+    const key = generateKey(arg, type, { call: names(opts.call), serve: names(opts.serve), roles: names(opts.roles) });
+    console.log(JSON.stringify({ sign: arg, keys: [key] }, null, 2));
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+  return 0;
 }
 
 function parseArgs(json: string | undefined): Record<string, unknown> {
@@ -234,10 +276,11 @@ async function services(argv: string[]): Promise<number> {
     return 1;
   }
   // A conductor is reached over the transport; other registries are opened directly.
+  const codec = await codecOf(flags);
   const transport = flags.registryUrl.startsWith("conductor:") ? await openTransport(flags.transportUrl) : undefined;
   let registry: Registry;
   try {
-    registry = await openRegistry(flags.registryUrl, { transport, prefix: flags.prefix });
+    registry = await openRegistry(flags.registryUrl, { transport, prefix: flags.prefix, codec });
   } catch (e) {
     await transport?.close();
     throw e;
@@ -283,8 +326,9 @@ async function callOrCast(kind: "call" | "cast", argv: string[]): Promise<number
   const timeout = opts.timeout === undefined ? flags.rpcResponseTimeout : Number(opts.timeout);
   if (!(timeout > 0)) throw new UsageError(`Invalid --timeout=${JSON.stringify(opts.timeout)}: must be seconds > 0`);
   const msg = { method, args: parseArgs(json) };
+  const codec = await codecOf(flags);
   const transport = await openTransport(flags.transportUrl);
-  const rpc = new Rpc(transport, { prefix: flags.prefix, timeout });
+  const rpc = new Rpc(transport, { prefix: flags.prefix, timeout, codec });
   const ctx = RequestContext.admin({ userId: "novalet-cli" });
   try {
     if (kind === "call") console.log(JSON.stringify(await rpc.call(ctx, address, msg), null, 2));
@@ -400,6 +444,7 @@ export async function main(argv: string[]): Promise<number> {
       if (command === "serve") return await serveCommand(rest);
       if (command === "conductor") return await conductorCommand(rest);
       if (command === "call" || command === "cast") return await callOrCast(command, rest);
+      if (command === "keys") return await keysCommand(rest);
       return await services(rest);
     } catch (e) {
       if (e instanceof UsageError) e.command ??= command;

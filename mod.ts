@@ -601,6 +601,8 @@ export interface RegistryOpenOptions {
   transport?: Transport;
   /** The topic prefix on that transport. */
   prefix?: string;
+  /** The codec of its messages, for a registry reached over a transport. */
+  codec?: Codec;
 }
 
 /** Opens transports and registries from URLs, for a {@link Service} not given one and for
@@ -612,6 +614,8 @@ export interface Opener {
   openRegistry(url: string, opts: RegistryOpenOptions): Promise<Registry>;
   /** Why `url` opens no transport (or registry), in words; undefined when it does. */
   urlProblem(kind: "transport" | "registry", url: string): string | undefined;
+  /** Optional: the signing codec of the key file at `path` (`--keys`). */
+  openCodec?(path: string, opts: { prefix?: string; logger?: Logger }): Promise<Codec>;
 }
 
 let installed: Opener | undefined;
@@ -675,21 +679,29 @@ export type ReplyEnvelope = { v: 1; id: string; result: unknown } | { v: 1; id: 
  * in-process values; a codec without them sends every envelope alone, as bytes.
  */
 export interface Codec {
-  /** A request as bytes. @throws {TypeError} when its args have no JSON form (a BigInt, a cycle). */
-  encodeRequest(req: RequestEnvelope): Uint8Array;
-  /** The request of `bytes`. @throws {BadRequest} with `id`/`replyTo` set when they could be read. */
-  decodeRequest(bytes: Uint8Array): RequestEnvelope;
-  /** A reply as bytes. @throws {TypeError} when its result has no JSON form. */
-  encodeReply(reply: ReplyEnvelope): Uint8Array;
-  /** The reply of `bytes`. @throws {BadRequest} when the bytes are not a reply. */
-  decodeReply(bytes: Uint8Array): ReplyEnvelope;
+  /** A request as bytes, for transport topic `topic`. @throws {TypeError} when its args have no
+   * JSON form (a BigInt, a cycle); {@link NotAuthorized} when this process may not send it. */
+  encodeRequest(req: RequestEnvelope, topic?: string): Uint8Array;
+  /** The request of `bytes`, which arrived on `topic`. @throws {BadRequest} with `id`/`replyTo`
+   * set when they could be read. */
+  decodeRequest(bytes: Uint8Array, topic?: string): RequestEnvelope;
+  /** A reply as bytes, for reply topic `topic`. @throws {TypeError} when its result has no JSON form. */
+  encodeReply(reply: ReplyEnvelope, topic?: string): Uint8Array;
+  /** The reply of `bytes`, which arrived on `topic`. @throws {BadRequest} when the bytes are not a reply. */
+  decodeReply(bytes: Uint8Array, topic?: string): ReplyEnvelope;
   /** Optional: frame several encoded requests (or replies) as one message, a batch. */
   encodeBatch?(items: Uint8Array[]): Uint8Array;
-  /** Optional, with encodeBatch: the requests of a message, single or batch; a malformed one is a
-   * BadRequest in its place. @throws {BadRequest} when the message as a whole is unreadable. */
-  decodeRequests?(bytes: Uint8Array): { batch: boolean; items: (RequestEnvelope | BadRequest)[] };
-  /** Optional, with encodeBatch: the replies of a message, single or batch. */
-  decodeReplies?(bytes: Uint8Array): ReplyEnvelope[];
+  /** Optional: the requests of a message, single or batch; a malformed one is a BadRequest in its
+   * place, one the codec refuses (a bad signature) is left out, unanswered.
+   * @throws {BadRequest} when the message as a whole is unreadable. */
+  decodeRequests?(bytes: Uint8Array, topic?: string): { batch: boolean; items: (RequestEnvelope | BadRequest)[] };
+  /** Optional: the replies of a message, single or batch; refused ones left out. */
+  decodeReplies?(bytes: Uint8Array, topic?: string): ReplyEnvelope[];
+  /** Optional: throw {@link NotAuthorized} unless this process may serve `topic`; a service asks
+   * before it subscribes. */
+  checkServe?(topic: string): void;
+  /** Optional: read its configuration (keys) again; `serve()` asks on SIGHUP. */
+  reload?(): Promise<void>;
   /** Optional: what decoding the encoded envelope would give, without the bytes between (a
    * private deep copy), for transports that carry values. @throws {TypeError} where encoding would. */
   copy?<E extends RequestEnvelope | ReplyEnvelope>(envelope: E): E;
@@ -1538,7 +1550,7 @@ export class Rpc {
     if (this.#batchReplies) req.batch = true;
     let encoded: Uint8Array | LocalMessage;
     try {
-      encoded = encodeFor(this.#codec, this.#local, req);
+      encoded = encodeFor(this.#codec, this.#local, req, topic);
     } catch (e) {
       return Promise.reject(e); // the args do not encode (a BigInt, a cycle)
     }
@@ -1654,7 +1666,7 @@ export class Rpc {
     if (opts.version !== undefined) req.version = opts.version;
     const expiry = opts.timeout === undefined ? undefined : checkTimeout(opts.timeout, "timeout");
     if (expiry !== undefined) req.deadline = Date.now() + expiry * 1000;
-    const encoded = encodeFor(this.#codec, this.#local, req); // throws when the args do not encode
+    const encoded = encodeFor(this.#codec, this.#local, req, topic); // throws when the args do not encode
     const sent = this.#publish(address, topic, encoded, {
       qos: opts.qos ?? this.#qos,
       mandatory: address !== undefined,
@@ -1690,7 +1702,7 @@ export class Rpc {
     try {
       const sub = await this.#transport.subscribe(this.#replyTopic, (p, _t, meta) => this.#onReply(p, meta), {
         qos: this.#qos,
-        local: true,
+        local: this.#codec.copy !== undefined, // a codec without copy() must see the bytes
       });
       this.#repliesReady = true;
       return sub;
@@ -1716,8 +1728,8 @@ export class Rpc {
     let replies: ReplyEnvelope[] | ReplyEnvelope;
     try {
       if (meta?.local !== undefined) replies = checkReply(meta.local);
-      else if (this.#codec.decodeReplies) replies = this.#codec.decodeReplies(payload);
-      else replies = this.#codec.decodeReply(payload);
+      else if (this.#codec.decodeReplies) replies = this.#codec.decodeReplies(payload, this.#replyTopic);
+      else replies = this.#codec.decodeReply(payload, this.#replyTopic);
     } catch (e) {
       this.#log.warn("Dropped a malformed reply", { error: e });
       return;
@@ -1815,12 +1827,17 @@ export class Rpc {
 }
 
 /** An envelope as bytes, or as a value for an in-process transport. @throws where encoding does. */
-function encodeFor(codec: Codec, local: boolean, envelope: RequestEnvelope | ReplyEnvelope): Uint8Array | LocalMessage {
-  return local ? new LocalEnvelope(codec, envelope) : encodeBytes(codec, envelope);
+function encodeFor(
+  codec: Codec,
+  local: boolean,
+  envelope: RequestEnvelope | ReplyEnvelope,
+  topic: string,
+): Uint8Array | LocalMessage {
+  return local ? new LocalEnvelope(codec, envelope, topic) : encodeBytes(codec, envelope, topic);
 }
 
-function encodeBytes(codec: Codec, envelope: RequestEnvelope | ReplyEnvelope): Uint8Array {
-  return "method" in envelope ? codec.encodeRequest(envelope) : codec.encodeReply(envelope);
+function encodeBytes(codec: Codec, envelope: RequestEnvelope | ReplyEnvelope, topic: string): Uint8Array {
+  return "method" in envelope ? codec.encodeRequest(envelope, topic) : codec.encodeReply(envelope, topic);
 }
 
 /** How errors name a cast: `"address.method"`, or `fanout "topic.method"`. */
@@ -2278,8 +2295,8 @@ export class Dispatcher {
     let items: (RequestEnvelope | BadRequest)[];
     try {
       items = this.#codec.decodeRequests
-        ? this.#codec.decodeRequests(payload).items
-        : [this.#codec.decodeRequest(payload)];
+        ? this.#codec.decodeRequests(payload, topic).items
+        : [this.#codec.decodeRequest(payload, topic)];
     } catch (e) {
       items = [asBadRequest(e)]; // the message as a whole is unreadable
     }
@@ -2479,7 +2496,7 @@ export class Dispatcher {
    * is #done once the reply is handed over (or could not be). */
   #reply(replyTo: string, reply: ReplyEnvelope, qos: 0 | 1, batch: boolean, method?: string): void {
     try {
-      const message = this.#encodeReply(reply, method);
+      const message = this.#encodeReply(reply, replyTo, method);
       if (!(message instanceof Uint8Array)) {
         // In-process: the hub holds the reply once publishLocal returns; nothing to wait for.
         this.#transport.publishLocal!(replyTo, message, { qos }).catch((e) => this.#replyFailed(e, replyTo, reply.id));
@@ -2512,7 +2529,7 @@ export class Dispatcher {
           message: `The reply to ${quote(method)} could not be sent: ${e.message}`,
         };
         try {
-          const bytes = encodeBytes(this.#codec, { v: 1, id, error });
+          const bytes = encodeBytes(this.#codec, { v: 1, id, error }, replyTo);
           this.#outbox.sendAlone(replyTo, bytes, { qos: item.opts.qos ?? this.#qos }, this.#errorReplySent, id);
         } catch (e2) {
           this.#replyFailed(e2, replyTo, id);
@@ -2531,9 +2548,9 @@ export class Dispatcher {
   }
 
   /** The reply as bytes, or as a value for an in-process transport. */
-  #encodeReply(reply: ReplyEnvelope, method?: string): Uint8Array | LocalMessage {
+  #encodeReply(reply: ReplyEnvelope, replyTo: string, method?: string): Uint8Array | LocalMessage {
     try {
-      return encodeFor(this.#codec, this.#local, reply);
+      return encodeFor(this.#codec, this.#local, reply, replyTo);
     } catch (e) {
       // The result has no JSON form (a BigInt, a cycle, a toJSON() that throws): tell the caller
       // at once, in the same words on both paths (V8's cycle message adds lines on one of them).
@@ -2541,7 +2558,7 @@ export class Dispatcher {
       wire.message = `Cannot encode the result of ${quote(method)}: ${wire.message.split("\n", 1)[0]}`;
       wire.type = "ResultNotSerializable";
       const error: ReplyEnvelope = { v: 1, id: reply.id, error: wire };
-      return encodeFor(this.#codec, this.#local, error);
+      return encodeFor(this.#codec, this.#local, error, replyTo);
     }
   }
 
@@ -2859,6 +2876,8 @@ export interface Flags {
   logLevel: LogLevel;
   /** Send stack traces with remote errors. Default false. */
   debug: boolean;
+  /** A key file: sign every envelope and refuse unsigned ones (see keys.ts). Default none. */
+  keys: string;
   /** `--TOPIC_manager=./path.ts#Class`, by topic. */
   managers: Record<string, string>;
 }
@@ -2922,6 +2941,7 @@ const FLAGS: Record<string, FlagSpec> = {
   log_format: { key: "logFormat", parse: oneOf("text", "json") },
   log_level: { key: "logLevel", parse: oneOf("debug", "info", "warn", "error", "silent") },
   debug: { key: "debug", parse: bool },
+  keys: { key: "keys", parse: (v) => v },
 };
 
 /** The flags' defaults (the host is this machine's name). */
@@ -2943,6 +2963,7 @@ export function defaultFlags(): Flags {
     logFormat: "text",
     logLevel: "info",
     debug: false,
+    keys: "",
     managers: {},
   };
 }
@@ -3034,6 +3055,9 @@ export interface ServiceOptions {
   flags?: Flags;
   /** Topic prefix. Default `flags.prefix` (`novalet`). */
   prefix?: string;
+  /** How envelopes are written and read, for the service and its `rpc`. Default: the JSON codec,
+   * or with `flags.keys` the opener's signing codec of that key file. */
+  codec?: Codec;
   /** Default: a ConsoleLogger of the flags' level and format. */
   logger?: Logger;
   /** Send stack traces with errors. */
@@ -3115,6 +3139,7 @@ export class Service {
   #registry?: Registry;
   #owned: { close(): Promise<void> }[] = [];
   #rpc?: Rpc;
+  #codec?: Codec;
   #manager?: Manager;
   #dispatcher?: Dispatcher;
   /** `topic` (shared) and the fanout: unsubscribed on stop. */
@@ -3192,6 +3217,12 @@ export class Service {
     return this.#manager;
   }
 
+  /** The codec of the service and its `rpc`, once started. */
+  get codec(): Codec {
+    if (!this.#codec) throw new ClosedError(`Service ${this.topic}.${this.host} has not started`);
+    return this.#codec;
+  }
+
   /** The transport, once started. */
   get transport(): Transport {
     if (!this.#transport) throw new ClosedError(`Service ${this.topic}.${this.host} has not started`);
@@ -3208,6 +3239,7 @@ export class Service {
   get rpc(): Rpc {
     return this.#rpc ??= new Rpc(this.#live ?? this.transport, {
       prefix: this.#topics.prefix,
+      codec: this.codec,
       logger: this.logger,
       timeout: this.#opts.rpcTimeout ?? this.flags.rpcResponseTimeout,
     });
@@ -3247,6 +3279,8 @@ export class Service {
     manager.service = this;
     this.#manager = manager;
     this.#presence = { topic: this.#topics.presence(this.topic, this.host), incarnation: Date.now(), on: false };
+    const codec = this.#codec = this.#opts.codec ?? (this.flags.keys ? await this.#openCodec() : jsonCodec);
+    codec.checkServe?.(this.topic); // a key that may not serve this topic fails here, named
     if (!this.#transport) {
       // A persistent session must be found again by the next run of this service: a stable id.
       this.#transport = await (this.#opts.opener ?? theOpener("a transport")).openTransport(this.flags.transportUrl, {
@@ -3260,6 +3294,7 @@ export class Service {
         logger: this.logger,
         transport: this.#transport,
         prefix: this.#topics.prefix,
+        codec,
       });
       this.#owned.push(this.#registry);
     }
@@ -3268,6 +3303,7 @@ export class Service {
     const live = this.#live = await this.#openLive(this.#transport);
     const dispatcher = new Dispatcher(manager, live, {
       prefix: this.#topics.prefix,
+      codec,
       logger: this.logger,
       debug: this.#opts.debug ?? this.flags.debug,
       maxMessageBytes: this.#opts.maxMessageBytes,
@@ -3278,7 +3314,9 @@ export class Service {
     this.#dispatcher = dispatcher;
     const handle = dispatcher.handle; // it counts its in-flight handlers; stop() waits for them
     const t = this.#topics;
-    const local = true; // the dispatcher reads requests sent as values (publishLocal)
+    // The dispatcher reads requests sent as values (publishLocal), unless its codec must see the
+    // bytes (a signing codec has no copy()): values would pass by its checks.
+    const local = codec.copy !== undefined;
     // Shared work and the fanout go to live servers only; what is addressed to this host may wait
     // in the transport's persistent session while it is away.
     this.#subs.push(await live.subscribe(t.forAddress(this.topic), handle, { group: this.topic, local }));
@@ -3294,6 +3332,14 @@ export class Service {
       initialDelay: Math.random() * this.periodicFuzzyDelay,
       logger: this.logger,
     });
+  }
+
+  #openCodec(): Promise<Codec> {
+    const opener = this.#opts.opener ?? theOpener("a key file");
+    if (!opener.openCodec) {
+      throw new TypeError(`Cannot use --keys=${quote(this.flags.keys)}: the opener reads no key files`);
+    }
+    return opener.openCodec(this.flags.keys, { prefix: this.#topics.prefix, logger: this.logger });
   }
 
   /**
@@ -3545,6 +3591,7 @@ export async function serve(...args: (Service | ServeOptions)[]): Promise<Launch
       const clean = (await Promise.all(services.map((s) => s.stop()))).every(Boolean);
       process.off("SIGTERM", onSignal);
       process.off("SIGINT", onSignal);
+      if (reloads) process.off("SIGHUP", onHangup);
       resolveDone(clean ? 0 : 1);
       return clean;
     })();
@@ -3561,8 +3608,20 @@ export async function serve(...args: (Service | ServeOptions)[]): Promise<Launch
       if (opts.exit ?? true) process.exit(clean ? 0 : 1);
     });
   }
+  // SIGHUP, where a codec can reload (a key file): read it again, for a key rotation; a bad file
+  // changes nothing. Elsewhere SIGHUP keeps its default (the process ends with its terminal).
+  const reloads = process.platform !== "win32" && services.some((s) => s.codec.reload);
+  function onHangup() {
+    for (const s of services) {
+      s.codec.reload?.().then(
+        () => log.info(`Reloaded the keys of ${s.topic}.${s.host}`),
+        (e) => log.error(`Cannot reload the keys of ${s.topic}.${s.host}; keeping the old ones`, { error: e }),
+      );
+    }
+  }
   process.on("SIGTERM", onSignal);
   process.on("SIGINT", onSignal);
+  if (reloads) process.on("SIGHUP", onHangup);
   return { services, stop, done };
 }
 
@@ -3972,9 +4031,11 @@ class LocalEnvelope implements LocalMessage {
   #snapshot: RequestEnvelope | ReplyEnvelope;
   #given = false;
   #bytes?: Uint8Array;
-  constructor(codec: Codec, envelope: RequestEnvelope | ReplyEnvelope) {
+  #topic: string;
+  constructor(codec: Codec, envelope: RequestEnvelope | ReplyEnvelope, topic: string) {
     this.#codec = codec;
     this.#snapshot = codec.copy!(envelope);
+    this.#topic = topic;
   }
   copy(): unknown {
     if (this.#given) return this.#codec.copy!(this.#snapshot);
@@ -3982,7 +4043,7 @@ class LocalEnvelope implements LocalMessage {
     return this.#snapshot;
   }
   bytes(): Uint8Array {
-    return this.#bytes ??= encodeBytes(this.#codec, this.#snapshot);
+    return this.#bytes ??= encodeBytes(this.#codec, this.#snapshot, this.#topic);
   }
 }
 

@@ -18,7 +18,9 @@
  */
 
 import {
+  type Codec,
   installOpener,
+  type Logger,
   type Opener,
   quote,
   redactUrl,
@@ -104,7 +106,7 @@ const schemes = new Map<string, Scheme>([
       }
       const { ConductorRegistry } = await import("./registry/conductor.ts");
       const topic = url.slice("conductor:".length) || undefined;
-      return new ConductorRegistry(opts.transport, { topic, prefix: opts.prefix });
+      return new ConductorRegistry(opts.transport, { topic, prefix: opts.prefix, codec: opts.codec });
     },
   }],
 ]);
@@ -178,6 +180,12 @@ export function openRegistry(url: string, opts: RegistryOpenOptions = {}): Promi
   }
 }
 
+/** The signing codec of a key file (`--keys=FILE`): see keys.ts. */
+export async function openCodec(path: string, opts: { prefix?: string; logger?: Logger } = {}): Promise<Codec> {
+  const { SignedCodec } = await import("./keys.ts");
+  return SignedCodec.fromFile(path, opts);
+}
+
 /** The opener this module installs in the core. */
-export const opener: Opener = { openTransport, openRegistry, urlProblem };
+export const opener: Opener = { openTransport, openRegistry, urlProblem, openCodec };
 installOpener(opener);

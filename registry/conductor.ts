@@ -21,6 +21,7 @@
 
 import {
   ClosedError,
+  type Codec,
   DeliveryError,
   Manager,
   NotAuthorized,
@@ -280,6 +281,8 @@ export interface ConductorRegistryOptions {
   timeout?: number;
   /** The context of admin operations. Default: an admin context of user `novalet-admin`. */
   adminContext?: RequestContext;
+  /** The codec of its calls (a signing one: see keys.ts). Default: the JSON codec. */
+  codec?: Codec;
 }
 
 type Wire = Omit<ServiceRecord, "lastSeenUp" | "createdAt" | "updatedAt"> & {
@@ -312,7 +315,7 @@ export class ConductorRegistry implements Registry {
   constructor(transport: Transport, opts: ConductorRegistryOptions = {}) {
     this.#topic = opts.topic ?? "conductor";
     this.#adminCtx = opts.adminContext ?? RequestContext.admin({ userId: "novalet-admin" });
-    this.#rpc = new Rpc(transport, { prefix: opts.prefix, timeout: opts.timeout ?? 10 });
+    this.#rpc = new Rpc(transport, { prefix: opts.prefix, timeout: opts.timeout ?? 10, codec: opts.codec });
     if (this.#topic.includes(".")) {
       throw new TypeError(`Invalid conductor topic ${quote(this.#topic)}: no "." in a topic`);
     }
