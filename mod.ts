@@ -317,6 +317,10 @@ export interface Transport {
    * Services use it for what must go to live servers only (shared topics, fanout, replies) and
    * for presence. */
   connection?(opts: { will?: LastWill }): Promise<Transport>;
+  /** Optional, for brokers: the connection's client id. An {@link Rpc} on the transport puts it in
+   * its reply topic, `{prefix}/reply/{clientId}/{Rpc id}`, so that a broker ACL can confine a
+   * client to its own replies (Mosquitto: `pattern readwrite novalet/reply/%c/#`). */
+  readonly clientId?: string;
   /** Its subscriptions live in a persistent broker session: what they match waits there while it
    * is away (MQTT `clean: false`). */
   readonly persistent?: boolean;
@@ -982,11 +986,14 @@ const BAD_NAME = /[/+#]/;
 /** Topic names, host names and client ids: one topic level each, at most 255 characters. */
 const MAX_NAME = 255;
 
+/** One topic level of at most MAX_NAME characters, without what a broker refuses. */
+function isName(value: unknown): value is string {
+  return typeof value === "string" && value.length > 0 && value.length <= MAX_NAME && !BAD_NAME.test(value) &&
+    topicTextProblem(value) === undefined;
+}
+
 function checkName(kind: string, value: unknown, where: string): string {
-  if (
-    typeof value !== "string" || value.length === 0 || value.length > MAX_NAME || BAD_NAME.test(value) ||
-    topicTextProblem(value) !== undefined
-  ) {
+  if (!isName(value)) {
     throw new TypeError(
       `Invalid ${kind} ${quote(value)} in ${
         quote(where)
@@ -1071,15 +1078,20 @@ export class Topics {
     if (host !== "+") checkName("host", host, host);
     return `${this.prefix}/presence/${topic}/${host}`;
   }
-  /** The reply topic of an RPC client: `{prefix}/reply/{clientId}`. */
-  reply(clientId: string): string {
-    return `${this.replyRoot}${checkName("client id", clientId, clientId)}`;
+  /** The reply topic of an RPC client: `{prefix}/reply/{clientId}`, or with the client id of its
+   * broker connection `{prefix}/reply/{connectionId}/{clientId}`. */
+  reply(clientId: string, connectionId?: string): string {
+    checkName("client id", clientId, clientId);
+    if (connectionId === undefined) return `${this.replyRoot}${clientId}`;
+    return `${this.replyRoot}${checkName("connection id", connectionId, connectionId)}/${clientId}`;
   }
-  /** Is `topic` a reply topic of this prefix: exactly one non-empty level, nothing a broker refuses? */
+  /** Is `topic` a reply topic of this prefix: one or two non-empty levels, nothing a broker refuses? */
   isReplyTopic(topic: string): boolean {
     if (typeof topic !== "string" || !topic.startsWith(this.replyRoot)) return false;
     const rest = topic.slice(this.replyRoot.length);
-    return rest.length > 0 && !BAD_NAME.test(rest) && topicTextProblem(rest) === undefined;
+    const slash = rest.indexOf("/");
+    const levels = slash === -1 ? [rest] : [rest.slice(0, slash), rest.slice(slash + 1)];
+    return levels.every((l) => l.length > 0 && !BAD_NAME.test(l)) && topicTextProblem(rest) === undefined;
   }
 }
 
@@ -1389,7 +1401,8 @@ export interface RpcOptions {
   codec?: Codec;
   /** Default: {@link getLogger}. */
   logger?: Logger;
-  /** The id in the reply topic. Default: a random UUID. */
+  /** The id in the reply topic. Default: a random UUID, under the transport's `clientId` when it
+   * has one that fits in a topic level (`{prefix}/reply/{transport.clientId}/{clientId}`). */
   clientId?: string;
   /**
    * Batching (one broker message carries many envelopes, a JSON array): `true` (default) lets
@@ -1497,7 +1510,14 @@ export class Rpc {
     this.#local = transport.publishLocal !== undefined && this.#codec.copy !== undefined;
     this.#log = opts.logger ?? getLogger();
     this.clientId = opts.clientId ?? crypto.randomUUID();
-    this.#replyTopic = this.topics.reply(this.clientId); // validates the client id
+    // Under the broker connection's id, where a broker ACL can confine it (see Transport.clientId).
+    const connectionId = opts.clientId === undefined && isName(transport.clientId) ? transport.clientId : undefined;
+    this.#replyTopic = this.topics.reply(this.clientId, connectionId); // validates the client id
+  }
+
+  /** The topic this client's replies come back on. */
+  get replyTopic(): string {
+    return this.#replyTopic;
   }
 
   /** Calls waiting for a reply now. */

@@ -105,8 +105,24 @@ describe("addresses", () => {
     assert.equal(t.forAddress("compute.h1"), "site/a/rpc/compute/h1");
     assert.equal(t.fanout("compute"), "site/a/fanout/compute");
     assert.equal(t.reply("c1"), "site/a/reply/c1");
+    assert.equal(t.reply("c1", "mqtt-1"), "site/a/reply/mqtt-1/c1");
     assert.ok(t.isReplyTopic("site/a/reply/c1"));
-    for (const bad of ["site/a/reply/", "site/a/reply/a/b", "site/a/reply/+", "site/b/reply/c", "site/a/replyx"]) {
+    assert.ok(t.isReplyTopic("site/a/reply/mqtt-1/c1"));
+    assert.throws(() => t.reply("c1", "a/b"), TypeError);
+    for (
+      const bad of [
+        "site/a/reply/",
+        "site/a/reply/a/b/c",
+        "site/a/reply/a/",
+        "site/a/reply//b",
+        "site/a/reply/a/+",
+        "site/a/reply/+/b",
+        "site/a/reply/a/#",
+        "site/a/reply/+",
+        "site/b/reply/c",
+        "site/a/replyx",
+      ]
+    ) {
       assert.equal(t.isReplyTopic(bad), false, bad);
     }
     for (const bad of ["", "a//b", "a/+", "#", "a/"]) assert.throws(() => new Topics(bad), TypeError, bad);

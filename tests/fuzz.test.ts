@@ -385,8 +385,9 @@ function hasNonCharacter(s: string): boolean {
 /** Property 2: a topic the server may publish to. */
 function replyTopicOk(topic: string, root: string): boolean {
   if (!topic.startsWith(root)) return false;
-  const rest = topic.slice(root.length);
-  return rest.length > 0 && !/[/+#]/.test(rest) && !CC.test(topic) && !LONE_SURROGATE.test(topic) &&
+  const levels = topic.slice(root.length).split("/"); // {clientId} or {connection id}/{clientId}
+  return levels.length <= 2 && levels.every((l) => l.length > 0 && !/[+#]/.test(l)) && !CC.test(topic) &&
+    !LONE_SURROGATE.test(topic) &&
     !hasNonCharacter(topic);
 }
 
@@ -682,6 +683,9 @@ const replyToArb: fc.Arbitrary<Json> = fc.oneof(
       (p) => `${p}/reply//`,
       (p) => `${p}/reply/a/`,
       (p) => `${p}/reply/a/b`,
+      (p) => `${p}/reply/a/b/c`,
+      (p) => `${p}/reply//b`,
+      (p) => `${p}/reply/a/+`,
       (p) => `${p}/reply/+`,
       (p) => `${p}/reply/#`,
       (p) => `${p}/reply/a+`,

@@ -465,7 +465,9 @@ export function rpcSuite(
         const replyTo of [
           `${prefix}/evil/x`,
           `${prefix}/rpc/other`,
-          `${prefix}/reply/a/b`,
+          `${prefix}/reply/a/b/c`,
+          `${prefix}/reply/a/+`,
+          `${prefix}/reply//b`,
           `${prefix}/reply/`,
           `${prefix}/reply/+`,
           `${prefix}x/reply/y`,
