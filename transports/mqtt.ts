@@ -77,11 +77,13 @@ export interface MqttTransportOptions {
   username?: string;
   /** The password, if the URL has none. */
   password?: string;
-  /** TLS: the CA certificate file (a path) for `mqtts://`. */
+  /** TLS (`mqtts://`, `wss://`): the file (a path) of the CA certificates that the broker's
+   * certificate must chain to, for a private CA; default: the system's. URL parameter `ca`. The
+   * broker's certificate is always checked, its name included. */
   ca?: string;
-  /** TLS: the client certificate file (a path). */
+  /** TLS: the client certificate file (a path), for a broker that asks for one. URL parameter `cert`. */
   cert?: string;
-  /** TLS: the client key file (a path). */
+  /** TLS: the client certificate's private key file (a path). URL parameter `key`. */
   key?: string;
   /** Default: `sessionClientId` for a persistent session, else `novalet-` and a random id. */
   clientId?: string;
@@ -221,6 +223,34 @@ export function willKeepalive(keepalive: number): number {
   return k;
 }
 
+/** The TLS options that name files, read at connect. */
+const TLS_FILES = ["ca", "cert", "key"] as const;
+
+/** The TLS files of `opts`, read (mqtt.js takes their contents); a clear error names a file that
+ * cannot be read, or TLS options on a URL without TLS. */
+function readTlsFiles(
+  opts: MqttTransportOptions,
+  url: URL,
+  where: string,
+): Pick<IClientOptions, "ca" | "cert" | "key"> {
+  const out: Pick<IClientOptions, "ca" | "cert" | "key"> = {};
+  for (const name of TLS_FILES) {
+    const path = opts[name];
+    if (path === undefined || path === "") continue;
+    if (!/^(mqtts|wss|tls|ssl):$/.test(url.protocol)) {
+      throw new TypeError(`Invalid ${name}=${quote(path)} for broker ${where}: TLS files need mqtts:// (or wss://)`);
+    }
+    try {
+      out[name] = readFileSync(path);
+    } catch (e) {
+      throw new Error(`Cannot read the TLS file ${name}=${quote(path)} for broker ${where}: ${(e as Error).message}`, {
+        cause: e,
+      });
+    }
+  }
+  return out;
+}
+
 /** Read novalet's query parameters from a broker URL and return the URL without them. */
 function parseUrl(url: string): { url: string; opts: Partial<MqttTransportOptions> } {
   let u: URL;
@@ -247,6 +277,12 @@ function parseUrl(url: string): { url: string; opts: Partial<MqttTransportOption
   const qos = num("qos");
   if (qos !== undefined && qos !== 0 && qos !== 1) throw new RangeError(`Invalid qos=${qos}: use 0 or 1`);
   opts.qos = qos as 0 | 1 | undefined;
+  for (const name of TLS_FILES) {
+    const path = u.searchParams.get(name);
+    if (path === null) continue;
+    opts[name] = path;
+    u.searchParams.delete(name);
+  }
   const shared = u.searchParams.get("shared");
   if (shared !== null) {
     opts.sharedSubscriptions = shared !== "false" && shared !== "0";
@@ -259,7 +295,7 @@ function parseUrl(url: string): { url: string; opts: Partial<MqttTransportOption
     if (unknown.length > 0) {
       throw new TypeError(
         `Unknown parameter ${quote(unknown[0])} in broker URL ${quote(redactUrl(url))}: ` +
-          "known are session_expiry, keepalive, protocol_version, qos, shared and clientId",
+          "known are session_expiry, keepalive, protocol_version, qos, shared, clientId, ca, cert and key",
       );
     }
   }
@@ -506,9 +542,7 @@ export class MqttTransport implements Transport {
       writeCache: false,
       username: opts.username,
       password: opts.password,
-      ca: opts.ca ? readFileSync(opts.ca) : undefined,
-      cert: opts.cert ? readFileSync(opts.cert) : undefined,
-      key: opts.key ? readFileSync(opts.key) : undefined,
+      ...readTlsFiles(opts, new URL(parsed.url), quote(redactUrl(options.url))),
       properties: protocolVersion === 5 && sessionExpiry > 0 ? { sessionExpiryInterval: sessionExpiry } : undefined,
       // No Will Delay Interval (MQTT 5): the Will goes out as soon as the connection is lost.
       will,
