@@ -24,6 +24,7 @@ export const ENTRIES = [
   "index.ts",
   "mod.ts",
   "open.ts",
+  "keys.ts",
   "transports/memory.ts",
   "transports/memory-faults.ts",
   "transports/mqtt.ts",

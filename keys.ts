@@ -129,6 +129,8 @@ const TO_OPEN = Buffer.from('"to":"');
 const QUOTE = 0x22;
 const BRACE = 0x7b;
 const OPEN_BRACE = Buffer.of(BRACE);
+/** A topic written into the signed bytes as it is: no quote, backslash or control character. */
+const PLAIN_TOPIC = /^[^"\\\p{Cc}]*$/u;
 /** Refused senders logged by name, at most: a flood of made-up key ids must not grow a set. */
 const MAX_LOGGED = 1000;
 /** Ids remembered against replay, at most; the oldest go first beyond it. */
@@ -419,7 +421,7 @@ export class SignedCodec implements Codec {
 
   /** `{"sig":"ID.SIG","to":"TOPIC",` + the envelope after its `{`, signed from `"to"` on. */
   #seal(key: Key, topic: string, inner: Uint8Array): Uint8Array {
-    if (inner[0] !== BRACE || /["\\\u0000-\u001f]/.test(topic)) {
+    if (inner[0] !== BRACE || !PLAIN_TOPIC.test(topic)) {
       throw new TypeError(`Cannot sign a message to ${quote(topic)}: the envelope or the topic has no signed form`);
     }
     const head = SIG_OPEN.length + key.id.length + 1 + key.sigLength + 2; // {"sig":"ID.SIG",

@@ -1,6 +1,7 @@
 /**
  * The server side of bench/mqtt.ts, in its own process:
- *   mqtt_server.ts novalet URL PREFIX      a novalet service "bench" (add, echo, tick, count, received)
+ *   mqtt_server.ts novalet URL PREFIX [KEYS]   a novalet service "bench" (add, echo, tick, count,
+ *                                              received); with KEYS, a key file, it signs (keys.ts)
  *   mqtt_server.ts raw URL PREFIX QOS      raw mqtt.js: answers PREFIX/req with {id, result}
  * Prints READY when subscribed; exits on SIGTERM.
  */
@@ -8,6 +9,7 @@ import process from "node:process";
 import mqtt from "mqtt";
 import { Manager, openRegistry, type RequestContext, Service } from "../index.ts";
 import { MqttTransport } from "../transports/mqtt.ts";
+import { SignedCodec } from "../keys.ts";
 
 const [mode, url, prefix, qosArg] = process.argv.slice(2);
 if (!url || !prefix) throw new Error("usage: mqtt_server.ts novalet|raw URL PREFIX [QOS]");
@@ -32,7 +34,8 @@ if (mode === "novalet") {
   }
   const transport = await MqttTransport.connect({ url });
   const registry = await openRegistry("sqljs::memory:");
-  const svc = Service.create({ host: "srv", topic: "bench", manager: BenchManager, transport, registry, prefix });
+  const codec = qosArg ? await SignedCodec.fromFile(qosArg, { prefix }) : undefined;
+  const svc = Service.create({ host: "srv", topic: "bench", manager: BenchManager, transport, registry, prefix, codec });
   await svc.start();
   process.on("SIGTERM", async () => {
     await svc.stop();

@@ -364,7 +364,7 @@ describe("key files and flags", () => {
   before(async () => dir = await mkdtemp(join(tmpdir(), "novalet-keys-")));
   after(async () => await rm(dir, { recursive: true, force: true }));
 
-  it("a key file that is wrong fails at start with a message naming the key and what it lacks", async () => {
+  it("a key file that is wrong fails at start with a message naming the key and what it lacks", () => {
     const bad: [unknown, RegExp][] = [
       [
         { keys: [{ id: "k", type: "hmac", secret: "c2hvcnQ" }] },

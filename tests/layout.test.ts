@@ -76,7 +76,7 @@ describe("layout: the core and its plug-ins", () => {
   it("no import cycle among the package's modules, static or dynamic, and none imports the package itself", () => {
     const g = graph(["index.ts", "cli.ts", "transports/broker.ts", "transports/memory-faults.ts"]);
     const all = ["mod.ts", "open.ts", "transports/memory.ts", "transports/mqtt.ts", "transports/mqtt-internals.ts"];
-    for (const f of [...all, "registry/sql.ts", "registry/pg-pool.ts", "registry/conductor.ts"]) {
+    for (const f of [...all, "keys.ts", "registry/sql.ts", "registry/pg-pool.ts", "registry/conductor.ts"]) {
       assert.ok(g.has(f), `${f} is reached`);
     }
     assert.equal(findCycle(g), undefined);

@@ -1,0 +1,87 @@
+/**
+ * What signed envelopes cost (keys.ts): novalet calls over MQTT, signed against unsigned, in
+ * alternating slices of the same run. Each server is a child process (bench/mqtt_server.ts), one
+ * signing with an HMAC key file, one plain; the client here holds one Rpc of each kind. A third
+ * row signs with an Ed25519 key, to show why operators' keys stay off the call path. Broker as in
+ * bench/mqtt.ts.
+ *
+ * Run: `npx tsx bench/signed.ts` (BENCH_SECONDS=2 per row).
+ */
+
+import { spawn } from "node:child_process";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import process from "node:process";
+import { RequestContext, Rpc } from "../index.ts";
+import { generateKey, publicPart, SignedCodec } from "../keys.ts";
+import { MqttTransport } from "../transports/mqtt.ts";
+import { benchBroker } from "./broker.ts";
+import { compare, report, type Row } from "./harness.ts";
+
+const SECONDS = Number(process.env.BENCH_SECONDS ?? 2);
+const broker = await benchBroker();
+const dir = await mkdtemp(join(tmpdir(), "novalet-bench-keys-"));
+
+const fleet = generateKey("fleet", "hmac");
+const ops = generateKey("ops", "ed25519");
+const hmacFile = join(dir, "hmac.json");
+const edFile = join(dir, "ed.json");
+await writeFile(hmacFile, JSON.stringify({ sign: "fleet", keys: [fleet, publicPart(ops)] }));
+await writeFile(edFile, JSON.stringify({ sign: "ops", keys: [fleet, ops] }));
+
+/** Start a server child and wait for READY; returns its stop. */
+async function server(prefix: string, keys?: string): Promise<() => Promise<void>> {
+  const script = new URL("./mqtt_server.ts", import.meta.url).pathname;
+  const args = ["--import", "tsx", script, "novalet", broker.url, prefix, ...(keys ? [keys] : [])];
+  const child = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "inherit"] });
+  await new Promise<void>((resolve, reject) => {
+    child.stdout.setEncoding("utf8").on("data", (d: string) => d.includes("READY") && resolve());
+    child.on("exit", (code) => reject(new Error(`server exited with ${code}`)));
+  });
+  return async () => {
+    const gone = new Promise((r) => child.once("exit", r));
+    child.kill("SIGTERM");
+    await gone;
+  };
+}
+
+const tag = crypto.randomUUID().slice(0, 6);
+const kinds = [
+  { impl: "unsigned", prefix: `bench-plain-${tag}`, keys: undefined },
+  { impl: "signed, HMAC-SHA256", prefix: `bench-hmac-${tag}`, keys: hmacFile },
+  { impl: "signed, Ed25519", prefix: `bench-ed-${tag}`, keys: edFile },
+];
+const stops = await Promise.all(kinds.map((k) => server(k.prefix, k.keys)));
+const transport = await MqttTransport.connect({ url: broker.url });
+const ctx = new RequestContext();
+const clients = await Promise.all(kinds.map(async (k) => {
+  const codec = k.keys ? await SignedCodec.fromFile(k.keys, { prefix: k.prefix }) : undefined;
+  return new Rpc(transport, { prefix: k.prefix, codec });
+}));
+const op = (i: number) => () => clients[i]!.call(ctx, "bench", { method: "add", args: { a: 1, b: 2 } });
+
+const rows: Row[] = [];
+const ratios: Record<string, number> = {};
+for (const [name, c] of [["add c=1", 1], ["add c=64", 64]] as const) {
+  const got = await compare(name, [["unsigned", op(0)], [kinds[1]!.impl, op(1)], [kinds[2]!.impl, op(2)]], {
+    concurrency: c,
+    seconds: SECONDS,
+    warmup: 1.5,
+    rounds: 10,
+  });
+  rows.push(...got);
+  ratios[`${name} HMAC`] = Number((got[1]!.perSecond / got[0]!.perSecond).toFixed(3));
+  ratios[`${name} Ed25519`] = Number((got[2]!.perSecond / got[0]!.perSecond).toFixed(3));
+}
+for (const c of clients) await c.close();
+await transport.close();
+await Promise.all(stops.map((s) => s()));
+await broker.stop();
+await rm(dir, { recursive: true, force: true });
+
+report("signed", `Signed against unsigned calls over MQTT (QoS 1), broker: ${broker.name}, ${SECONDS} s per row`, rows, {
+  broker: broker.name,
+  seconds: SECONDS,
+  ratioToUnsigned: ratios,
+});
