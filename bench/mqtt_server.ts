@@ -35,7 +35,15 @@ if (mode === "novalet") {
   const transport = await MqttTransport.connect({ url });
   const registry = await openRegistry("sqljs::memory:");
   const codec = qosArg ? await SignedCodec.fromFile(qosArg, { prefix }) : undefined;
-  const svc = Service.create({ host: "srv", topic: "bench", manager: BenchManager, transport, registry, prefix, codec });
+  const svc = Service.create({
+    host: "srv",
+    topic: "bench",
+    manager: BenchManager,
+    transport,
+    registry,
+    prefix,
+    codec,
+  });
   await svc.start();
   process.on("SIGTERM", async () => {
     await svc.stop();

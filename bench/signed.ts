@@ -80,8 +80,13 @@ await Promise.all(stops.map((s) => s()));
 await broker.stop();
 await rm(dir, { recursive: true, force: true });
 
-report("signed", `Signed against unsigned calls over MQTT (QoS 1), broker: ${broker.name}, ${SECONDS} s per row`, rows, {
-  broker: broker.name,
-  seconds: SECONDS,
-  ratioToUnsigned: ratios,
-});
+report(
+  "signed",
+  `Signed against unsigned calls over MQTT (QoS 1), broker: ${broker.name}, ${SECONDS} s per row`,
+  rows,
+  {
+    broker: broker.name,
+    seconds: SECONDS,
+    ratioToUnsigned: ratios,
+  },
+);
