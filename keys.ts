@@ -26,6 +26,7 @@ import {
   createHmac,
   createPrivateKey,
   createPublicKey,
+  createSecretKey,
   generateKeyPairSync,
   type KeyObject,
   randomBytes,
@@ -106,7 +107,7 @@ export interface SignedCodecOptions {
 
 interface Key {
   id: string;
-  hmac?: Buffer;
+  hmac?: KeyObject;
   publicKey?: KeyObject;
   privateKey?: KeyObject;
   call: Set<string>;
@@ -114,6 +115,13 @@ interface Key {
   roles: Set<string>;
   /** Length of the signature in base64url. */
   sigLength: number;
+}
+
+interface TopicInfo {
+  name?: string;
+  host?: string;
+  /** `"to":"TOPIC","m":`, as signed. */
+  to: Buffer;
 }
 
 interface Ring {
@@ -125,10 +133,10 @@ interface Ring {
 
 const KEY_ID = /^[A-Za-z0-9_.:@-]{1,64}$/;
 const SIG_OPEN = Buffer.from('{"sig":"');
-const TO_OPEN = Buffer.from('"to":"');
 const QUOTE = 0x22;
 const BRACE = 0x7b;
 const OPEN_BRACE = Buffer.of(BRACE);
+const CLOSE_BRACE = 0x7d;
 /** A topic written into the signed bytes as it is: no quote, backslash or control character. */
 const PLAIN_TOPIC = /^[^"\\\p{Cc}]*$/u;
 /** Refused senders logged by name, at most: a flood of made-up key ids must not grow a set. */
@@ -184,7 +192,7 @@ function buildRing(config: KeysConfig, file: string): Ring {
       sigLength: 43,
     };
     if (e.type === "hmac") {
-      key.hmac = bytesOf(e.secret, `${what} "secret"`, undefined, 16);
+      key.hmac = createSecretKey(bytesOf(e.secret, `${what} "secret"`, undefined, 16));
     } else if (e.type === "ed25519") {
       const raw = bytesOf(e.public, `${what} "public"`, 32);
       key.publicKey = createPublicKey({ key: Buffer.concat([SPKI_HEADER, raw]), format: "der", type: "spki" });
@@ -224,6 +232,53 @@ function covers(set: Set<string>, name: string, host: string | undefined): boole
 const list = (set: Set<string>) => set.size === 0 ? "none" : [...set].join(", ");
 
 /**
+ * Ids kept until a time, found by id, forgotten by the second they expire in: no walk over the
+ * whole table, however many there are. Beyond `max`, the ones expiring soonest go first.
+ */
+class IdTable<V> {
+  #values = new Map<string, V>();
+  /** Ids by the second they expire in. */
+  #bySecond = new Map<number, string[]>();
+  #swept = 0;
+  #max: number;
+  constructor(max: number) {
+    this.#max = max;
+  }
+  get(id: string): V | undefined {
+    return this.#values.get(id);
+  }
+  has(id: string): boolean {
+    return this.#values.has(id);
+  }
+  delete(id: string): void {
+    this.#values.delete(id); // its entry in #bySecond goes when that second is swept
+  }
+  set(id: string, value: V, until: number): void {
+    this.#values.set(id, value);
+    const second = Math.ceil(until / 1000);
+    const ids = this.#bySecond.get(second);
+    if (ids) ids.push(id);
+    else this.#bySecond.set(second, [id]);
+    const now = Math.floor(Date.now() / 1000);
+    if (now > this.#swept || this.#values.size > this.#max) this.#sweep(now);
+  }
+  /** Forget what expired by `now` (once a second), and beyond `max` the soonest to expire. */
+  #sweep(now: number): void {
+    this.#swept = now;
+    for (const [second, ids] of this.#bySecond) {
+      if (second > now) continue;
+      for (const id of ids) this.#values.delete(id);
+      this.#bySecond.delete(second);
+    }
+    while (this.#values.size > this.#max) {
+      const first = Math.min(...this.#bySecond.keys());
+      for (const id of this.#bySecond.get(first)!) this.#values.delete(id);
+      this.#bySecond.delete(first);
+    }
+  }
+}
+
+/**
  * A {@link Codec} that signs what it encodes and refuses what it cannot verify. Give one to
  * `Service.create({ codec })` or `new Rpc(transport, { codec })`; `--keys=FILE` builds one from
  * a key file. {@link setKeys} and {@link reload} rotate keys while it runs.
@@ -248,9 +303,10 @@ export class SignedCodec implements Codec {
   #rpcRoot: string;
   #fanoutRoot: string;
   /** Request ids seen, until their deadline (plus skew) passes. */
-  #seen = new Map<string, number>();
+  #seen = new IdTable<true>(MAX_SEEN);
+  #topics = new Map<string, TopicInfo>();
   /** Calls this process signed that wait for a reply: who may answer them. */
-  #calls = new Map<string, { name: string; host?: string; until: number }>();
+  #calls = new IdTable<{ name: string; host?: string }>(MAX_SEEN);
   #logged = new Set<string>();
 
   /** A codec signing with `config.sign` and verifying with all of `config.keys`.
@@ -288,17 +344,18 @@ export class SignedCodec implements Codec {
 
   /** Throw unless this process may answer for `topic`: a service checks it before it serves. */
   checkServe(topic: string): void {
-    const key = this.#signerFor(`serve ${quote(topic)}`);
+    const key = this.#signerFor("serve");
     if (!covers(key.serve, topic, undefined)) {
       throw new NotAuthorized(`Key ${quote(key.id)} may not serve ${quote(topic)} (its "serve": ${list(key.serve)})`);
     }
   }
 
-  /** The request, signed for `topic`.
+  /** The request for `topic`, checked against the signing key's scopes; {@link seal} signs the
+   * message it goes in.
    * @throws {NotAuthorized} when the signing key may not call that topic or assert its roles. */
   encodeRequest(req: RequestEnvelope, topic = ""): Uint8Array {
-    const key = this.#signerFor(`send ${quote(req.method)}`);
-    const [name, host] = this.#parts(topic);
+    const key = this.#signerFor("send requests");
+    const { name, host } = this.#topic(topic);
     if (name === undefined) throw new TypeError(`Cannot sign a request to ${quote(topic)}: not an RPC topic`);
     if (!covers(key.call, name, host)) {
       throw new NotAuthorized(
@@ -319,18 +376,38 @@ export class SignedCodec implements Codec {
         } s ahead: the keys' maxAge is ${this.#ring.maxAge} s`,
       );
     }
-    if (req.reply_to !== undefined) this.#remember(this.#calls, req.id, { name, host, until: req.deadline! });
-    return this.#seal(key, topic, this.#inner.encodeRequest(req, topic));
+    if (req.reply_to !== undefined) this.#calls.set(req.id, { name, host }, req.deadline!);
+    return this.#inner.encodeRequest(req, topic);
   }
 
-  /** The reply, signed for the reply topic `topic`. */
+  /** The reply for reply topic `topic` ({@link seal} signs the message it goes in). */
   encodeReply(reply: ReplyEnvelope, topic = ""): Uint8Array {
-    return this.#seal(this.#signerFor("answer"), topic, this.#inner.encodeReply(reply, topic));
+    this.#signerFor("answer");
+    return this.#inner.encodeReply(reply, topic);
   }
 
-  /** A frame of signed envelopes (each keeps its own signature). */
+  /** Several envelopes as one message, as the inner codec frames them. */
   encodeBatch(items: Uint8Array[]): Uint8Array {
-    return this.#inner.encodeBatch ? this.#inner.encodeBatch(items) : jsonCodec.encodeBatch!(items);
+    return (this.#inner.encodeBatch ?? jsonCodec.encodeBatch!)(items);
+  }
+
+  /** The message (one envelope or a batch) as published to `topic`, signed:
+   * `{"sig":"ID.SIG","to":"TOPIC","m":MESSAGE}`, the signature over the bytes from `"to"` on. */
+  seal(bytes: Uint8Array, topic: string): Uint8Array {
+    const key = this.#signerFor("send");
+    const to = this.#topic(topic).to;
+    const head = SIG_OPEN.length + key.id.length + 1 + key.sigLength + 2; // {"sig":"ID.SIG",
+    const out = Buffer.allocUnsafe(head + to.length + bytes.length + 1);
+    to.copy(out, head);
+    out.set(bytes, head + to.length);
+    out[out.length - 1] = CLOSE_BRACE;
+    out[head - 1] = BRACE; // the signed bytes: "{" + what follows the header
+    const signed = out.subarray(head - 1);
+    const sig = key.hmac
+      ? createHmac("sha256", key.hmac).update(signed).digest("base64url")
+      : edSign(null, signed, key.privateKey!).toString("base64url");
+    out.write(`{"sig":"${key.id}.${sig}",`, 0, "latin1");
+    return out;
   }
 
   /** The one request of `bytes` that arrived on `topic`; a refused one throws NotAuthorized. */
@@ -342,24 +419,19 @@ export class SignedCodec implements Codec {
     return req;
   }
 
-  /** The requests of a message that verify; the others are dropped (logged once per key). */
+  /** The requests of a message whose signature verifies, each fresh, unseen and in its key's scopes;
+   * the others are dropped (logged once per key). */
   decodeRequests(bytes: Uint8Array, topic = ""): { batch: boolean; items: (RequestEnvelope | BadRequest)[] } {
-    const items: (RequestEnvelope | BadRequest)[] = [];
-    const spans = splitBatch(bytes);
-    for (const span of spans ?? [bytes]) {
-      const key = this.#verify(span, topic, "request");
-      if (!key) continue;
-      let req: RequestEnvelope;
-      try {
-        req = this.#inner.decodeRequest(span, topic);
-      } catch (e) {
-        // Signed but malformed: its sender is known, so it may hear BadRequest.
-        items.push(e instanceof BadRequest ? e : new BadRequest(String(e)));
-        continue;
-      }
-      if (this.#accepts(key, req, topic)) items.push(req);
-    }
-    return { batch: spans !== undefined, items };
+    const opened = this.#open(bytes, topic, "request");
+    if (!opened) return { batch: false, items: [] };
+    const { key, body } = opened;
+    // Signed but malformed: its sender is known, so it may hear BadRequest (thrown to the dispatcher).
+    const { batch, items } = this.#inner.decodeRequests
+      ? this.#inner.decodeRequests(body, topic)
+      : { batch: false, items: [this.#inner.decodeRequest(body, topic)] };
+    const accepted: (RequestEnvelope | BadRequest)[] = [];
+    for (const r of items) if (r instanceof BadRequest || this.#accepts(key, r, topic)) accepted.push(r);
+    return { batch, items: accepted };
   }
 
   /** The one reply of `bytes`; a refused one throws NotAuthorized. */
@@ -369,13 +441,16 @@ export class SignedCodec implements Codec {
     return reply;
   }
 
-  /** The replies of a message that verify and come from a key allowed to answer their call. */
+  /** The replies of a message whose signature verifies, from a key allowed to answer their calls. */
   decodeReplies(bytes: Uint8Array, topic = ""): ReplyEnvelope[] {
+    const opened = this.#open(bytes, topic, "reply");
+    if (!opened) return [];
+    const { key, body } = opened;
+    const replies = this.#inner.decodeReplies
+      ? this.#inner.decodeReplies(body, topic)
+      : [this.#inner.decodeReply(body, topic)];
     const out: ReplyEnvelope[] = [];
-    for (const span of splitBatch(bytes) ?? [bytes]) {
-      const key = this.#verify(span, topic, "reply");
-      if (!key) continue;
-      const reply = this.#inner.decodeReply(span, topic);
+    for (const reply of replies) {
       const call = this.#calls.get(reply.id);
       if (!call) {
         this.#refuse("unexpectedReply", key.id, topic, "reply", `no call of ours has id ${quote(reply.id)}`);
@@ -397,15 +472,23 @@ export class SignedCodec implements Codec {
     );
   }
 
-  /** The topic name and host of an RPC topic of our prefix (`[undefined]` when it is none). */
-  #parts(topic: string): [string | undefined, string | undefined] {
+  /** What the codec needs of a topic: its RPC name and host (name undefined when it is no RPC
+   * topic of our prefix) and its signed `"to"` part; kept for the few topics a process uses. */
+  #topic(topic: string): TopicInfo {
+    let t = this.#topics.get(topic);
+    if (t) return t;
+    if (!PLAIN_TOPIC.test(topic)) throw new TypeError(`Cannot sign for topic ${quote(topic)}: it has no signed form`);
+    t = { to: Buffer.from(`"to":"${topic}","m":`) };
     if (topic.startsWith(this.#fanoutRoot)) {
       const name = topic.slice(this.#fanoutRoot.length);
-      return name.includes("/") ? [undefined, undefined] : [name, undefined];
+      if (!name.includes("/")) t.name = name;
+    } else if (topic.startsWith(this.#rpcRoot)) {
+      const [name, host, more] = topic.slice(this.#rpcRoot.length).split("/");
+      if (more === undefined) [t.name, t.host] = [name, host];
     }
-    if (!topic.startsWith(this.#rpcRoot)) return [undefined, undefined];
-    const [name, host, more] = topic.slice(this.#rpcRoot.length).split("/");
-    return more === undefined ? [name, host] : [undefined, undefined];
+    if (this.#topics.size >= 1024) this.#topics.clear();
+    this.#topics.set(topic, t);
+    return t;
   }
 
   /** The role of `context` that `key` may not assert, as words; undefined when all are allowed. */
@@ -419,59 +502,36 @@ export class SignedCodec implements Codec {
     return undefined;
   }
 
-  /** `{"sig":"ID.SIG","to":"TOPIC",` + the envelope after its `{`, signed from `"to"` on. */
-  #seal(key: Key, topic: string, inner: Uint8Array): Uint8Array {
-    if (inner[0] !== BRACE || !PLAIN_TOPIC.test(topic)) {
-      throw new TypeError(`Cannot sign a message to ${quote(topic)}: the envelope or the topic has no signed form`);
-    }
-    const head = SIG_OPEN.length + key.id.length + 1 + key.sigLength + 2; // {"sig":"ID.SIG",
-    const to = Buffer.from(`"to":"${topic}",`);
-    const out = Buffer.allocUnsafe(head + to.length + inner.length - 1);
-    to.copy(out, head);
-    out.set(inner.subarray(1), head + to.length);
-    out[head - 1] = BRACE; // the signed bytes: "{" + what follows the header
-    const signed = out.subarray(head - 1);
-    const sig = key.hmac
-      ? createHmac("sha256", key.hmac).update(signed).digest("base64url")
-      : edSign(null, signed, key.privateKey!).toString("base64url");
-    out.write(`{"sig":"${key.id}.${sig}",`, 0, "latin1");
-    return out;
-  }
-
-  /** The key that signed `span` for `topic`, or undefined when it is refused (and logged). */
-  #verify(span: Uint8Array, topic: string, what: string): Key | undefined {
-    const b = Buffer.from(span.buffer, span.byteOffset, span.byteLength);
+  /** The key that signed `bytes` for `topic`, and the message inside; undefined when refused. */
+  #open(bytes: Uint8Array, topic: string, what: string): { key: Key; body: Uint8Array } | undefined {
+    const b = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
     if (b.length < SIG_OPEN.length || b.compare(SIG_OPEN, 0, SIG_OPEN.length, 0, SIG_OPEN.length) !== 0) {
       return this.#refuse("unsigned", "", topic, what, "it carries no signature");
     }
     const end = b.indexOf(QUOTE, SIG_OPEN.length);
     const dot = b.lastIndexOf(0x2e, end);
-    if (end < 0 || dot < SIG_OPEN.length || b[end + 1] !== 0x2c) {
+    if (end < 0 || dot < SIG_OPEN.length || b[end + 1] !== 0x2c || b[b.length - 1] !== CLOSE_BRACE) {
       return this.#refuse("unsigned", "", topic, what, "its signature field is malformed");
     }
     const id = b.toString("latin1", SIG_OPEN.length, dot);
     const key = this.#ring.keys.get(id);
-    if (!key) return this.#refuse("unknownKey", id, topic, what, "signed by a key we do not know");
-    const sig = b.toString("latin1", dot + 1, end);
+    if (!key) return this.#refuse("unknownKey", id.slice(0, 64), topic, what, "signed by a key we do not know");
     const rest = b.subarray(end + 2);
+    const sig = Buffer.from(b.toString("latin1", dot + 1, end), "base64url");
     let ok: boolean;
     if (key.hmac) {
       const mac = createHmac("sha256", key.hmac).update(OPEN_BRACE).update(rest).digest();
-      const given = Buffer.from(sig, "base64url");
-      ok = given.length === mac.length && timingSafeEqual(given, mac);
+      ok = sig.length === mac.length && timingSafeEqual(sig, mac);
     } else {
-      ok = edVerify(null, Buffer.concat([OPEN_BRACE, rest]), key.publicKey!, Buffer.from(sig, "base64url"));
+      ok = edVerify(null, Buffer.concat([OPEN_BRACE, rest]), key.publicKey!, sig);
     }
     if (!ok) return this.#refuse("badSignature", id, topic, what, "its signature does not match its bytes");
     // The destination is signed: a message copied to another topic is refused.
-    const toEnd = end + 2 + TO_OPEN.length;
-    if (
-      b.compare(TO_OPEN, 0, TO_OPEN.length, end + 2, toEnd) !== 0 ||
-      b.toString("utf8", toEnd, b.indexOf(QUOTE, toEnd)) !== topic
-    ) {
+    const to = this.#topic(topic).to;
+    if (rest.length <= to.length || rest.compare(to, 0, to.length, 0, to.length) !== 0) {
       return this.#refuse("wrongTopic", id, topic, what, "it was signed for another topic");
     }
-    return key;
+    return { key, body: rest.subarray(to.length, rest.length - 1) };
   }
 
   /** Is a verified request fresh, unseen and within its key's scopes? */
@@ -491,7 +551,7 @@ export class SignedCodec implements Codec {
       this.#refuse("replayed", key.id, topic, "request", `its id ${quote(req.id)} was seen before`);
       return false;
     }
-    const [name, host] = this.#parts(topic);
+    const { name, host } = this.#topic(topic);
     if (name === undefined || !covers(key.call, name, host)) {
       this.#refuse("outOfScope", key.id, topic, "request", "the key may not call this topic");
       return false;
@@ -501,20 +561,8 @@ export class SignedCodec implements Codec {
       this.#refuse("outOfScope", key.id, topic, "request", `the key may not assert ${denied}`);
       return false;
     }
-    this.#remember(this.#seen, req.id, deadline + skew * 1000);
+    this.#seen.set(req.id, true, deadline + skew * 1000);
     return true;
-  }
-
-  /** Keep `value` under `id` until its time passes; the oldest entries go first. */
-  #remember<V>(map: Map<string, V>, id: string, value: V): void {
-    map.set(id, value);
-    if (map.size % 256 !== 0 && map.size < MAX_SEEN) return;
-    const now = Date.now();
-    for (const [k, v] of map) {
-      const until = typeof v === "number" ? v : (v as { until: number }).until;
-      if (until >= now && map.size < MAX_SEEN) break;
-      map.delete(k);
-    }
   }
 
   #refuse(reason: Refusal, id: string, topic: string, what: string, why: string): undefined {
@@ -530,43 +578,6 @@ export class SignedCodec implements Codec {
     }
     return undefined;
   }
-}
-
-/** The spans of a JSON array's items, or undefined when `bytes` is not an array (one envelope). */
-function splitBatch(bytes: Uint8Array): Uint8Array[] | undefined {
-  let i = 0;
-  while (i < bytes.length && (bytes[i] === 0x20 || bytes[i] === 0x0a || bytes[i] === 0x0d || bytes[i] === 0x09)) i++;
-  if (bytes[i] !== 0x5b) return undefined;
-  const spans: Uint8Array[] = [];
-  let depth = 0;
-  let inString = false;
-  let start = i + 1;
-  for (; i < bytes.length; i++) {
-    const c = bytes[i]!;
-    if (inString) {
-      if (c === 0x5c) i++;
-      else if (c === QUOTE) inString = false;
-    } else if (c === QUOTE) inString = true;
-    else if (c === BRACE || c === 0x5b) depth++;
-    else if (c === 0x7d || c === 0x5d) {
-      if (--depth === 0) {
-        spans.push(trim(bytes.subarray(start, i)));
-        break;
-      }
-    } else if (c === 0x2c && depth === 1) {
-      spans.push(trim(bytes.subarray(start, i)));
-      start = i + 1;
-    }
-  }
-  return spans;
-}
-
-function trim(b: Uint8Array): Uint8Array {
-  let s = 0;
-  let e = b.length;
-  while (s < e && b[s]! <= 0x20) s++;
-  while (e > s && b[e - 1]! <= 0x20) e--;
-  return b.subarray(s, e);
 }
 
 /** Read a key file (JSON, as {@link KeysConfig}). @throws {TypeError} naming the file. */

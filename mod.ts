@@ -701,6 +701,9 @@ export interface Codec {
   decodeRequests?(bytes: Uint8Array, topic?: string): { batch: boolean; items: (RequestEnvelope | BadRequest)[] };
   /** Optional: the replies of a message, single or batch; refused ones left out. */
   decodeReplies?(bytes: Uint8Array, topic?: string): ReplyEnvelope[];
+  /** Optional: the bytes to publish for a message to `topic` (one envelope or a batch), e.g.
+   * signed; called once per message, right before it is handed to the transport. */
+  seal?(bytes: Uint8Array, topic: string): Uint8Array;
   /** Optional: throw {@link NotAuthorized} unless this process may serve `topic`; a service asks
    * before it subscribes. */
   checkServe?(topic: string): void;
@@ -1504,7 +1507,7 @@ export class Rpc {
     this.#codec = opts.codec ?? jsonCodec;
     // batch: false gives a codec without encodeBatch, so every message leaves alone.
     const batching = opts.batch !== false && this.#codec.encodeBatch !== undefined;
-    this.#outbox = new Outbox(transport, batching ? this.#codec : { ...this.#codec, encodeBatch: undefined });
+    this.#outbox = new Outbox(transport, this.#codec, batching);
     this.#batchReplies = batching;
     this.#batchShared = batching && opts.batch === "all";
     this.#local = transport.publishLocal !== undefined && this.#codec.copy !== undefined;
@@ -1623,9 +1626,10 @@ export class Rpc {
   ): Promise<void> {
     try {
       if (!(encoded instanceof Uint8Array)) return this.#transport.publishLocal!(topic, encoded, opts);
-      return address !== undefined && (this.#batchShared || address.includes("."))
-        ? this.#outbox.sendAsync(topic, encoded, opts)
-        : this.#transport.publish(topic, encoded, opts);
+      if (address !== undefined && (this.#batchShared || address.includes("."))) {
+        return this.#outbox.sendAsync(topic, encoded, opts);
+      }
+      return this.#transport.publish(topic, this.#codec.seal ? this.#codec.seal(encoded, topic) : encoded, opts);
     } catch (e) {
       return Promise.reject(e); // a transport that throws instead of rejecting
     }
@@ -3728,9 +3732,12 @@ class Outbox {
   /** Larger messages gain nothing from company: they leave alone, at once. */
   static readonly alone = 8 * 1024;
 
-  constructor(transport: Transport, codec: Codec) {
+  #batching: boolean;
+
+  constructor(transport: Transport, codec: Codec, batching = true) {
     this.#transport = transport;
     this.#codec = codec;
+    this.#batching = batching && codec.encodeBatch !== undefined;
   }
 
   /** Queue `bytes` for `topic`; `done` is told when the transport took it (or failed to). */
@@ -3745,7 +3752,7 @@ class Outbox {
     const table = this.#tables[kind] ??= new Map();
     let q = table.get(topic);
     // A large message leaves at once, unless smaller ones wait before it: order is kept.
-    if (!this.#codec.encodeBatch || (bytes.byteLength > Outbox.alone && !q)) return this.#publish(topic, [item]);
+    if (!this.#batching || (bytes.byteLength > Outbox.alone && !q)) return this.#publish(topic, [item]);
     if (!q) {
       table.set(topic, q = { topic, items: [], table });
       // A microtask, not a tick: mqtt.js handles each received packet in a tick of its own, so
@@ -3808,6 +3815,7 @@ class Outbox {
     }
     let sent: Promise<void>;
     try {
+      if (this.#codec.seal) bytes = this.#codec.seal(bytes, topic);
       sent = this.#transport.publish(topic, bytes, opts);
     } catch (e) {
       sent = Promise.reject(e); // a transport that throws instead of rejecting

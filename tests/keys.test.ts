@@ -12,7 +12,9 @@ import {
   parseFlags,
   type Registry,
   RemoteError,
+  type ReplyEnvelope,
   RequestContext,
+  type RequestEnvelope,
   requires,
   Rpc,
   RpcTimeoutError,
@@ -33,6 +35,12 @@ const narrow = generateKey("narrow", "hmac", { call: ["telemetry"] });
 
 /** What a process of the fleet trusts: every key, the operator's public half only. */
 const trusted = (...extra: KeyEntry[]) => [fleet, device, narrow, publicPart(operator), ...extra];
+
+/** An envelope as a peer holding `codec`'s key would publish it to `topic`. */
+function signed(codec: SignedCodec, envelope: RequestEnvelope | ReplyEnvelope, topic: string): Uint8Array {
+  const bytes = "method" in envelope ? codec.encodeRequest(envelope, topic) : codec.encodeReply(envelope, topic);
+  return codec.seal(bytes, topic);
+}
 
 class Compute extends Manager {
   runs = 0;
@@ -113,7 +121,7 @@ function trustSuite(name: string, makeNet: () => Promise<Net>) {
       await waitFor(() => seen.length > 0, "the request on the wire");
       assert.match(
         text(seen[0]!.payload),
-        new RegExp(`^\\{"sig":"device-7\\.[A-Za-z0-9_-]{43}","to":"${prefix}/rpc/compute/h1","v":1,`),
+        new RegExp(`^\\{"sig":"device-7\\.[A-Za-z0-9_-]{43}","to":"${prefix}/rpc/compute/h1","m":\\{"v":1,`),
       );
       await rpc.close();
     });
@@ -131,7 +139,7 @@ function trustSuite(name: string, makeNet: () => Promise<Net>) {
       await t.publish(`${prefix}/rpc/compute/h1`, utf8(envelope("u1", { is_admin: true, roles: ["admin"] })));
       // Signed with the device's own key, claiming admin: the key may not assert it.
       const forger = new SignedCodec({ sign: "device-7", keys: [{ ...device, roles: ["admin"] }] }, { prefix });
-      const forged = forger.encodeRequest({
+      const forged = signed(forger, {
         v: 1,
         id: "f1",
         method: "wipe",
@@ -144,7 +152,7 @@ function trustSuite(name: string, makeNet: () => Promise<Net>) {
       const outside = new SignedCodec({ sign: "narrow", keys: [{ ...narrow, call: ["*"] }] }, { prefix });
       await t.publish(
         `${prefix}/rpc/compute/h1`,
-        outside.encodeRequest({
+        signed(outside, {
           v: 1,
           id: "f2",
           method: "add",
@@ -191,10 +199,10 @@ function trustSuite(name: string, makeNet: () => Promise<Net>) {
         context: {},
         deadline,
       });
-      const good = signer.encodeRequest(req("a1"), `${prefix}/rpc/compute/h1`);
+      const good = signed(signer, req("a1"), `${prefix}/rpc/compute/h1`);
       const altered = Buffer.from(good);
       altered[altered.indexOf('"a":1') + 4] = 0x39; // "a":9
-      const elsewhere = signer.encodeRequest(req("a2"), `${prefix}/rpc/compute`);
+      const elsewhere = signed(signer, req("a2"), `${prefix}/rpc/compute`);
       const before = { ...serverCodec.refused };
       const runs = manager.runs;
       await t.publish(`${prefix}/rpc/compute/h1`, altered);
@@ -203,7 +211,7 @@ function trustSuite(name: string, makeNet: () => Promise<Net>) {
       const patient = new SignedCodec({ sign: "fleet", maxAge: 86_400, keys: [fleet] }, { prefix });
       await t.publish(
         `${prefix}/rpc/compute/h1`,
-        patient.encodeRequest(req("a3", Date.now() + 3_600_000), `${prefix}/rpc/compute/h1`),
+        signed(patient, req("a3", Date.now() + 3_600_000), `${prefix}/rpc/compute/h1`),
       );
       await waitFor(() => serverCodec.refused.tooFarAhead === before.tooFarAhead + 1, "the far deadline refused");
       await waitFor(() => serverCodec.refused.badSignature === before.badSignature + 1, "the altered one refused");
@@ -219,11 +227,11 @@ function trustSuite(name: string, makeNet: () => Promise<Net>) {
       const rpc = new Rpc(await transport(), { prefix, codec: clientCodec });
       const call = rpc.call(new RequestContext(), "compute.h1", { method: "later", args: { ms: 300 } });
       await waitFor(() => seen.length === 1, "the request captured");
-      const req = JSON.parse(text(seen[0]!.payload));
+      const req = JSON.parse(text(seen[0]!.payload)).m;
       // The device answers first: its key may serve telemetry only.
       const impostor = new SignedCodec({ sign: "device-7", keys: [device] }, { prefix });
       const t = await transport();
-      await t.publish(req.reply_to, impostor.encodeReply({ v: 1, id: req.id, result: "forged" }, req.reply_to));
+      await t.publish(req.reply_to, signed(impostor, { v: 1, id: req.id, result: "forged" }, req.reply_to));
       assert.equal(await call, "real");
       assert.equal(clientCodec.refused.outOfScope, 1);
       assert.ok(clientLog.has("warn", /reply .*from key "device-7".*may not answer for "compute"/));
@@ -329,7 +337,7 @@ function trustSuite(name: string, makeNet: () => Promise<Net>) {
       const topic = `${prefix}/rpc/conductor_admin`;
       await t.publish(
         topic,
-        forger.encodeRequest({
+        signed(forger, {
           v: 1,
           id: "evil",
           method: "setDisabled",
