@@ -64,9 +64,9 @@ with the broker's ACL. It registers itself like any service (nova-conductor, nov
     about: `"keys new" prints a key file (JSON) that signs with a new key: an hmac shared secret (the
 default) or an ed25519 key pair. --call/--serve name the topics its holder may call and answer
 for (default *), --roles the roles it may assert (admin for an operator; default none). "keys
-public FILE" prints FILE's keys without private parts and without "sign": the entries others add
-to their key files to trust its holder. Every command takes --keys=FILE (NOVALET_KEYS): sign
-what it sends, refuse what is unsigned.`,
+public FILE" prints FILE's ed25519 keys without their private parts (hmac keys, shared secrets,
+are left out): what others add to their key files to trust its holder. Every command takes
+--keys=FILE (NOVALET_KEYS): sign what it sends, refuse what is unsigned (docs/keys.md).`,
   },
   services: {
     usage: `  novalet services list [--topic=T] [--host=H] [--binary=B] [--json] [flags]
@@ -162,7 +162,11 @@ async function keysCommand(argv: string[]): Promise<number> {
   if (action === "public") {
     const config = await readKeys(arg);
     new SignedCodec(config, { file: arg }); // checks every key
-    console.log(JSON.stringify({ keys: config.keys.map(publicPart) }, null, 2));
+    // A shared secret is handed over in private, never printed as "the public part".
+    for (const k of config.keys) {
+      if (k.type === "hmac") console.error(`novalet: left out hmac key ${JSON.stringify(k.id)}: it is a shared secret`);
+    }
+    console.log(JSON.stringify({ keys: config.keys.filter((k) => k.type !== "hmac").map(publicPart) }, null, 2));
     return 0;
   }
   const type = opts.type ?? "hmac";

@@ -103,6 +103,10 @@ export interface SignedCodecOptions {
   inner?: Codec;
   /** The file the keys came from, for messages and {@link SignedCodec.reload}. */
   file?: string;
+  /** Request ids remembered against replay (and calls awaiting replies), at most. When more arrive
+   * within their deadlines, requests that could be forgotten replays are refused. Default 1,000,000
+   * (about 100 MB when full): enough for ~11,000 requests/s with 60 s deadlines. */
+  maxIds?: number;
 }
 
 interface Key {
@@ -132,6 +136,7 @@ interface Ring {
 }
 
 const KEY_ID = /^[A-Za-z0-9_.:@-]{1,64}$/;
+const BASE64URL = /^[A-Za-z0-9_-]+$/;
 const SIG_OPEN = Buffer.from('{"sig":"');
 const QUOTE = 0x22;
 const BRACE = 0x7b;
@@ -142,7 +147,7 @@ const PLAIN_TOPIC = /^[^"\\\p{Cc}]*$/u;
 /** Refused senders logged by name, at most: a flood of made-up key ids must not grow a set. */
 const MAX_LOGGED = 1000;
 /** Ids remembered against replay, at most; the oldest go first beyond it. */
-const MAX_SEEN = 200_000;
+const MAX_SEEN = 1_000_000;
 // Ed25519 keys in DER: a fixed header before the 32 raw bytes (RFC 8410).
 const SPKI_HEADER = Buffer.from("302a300506032b6570032100", "hex");
 const PKCS8_HEADER = Buffer.from("302e020100300506032b657004220420", "hex");
@@ -241,6 +246,9 @@ class IdTable<V> {
   #bySecond = new Map<number, string[]>();
   #swept = 0;
   #max: number;
+  /** The latest expiry (ms) of an id forgotten before it expired, to make room: anything that
+   * expires by then may have been seen and forgotten. */
+  floor = 0;
   constructor(max: number) {
     this.#max = max;
   }
@@ -274,6 +282,7 @@ class IdTable<V> {
       const first = Math.min(...this.#bySecond.keys());
       for (const id of this.#bySecond.get(first)!) this.#values.delete(id);
       this.#bySecond.delete(first);
+      this.floor = Math.max(this.floor, first * 1000);
     }
   }
 }
@@ -303,10 +312,10 @@ export class SignedCodec implements Codec {
   #rpcRoot: string;
   #fanoutRoot: string;
   /** Request ids seen, until their deadline (plus skew) passes. */
-  #seen = new IdTable<true>(MAX_SEEN);
+  #seen: IdTable<true>;
   #topics = new Map<string, TopicInfo>();
   /** Calls this process signed that wait for a reply: who may answer them. */
-  #calls = new IdTable<{ name: string; host?: string }>(MAX_SEEN);
+  #calls: IdTable<{ name: string; host?: string }>;
   #logged = new Set<string>();
 
   /** A codec signing with `config.sign` and verifying with all of `config.keys`.
@@ -319,6 +328,8 @@ export class SignedCodec implements Codec {
     const prefix = opts.prefix ?? "novalet";
     this.#rpcRoot = `${prefix}/rpc/`;
     this.#fanoutRoot = `${prefix}/fanout/`;
+    this.#seen = new IdTable(opts.maxIds ?? MAX_SEEN);
+    this.#calls = new IdTable(opts.maxIds ?? MAX_SEEN);
   }
 
   /** A codec of the key file at `path` (JSON, as {@link KeysConfig}). */
@@ -425,12 +436,20 @@ export class SignedCodec implements Codec {
     const opened = this.#open(bytes, topic, "request");
     if (!opened) return { batch: false, items: [] };
     const { key, body } = opened;
-    // Signed but malformed: its sender is known, so it may hear BadRequest (thrown to the dispatcher).
-    const { batch, items } = this.#inner.decodeRequests
-      ? this.#inner.decodeRequests(body, topic)
-      : { batch: false, items: [this.#inner.decodeRequest(body, topic)] };
+    // Signed but malformed: its sender is known, so it may hear BadRequest (see #answersBad).
+    let batch = false;
+    let items: (RequestEnvelope | BadRequest)[];
+    try {
+      ({ batch, items } = this.#inner.decodeRequests
+        ? this.#inner.decodeRequests(body, topic)
+        : { batch: false, items: [this.#inner.decodeRequest(body, topic)] });
+    } catch (e) {
+      items = [e instanceof BadRequest ? e : new BadRequest(`Malformed request: ${(e as Error).message}`)];
+    }
     const accepted: (RequestEnvelope | BadRequest)[] = [];
-    for (const r of items) if (r instanceof BadRequest || this.#accepts(key, r, topic)) accepted.push(r);
+    for (const r of items) {
+      if (r instanceof BadRequest ? this.#answersBad(key, r, topic) : this.#accepts(key, r, topic)) accepted.push(r);
+    }
     return { batch, items: accepted };
   }
 
@@ -495,7 +514,8 @@ export class SignedCodec implements Codec {
   #deniedRole(key: Key, context: unknown): string | undefined {
     if (key.roles.has("*")) return undefined;
     const c = context as { isAdmin?: unknown; is_admin?: unknown; roles?: unknown };
-    if ((c.isAdmin ?? c.is_admin) === true && !key.roles.has("admin")) return "is_admin";
+    // Either name: RequestContext.from() reads is_admin first, then isAdmin.
+    if ((c.is_admin === true || c.isAdmin === true) && !key.roles.has("admin")) return "is_admin";
     if (Array.isArray(c.roles)) {
       for (const r of c.roles) if (!key.roles.has(r)) return `role ${quote(r)}`;
     }
@@ -513,11 +533,19 @@ export class SignedCodec implements Codec {
     if (end < 0 || dot < SIG_OPEN.length || b[end + 1] !== 0x2c || b[b.length - 1] !== CLOSE_BRACE) {
       return this.#refuse("unsigned", "", topic, what, "its signature field is malformed");
     }
+    if (dot - SIG_OPEN.length > 64) {
+      return this.#refuse("unknownKey", "(overlong key id)", topic, what, "its key id is over 64 characters");
+    }
     const id = b.toString("latin1", SIG_OPEN.length, dot);
     const key = this.#ring.keys.get(id);
-    if (!key) return this.#refuse("unknownKey", id.slice(0, 64), topic, what, "signed by a key we do not know");
+    if (!key) return this.#refuse("unknownKey", id, topic, what, "signed by a key we do not know");
     const rest = b.subarray(end + 2);
-    const sig = Buffer.from(b.toString("latin1", dot + 1, end), "base64url");
+    const text = b.toString("latin1", dot + 1, end);
+    // Only the canonical form: base64url decoding would skip stray characters.
+    if (text.length !== key.sigLength || !BASE64URL.test(text)) {
+      return this.#refuse("badSignature", id, topic, what, "its signature is not the key's base64url signature");
+    }
+    const sig = Buffer.from(text, "base64url");
     let ok: boolean;
     if (key.hmac) {
       const mac = createHmac("sha256", key.hmac).update(OPEN_BRACE).update(rest).digest();
@@ -534,6 +562,23 @@ export class SignedCodec implements Codec {
     return { key, body: rest.subarray(to.length, rest.length - 1) };
   }
 
+  /** Does a signed but malformed request get its BadRequest answer? Only within its key's call
+   * scope, and once per id: a key holder cannot aim answers elsewhere by copies. */
+  #answersBad(key: Key, bad: BadRequest, topic: string): boolean {
+    const { name, host } = this.#topic(topic);
+    if (name === undefined || !covers(key.call, name, host)) {
+      this.#refuse("outOfScope", key.id, topic, "request", "the key may not call this topic");
+      return false;
+    }
+    if (bad.id === undefined) return true; // not answered: it says nowhere to
+    if (this.#seen.has(bad.id)) {
+      this.#refuse("replayed", key.id, topic, "request", `its id ${quote(bad.id)} was seen before`);
+      return false;
+    }
+    this.#seen.set(bad.id, true, Date.now() + (this.#ring.maxAge + this.#ring.skew) * 1000);
+    return true;
+  }
+
   /** Is a verified request fresh, unseen and within its key's scopes? */
   #accepts(key: Key, req: RequestEnvelope, topic: string): boolean {
     const now = Date.now();
@@ -547,7 +592,9 @@ export class SignedCodec implements Codec {
       this.#refuse("expired", key.id, topic, "request", "its deadline has passed");
       return false;
     }
-    if (this.#seen.has(req.id)) {
+    // Past the table's size, ids that had not expired were forgotten: a request that expires by the
+    // latest of them may be one of them, replayed. Refused: under a flood, some calls fail, none run twice.
+    if (this.#seen.has(req.id) || deadline + skew * 1000 <= this.#seen.floor) {
       this.#refuse("replayed", key.id, topic, "request", `its id ${quote(req.id)} was seen before`);
       return false;
     }

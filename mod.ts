@@ -3638,7 +3638,10 @@ export async function serve(...args: (Service | ServeOptions)[]): Promise<Launch
   function onHangup() {
     for (const s of services) {
       s.codec.reload?.().then(
-        () => log.info(`Reloaded the keys of ${s.topic}.${s.host}`),
+        () => {
+          s.codec.checkServe?.(s.topic); // a new key that may not serve the topic: said loudly
+          log.info(`Reloaded the keys of ${s.topic}.${s.host}`);
+        },
         (e) => log.error(`Cannot reload the keys of ${s.topic}.${s.host}; keeping the old ones`, { error: e }),
       );
     }

@@ -1,7 +1,7 @@
 import { after, before, describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import process from "node:process";
@@ -31,6 +31,13 @@ function cli(args: string[], script = CLI): Promise<Result> {
 
 const dir = mkdtempSync(join(tmpdir(), "novalet-cli-"));
 after(() => rmSync(dir, { recursive: true, force: true }));
+
+/** Write `value` as JSON into the test's folder; its path. */
+function writeJson(name: string, value: unknown): string {
+  const path = join(dir, name);
+  writeFileSync(path, JSON.stringify(value));
+  return path;
+}
 
 describe("novalet CLI", () => {
   it("novalet --help prints the usage and exits 0", async () => {
@@ -297,6 +304,74 @@ describe("novalet CLI", () => {
       }
       await Promise.all([...fleet, conductor].map((s) => s.exited));
       assert.equal(existsSync(`${path}.lock`), false, "the conductor released the file on SIGTERM");
+    });
+
+    it("with --keys, the CLI's admin commands sign with an operator's key: a device's key is refused", async () => {
+      const made = await Promise.all([
+        cli(["keys", "new", "fleet"]),
+        cli(["keys", "new", "ops", "--type=ed25519", "--roles=admin", "--serve="]),
+      ]);
+      for (const m of made) assert.equal(m.code, 0, m.stderr);
+      const [fleet, ops] = made.map((m) => JSON.parse(m.stdout).keys[0]);
+      const shown = await cli(["keys", "public", writeJson("ops-own.json", { sign: "ops", keys: [ops, fleet] })]);
+      assert.equal(shown.code, 0, shown.stderr);
+      assert.match(shown.stderr, /left out hmac key "fleet"/);
+      const opsPublic = JSON.parse(shown.stdout).keys;
+      assert.equal(opsPublic.length, 1);
+      assert.equal(opsPublic[0].private, undefined, "no private part");
+      const fleetFile = writeJson("fleet.json", { sign: "fleet", keys: [fleet, ...opsPublic] });
+      const opsFile = writeJson("ops.json", { sign: "ops", keys: [fleet, ops] });
+      const path = join(dir, `${uniquePrefix("keys")}.db`);
+      const common = [`--transport_url=${url}`, `--prefix=${uniquePrefix("keys")}`];
+      const [cmd, ...rest] = childCommand(CLI, [
+        "conductor",
+        `--registry_url=sqljs:${path}`,
+        "--host=kc",
+        `--keys=${fleetFile}`,
+        ...common,
+      ]);
+      const conductor = spawn(cmd!, rest, { stdio: ["ignore", "pipe", "pipe"], env });
+      let log = "";
+      conductor.stderr.setEncoding("utf8").on("data", (d: string) => (log += d));
+      conductor.stdout.resume();
+      const exited = new Promise((r) => conductor.on("close", r));
+      try {
+        await waitFor(() => /Serving the registry/.test(log), "the conductor", 20_000);
+        const list = await cli([
+          "services",
+          "list",
+          "--json",
+          "--registry_url=conductor:",
+          `--keys=${fleetFile}`,
+          ...common,
+        ]);
+        assert.equal(list.code, 0, list.stderr);
+        const id = String((JSON.parse(list.stdout) as { id: number; binary: string }[])[0]!.id);
+        const asDevice = await cli([
+          "services",
+          "disable",
+          id,
+          "--registry_url=conductor:",
+          `--keys=${fleetFile}`,
+          ...common,
+        ]);
+        assert.equal(asDevice.code, 1);
+        assert.match(asDevice.stderr, /Key "fleet" may not assert is_admin/);
+        const asOperator = await cli([
+          "services",
+          "disable",
+          id,
+          "--reason=keys",
+          "--registry_url=conductor:",
+          `--keys=${opsFile}`,
+          ...common,
+        ]);
+        assert.equal(asOperator.code, 0, asOperator.stderr);
+        assert.match(asOperator.stdout, /disabled/);
+      } finally {
+        conductor.kill("SIGTERM");
+      }
+      await exited;
     });
 
     it("novalet serve answers novalet call and cast, and stops on SIGTERM", async () => {

@@ -174,6 +174,75 @@ function trustSuite(name: string, makeNet: () => Promise<Net>) {
       assert.ok(serverLog.has("warn", /from key "narrow".*may not call this topic/));
     });
 
+    it("is_admin under its other name: a context with is_admin true and isAdmin false is refused", async () => {
+      // RequestContext.from() reads is_admin when present: the key's roles must be checked on both names.
+      const rpc = new Rpc(await transport(), { prefix, codec: codec({ sign: "device-7", keys: trusted() }) });
+      const twoNames = { is_admin: true, isAdmin: false } as unknown as RequestContext;
+      await assert.rejects(
+        rpc.call(twoNames, "compute.h1", { method: "wipe" }),
+        (e: Error) => e instanceof NotAuthorized && /may not assert is_admin/.test(e.message),
+      );
+      // Hand-made with the device's key, which the receiver must refuse on its own.
+      const forger = new SignedCodec({ sign: "device-7", keys: [{ ...device, roles: ["*"] }] }, { prefix });
+      const t = await transport();
+      const before = serverCodec.refused.outOfScope;
+      const runs = manager.runs;
+      const topic = `${prefix}/rpc/compute/h1`;
+      await t.publish(
+        topic,
+        signed(
+          forger,
+          { v: 1, id: "two-names", method: "wipe", args: {}, context: { is_admin: true, isAdmin: false } },
+          topic,
+        ),
+      );
+      await waitFor(() => serverCodec.refused.outOfScope === before + 1, "the two-named admin refused");
+      await sleep(50);
+      assert.equal(manager.runs, runs, "wipe did not run");
+      await rpc.close();
+    });
+
+    it("an overlong key id is refused on its length, and a signature not in its canonical form is refused", async () => {
+      const t = await transport();
+      const topic = `${prefix}/rpc/compute/h1`;
+      const before = { ...serverCodec.refused };
+      await t.publish(topic, utf8(`{"sig":"${"k".repeat(100_000)}.x","to":"${topic}","m":{}}`));
+      await waitFor(() => serverCodec.refused.unknownKey === before.unknownKey + 1, "the overlong key id refused");
+      assert.ok(serverLog.has("warn", /"\(overlong key id\)": its key id is over 64 characters/));
+      // A "\\" or a stray "~" in a captured signature: base64url decoding would skip them.
+      const good = text(signed(codec({ sign: "fleet", keys: trusted() }), {
+        v: 1,
+        id: "canon",
+        method: "add",
+        args: { a: 1, b: 2 },
+        context: {},
+      }, topic));
+      for (const extra of ["\\", "~"]) {
+        await t.publish(topic, utf8(good.replace(/^(\{"sig":"fleet\.[^"]*)"/, `$1${extra}"`)));
+      }
+      await waitFor(() => serverCodec.refused.badSignature === before.badSignature + 2, "both copies refused");
+    });
+
+    it("a signed but malformed request outside its key's call scope, or replayed, is not answered", async () => {
+      const replies = await sniff(`${prefix}/reply/#`);
+      const t = await transport();
+      const topic = `${prefix}/rpc/compute/h1`;
+      // "narrow" may call telemetry only; its holder signs a malformed request (no method) to compute.
+      const outside = new SignedCodec({ sign: "narrow", keys: [{ ...narrow, call: ["*"] }] }, { prefix });
+      const bad = (c: SignedCodec, id: string) =>
+        signed(c, { v: 1, id, method: "", args: {}, context: {}, reply_to: `${prefix}/reply/victim` }, topic);
+      const before = { ...serverCodec.refused };
+      await t.publish(topic, bad(outside, "m1"));
+      await waitFor(() => serverCodec.refused.outOfScope === before.outOfScope + 1, "the out-of-scope one refused");
+      // In scope: answered with BadRequest once; its copy is a replay.
+      const inScope = bad(codec({ sign: "fleet", keys: trusted() }), "m2");
+      await t.publish(topic, inScope);
+      await t.publish(topic, inScope);
+      await waitFor(() => serverCodec.refused.replayed === before.replayed + 1, "the copy refused");
+      await sleep(100);
+      assert.deepEqual(replies.map((r) => JSON.parse(text(r.payload)).m.id), ["m2"]);
+    });
+
     it("a replayed request is refused: the method runs once", async () => {
       const seen = await sniff(`${prefix}/rpc/compute/h1`);
       const t = await transport();
@@ -392,6 +461,27 @@ describe("key files and flags", () => {
     for (const [config, message] of bad) {
       assert.throws(() => new SignedCodec(config as KeysConfig), message, JSON.stringify(config));
     }
+  });
+
+  it("past its table of ids, a codec refuses what could be a forgotten replay rather than run it twice", () => {
+    const topic = "novalet/rpc/compute";
+    const sender = new SignedCodec({ sign: "fleet", keys: [fleet] });
+    const receiver = new SignedCodec({ sign: "fleet", keys: [fleet] }, { maxIds: 100, logger: new MemoryLogger() });
+    const deadline = Date.now() + 60_000;
+    const msgs = Array.from(
+      { length: 150 },
+      (_, i) => signed(sender, { v: 1, id: `r${i}`, method: "m", args: {}, context: {}, deadline }, topic),
+    );
+    const taken = msgs.map((m) => receiver.decodeRequests(m, topic).items.length);
+    assert.deepEqual(taken, [...Array(101).fill(1), ...Array(49).fill(0)], "taken until the table overflows, then refused");
+    assert.deepEqual(receiver.decodeRequests(msgs[0]!, topic).items, [], "the first one again: refused");
+    assert.equal(receiver.refused.replayed, 50);
+    const later = signed(
+      sender,
+      { v: 1, id: "fresh", method: "m", args: {}, context: {}, deadline: deadline + 60_000 },
+      topic,
+    );
+    assert.equal(receiver.decodeRequests(later, topic).items.length, 1, "a request expiring later is taken");
   });
 
   it("--keys makes a service sign and verify; a key that may not serve its topic stops it at start", async () => {
