@@ -473,7 +473,11 @@ describe("key files and flags", () => {
       (_, i) => signed(sender, { v: 1, id: `r${i}`, method: "m", args: {}, context: {}, deadline }, topic),
     );
     const taken = msgs.map((m) => receiver.decodeRequests(m, topic).items.length);
-    assert.deepEqual(taken, [...Array(101).fill(1), ...Array(49).fill(0)], "taken until the table overflows, then refused");
+    assert.deepEqual(
+      taken,
+      [...Array(101).fill(1), ...Array(49).fill(0)],
+      "taken until the table overflows, then refused",
+    );
     assert.deepEqual(receiver.decodeRequests(msgs[0]!, topic).items, [], "the first one again: refused");
     assert.equal(receiver.refused.replayed, 50);
     const later = signed(
