@@ -333,7 +333,10 @@ async function callOrCast(kind: "call" | "cast", argv: string[]): Promise<number
   const codec = await codecOf(flags);
   const transport = await openTransport(flags.transportUrl);
   const rpc = new Rpc(transport, { prefix: flags.prefix, timeout, codec });
-  const ctx = RequestContext.admin({ userId: "novalet-cli" });
+  // An admin context, unless the key signing it may not claim one (a device's or a service's).
+  const roles = codec?.signerRoles;
+  const admin = !roles || roles.includes("admin") || roles.includes("*");
+  const ctx = admin ? RequestContext.admin({ userId: "novalet-cli" }) : new RequestContext({ userId: "novalet-cli" });
   try {
     if (kind === "call") console.log(JSON.stringify(await rpc.call(ctx, address, msg), null, 2));
     else if (fanout) await rpc.fanoutCast(ctx, address, msg, { timeout });

@@ -353,6 +353,11 @@ export class SignedCodec implements Codec {
     return this.#ring.signer?.id;
   }
 
+  /** The roles the signing key may assert (`admin` covers `is_admin`; `*` any); none without one. */
+  get signerRoles(): string[] {
+    return [...(this.#ring.signer?.roles ?? [])];
+  }
+
   /** Throw unless this process may answer for `topic`: a service checks it before it serves. */
   checkServe(topic: string): void {
     const key = this.#signerFor("serve");

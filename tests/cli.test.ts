@@ -347,6 +347,10 @@ describe("novalet CLI", () => {
         ]);
         assert.equal(list.code, 0, list.stderr);
         const id = String((JSON.parse(list.stdout) as { id: number; binary: string }[])[0]!.id);
+        // A call signed with a key that may not claim admin goes with a plain context.
+        const called = await cli(["call", "conductor", "get", `{"id":${id}}`, `--keys=${fleetFile}`, ...common]);
+        assert.equal(called.code, 0, called.stderr);
+        assert.equal(JSON.parse(called.stdout).id, Number(id));
         const asDevice = await cli([
           "services",
           "disable",
