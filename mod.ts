@@ -317,10 +317,13 @@ export interface Transport {
    * Services use it for what must go to live servers only (shared topics, fanout, replies) and
    * for presence. */
   connection?(opts: { will?: LastWill }): Promise<Transport>;
-  /** Optional, for brokers: the connection's client id. An {@link Rpc} on the transport puts it in
-   * its reply topic, `{prefix}/reply/{clientId}/{Rpc id}`, so that a broker ACL can confine a
-   * client to its own replies (Mosquitto: `pattern readwrite novalet/reply/%c/#`). */
+  /** Optional, for brokers: the connection's client id. */
   readonly clientId?: string;
+  /** Optional, for brokers: the user the broker authenticated the connection as. An {@link Rpc} on
+   * the transport puts it in its reply topic, `{prefix}/reply/{user}/{Rpc id}` (else the client
+   * id), so that a broker ACL can confine a user to its own replies (Mosquitto:
+   * `pattern read novalet/reply/%u/#`); a client id proves nothing, any user may take one. */
+  readonly user?: string;
   /** Its subscriptions live in a persistent broker session: what they match waits there while it
    * is away (MQTT `clean: false`). */
   readonly persistent?: boolean;
@@ -1404,8 +1407,8 @@ export interface RpcOptions {
   codec?: Codec;
   /** Default: {@link getLogger}. */
   logger?: Logger;
-  /** The id in the reply topic. Default: a random UUID, under the transport's `clientId` when it
-   * has one that fits in a topic level (`{prefix}/reply/{transport.clientId}/{clientId}`). */
+  /** The id in the reply topic. Default: a random UUID, under the transport's `user` (else its
+   * `clientId`) when it has one that fits in a topic level (`{prefix}/reply/{user}/{clientId}`). */
   clientId?: string;
   /**
    * Batching (one broker message carries many envelopes, a JSON array): `true` (default) lets
@@ -1513,8 +1516,9 @@ export class Rpc {
     this.#local = transport.publishLocal !== undefined && this.#codec.copy !== undefined;
     this.#log = opts.logger ?? getLogger();
     this.clientId = opts.clientId ?? crypto.randomUUID();
-    // Under the broker connection's id, where a broker ACL can confine it (see Transport.clientId).
-    const connectionId = opts.clientId === undefined && isName(transport.clientId) ? transport.clientId : undefined;
+    // Under the broker user (or connection), where a broker ACL can confine it (see Transport.user).
+    const owner = isName(transport.user) ? transport.user : transport.clientId;
+    const connectionId = opts.clientId === undefined && isName(owner) ? owner : undefined;
     this.#replyTopic = this.topics.reply(this.clientId, connectionId); // validates the client id
   }
 

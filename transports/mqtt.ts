@@ -384,6 +384,8 @@ export class MqttTransport implements Transport {
   readonly client: MqttClient;
   /** The MQTT client id of the connection (a persistent session is found by it). */
   readonly clientId: string;
+  /** The user name it logged in with; RPC reply topics go under it (see Transport.user). */
+  readonly user?: string;
   /** Whether the broker keeps our session (and our subscriptions) across disconnects. */
   readonly persistent: boolean;
   #owned: boolean;
@@ -440,6 +442,7 @@ export class MqttTransport implements Transport {
     checkInternals(client);
     this.client = client;
     this.clientId = client.options.clientId ?? "";
+    if (client.options.username) this.user = client.options.username;
     this.#owned = owned;
     this.#log = opts.logger ?? getLogger();
     this.#qos = opts.qos ?? 1;
