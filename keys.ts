@@ -136,7 +136,6 @@ interface Ring {
 }
 
 const KEY_ID = /^[A-Za-z0-9_.:@-]{1,64}$/;
-const BASE64URL = /^[A-Za-z0-9_-]+$/;
 const SIG_OPEN = Buffer.from('{"sig":"');
 const QUOTE = 0x22;
 const BRACE = 0x7b;
@@ -189,10 +188,15 @@ function buildRing(config: KeysConfig, file: string): Ring {
     }
     if (keys.has(id)) throw new TypeError(`Key ${quote(id)}${where} is listed twice`);
     const what = `Key ${quote(id)}${where}:`;
+    const serve = scope(e.serve, `${what} "serve"`, ["*"]);
+    for (const t of serve) {
+      // A service answers for its whole topic (shared work and fanout too), never one host of it.
+      if (t.includes(".")) throw new TypeError(`${what} "serve" names topics, not hosts: ${quote(t)}`);
+    }
     const key: Key = {
       id,
       call: scope(e.call, `${what} "call"`, ["*"]),
-      serve: scope(e.serve, `${what} "serve"`, ["*"]),
+      serve,
       roles: scope(e.roles, `${what} "roles"`, []),
       sigLength: 43,
     };
@@ -227,6 +231,15 @@ function buildRing(config: KeysConfig, file: string): Ring {
     maxAge: seconds(config.maxAge, `"maxAge"${where}`, 600),
     skew: seconds(config.skew, `"skew"${where}`, 30),
   };
+}
+
+/** Throw unless the signing key of `ring` may serve `topic`. */
+function checkServe(ring: Ring, topic: string, file: string): void {
+  const key = ring.signer;
+  if (!key) throw new NotAuthorized(`Cannot serve: no signing key ("sign" is not set${file ? ` in ${file}` : ""})`);
+  if (!covers(key.serve, topic, undefined)) {
+    throw new NotAuthorized(`Key ${quote(key.id)} may not serve ${quote(topic)} (its "serve": ${list(key.serve)})`);
+  }
 }
 
 /** Does `set` (a scope) cover topic `name`, or its host `host`? */
@@ -343,9 +356,13 @@ export class SignedCodec implements Codec {
     this.#ring = buildRing(config, this.#file);
   }
 
-  /** Read the key file again (`serve()` does on SIGHUP); the keys stay as they were if it is bad. */
-  async reload(): Promise<void> {
-    if (this.#file) this.setKeys(await readKeys(this.#file));
+  /** Read the key file again (`serve()` does on SIGHUP). The keys stay as they were if it is bad,
+   * or if its signing key may not serve `topic` (when given). */
+  async reload(topic?: string): Promise<void> {
+    if (!this.#file) return;
+    const ring = buildRing(await readKeys(this.#file), this.#file);
+    if (topic !== undefined) checkServe(ring, topic, this.#file);
+    this.#ring = ring;
   }
 
   /** The id of the key this codec signs with. */
@@ -360,10 +377,7 @@ export class SignedCodec implements Codec {
 
   /** Throw unless this process may answer for `topic`: a service checks it before it serves. */
   checkServe(topic: string): void {
-    const key = this.#signerFor("serve");
-    if (!covers(key.serve, topic, undefined)) {
-      throw new NotAuthorized(`Key ${quote(key.id)} may not serve ${quote(topic)} (its "serve": ${list(key.serve)})`);
-    }
+    checkServe(this.#ring, topic, this.#file);
   }
 
   /** The request for `topic`, checked against the signing key's scopes; {@link seal} signs the
@@ -478,7 +492,7 @@ export class SignedCodec implements Codec {
       const call = this.#calls.get(reply.id);
       if (!call) {
         this.#refuse("unexpectedReply", key.id, topic, "reply", `no call of ours has id ${quote(reply.id)}`);
-      } else if (!covers(key.serve, call.name, call.host)) {
+      } else if (!covers(key.serve, call.name, undefined)) {
         this.#refuse("outOfScope", key.id, topic, "reply", `the key may not answer for ${quote(call.name)}`);
       } else {
         this.#calls.delete(reply.id);
@@ -543,14 +557,23 @@ export class SignedCodec implements Codec {
     }
     const id = b.toString("latin1", SIG_OPEN.length, dot);
     const key = this.#ring.keys.get(id);
-    if (!key) return this.#refuse("unknownKey", id, topic, what, "signed by a key we do not know");
+    // Logged under one name: made-up ids must not fill the set of senders logged.
+    if (!key) {
+      return this.#refuse(
+        "unknownKey",
+        "(unknown key)",
+        topic,
+        what,
+        `signed by key ${quote(id)}, which we do not know`,
+      );
+    }
     const rest = b.subarray(end + 2);
     const text = b.toString("latin1", dot + 1, end);
-    // Only the canonical form: base64url decoding would skip stray characters.
-    if (text.length !== key.sigLength || !BASE64URL.test(text)) {
+    const sig = Buffer.from(text, "base64url");
+    // Only the canonical spelling: decoding skips stray characters and ignores the last one's spare bits.
+    if (text.length !== key.sigLength || sig.toString("base64url") !== text) {
       return this.#refuse("badSignature", id, topic, what, "its signature is not the key's base64url signature");
     }
-    const sig = Buffer.from(text, "base64url");
     let ok: boolean;
     if (key.hmac) {
       const mac = createHmac("sha256", key.hmac).update(OPEN_BRACE).update(rest).digest();
@@ -576,11 +599,12 @@ export class SignedCodec implements Codec {
       return false;
     }
     if (bad.id === undefined) return true; // not answered: it says nowhere to
-    if (this.#seen.has(bad.id)) {
+    const seenId = `${key.id}\n${bad.id}`;
+    if (this.#seen.has(seenId)) {
       this.#refuse("replayed", key.id, topic, "request", `its id ${quote(bad.id)} was seen before`);
       return false;
     }
-    this.#seen.set(bad.id, true, Date.now() + (this.#ring.maxAge + this.#ring.skew) * 1000);
+    this.#seen.set(seenId, true, Date.now() + (this.#ring.maxAge + this.#ring.skew) * 1000);
     return true;
   }
 
@@ -599,7 +623,9 @@ export class SignedCodec implements Codec {
     }
     // Past the table's size, ids that had not expired were forgotten: a request that expires by the
     // latest of them may be one of them, replayed. Refused: under a flood, some calls fail, none run twice.
-    if (this.#seen.has(req.id) || deadline + skew * 1000 <= this.#seen.floor) {
+    // By key and id: another key's holder cannot make a client's next ids look used.
+    const seenId = `${key.id}\n${req.id}`;
+    if (this.#seen.has(seenId) || deadline + skew * 1000 <= this.#seen.floor) {
       this.#refuse("replayed", key.id, topic, "request", `its id ${quote(req.id)} was seen before`);
       return false;
     }
@@ -613,7 +639,7 @@ export class SignedCodec implements Codec {
       this.#refuse("outOfScope", key.id, topic, "request", `the key may not assert ${denied}`);
       return false;
     }
-    this.#seen.set(req.id, true, deadline + skew * 1000);
+    this.#seen.set(seenId, true, deadline + skew * 1000);
     return true;
   }
 

@@ -710,8 +710,9 @@ export interface Codec {
   /** Optional: throw {@link NotAuthorized} unless this process may serve `topic`; a service asks
    * before it subscribes. */
   checkServe?(topic: string): void;
-  /** Optional: read its configuration (keys) again; `serve()` asks on SIGHUP. */
-  reload?(): Promise<void>;
+  /** Optional: read its configuration (keys) again, keeping the old one when the new one is bad or
+   * may not serve `topic`; `serve()` asks on SIGHUP. */
+  reload?(topic?: string): Promise<void>;
   /** Optional: what decoding the encoded envelope would give, without the bytes between (a
    * private deep copy), for transports that carry values. @throws {TypeError} where encoding would. */
   copy?<E extends RequestEnvelope | ReplyEnvelope>(envelope: E): E;
@@ -3641,11 +3642,8 @@ export async function serve(...args: (Service | ServeOptions)[]): Promise<Launch
   const reloads = process.platform !== "win32" && services.some((s) => s.codec.reload);
   function onHangup() {
     for (const s of services) {
-      s.codec.reload?.().then(
-        () => {
-          s.codec.checkServe?.(s.topic); // a new key that may not serve the topic: said loudly
-          log.info(`Reloaded the keys of ${s.topic}.${s.host}`);
-        },
+      s.codec.reload?.(s.topic).then(
+        () => log.info(`Reloaded the keys of ${s.topic}.${s.host}`),
         (e) => log.error(`Cannot reload the keys of ${s.topic}.${s.host}; keeping the old ones`, { error: e }),
       );
     }

@@ -11,8 +11,8 @@ import { Manager, openRegistry, type RequestContext, Service } from "../index.ts
 import { MqttTransport } from "../transports/mqtt.ts";
 import { SignedCodec } from "../keys.ts";
 
-const [mode, url, prefix, qosArg] = process.argv.slice(2);
-if (!url || !prefix) throw new Error("usage: mqtt_server.ts novalet|raw URL PREFIX [QOS]");
+const [mode, url, prefix, fourth] = process.argv.slice(2);
+if (!url || !prefix) throw new Error("usage: mqtt_server.ts novalet URL PREFIX [KEYS] | raw URL PREFIX [QOS]");
 const embedded = url.includes("protocol_version=4");
 
 if (mode === "novalet") {
@@ -34,7 +34,7 @@ if (mode === "novalet") {
   }
   const transport = await MqttTransport.connect({ url });
   const registry = await openRegistry("sqljs::memory:");
-  const codec = qosArg ? await SignedCodec.fromFile(qosArg, { prefix }) : undefined;
+  const codec = fourth ? await SignedCodec.fromFile(fourth, { prefix }) : undefined;
   const svc = Service.create({
     host: "srv",
     topic: "bench",
@@ -52,7 +52,7 @@ if (mode === "novalet") {
     process.exit(0);
   });
 } else {
-  const qos = Number(qosArg ?? 0) as 0 | 1;
+  const qos = Number(fourth ?? 0) as 0 | 1;
   const client = await mqtt.connectAsync(url.split("?")[0]!, { protocolVersion: embedded ? 4 : 5 });
   (client.stream as { setNoDelay?: (b: boolean) => void }).setNoDelay?.(true);
   let casts = 0;

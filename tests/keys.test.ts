@@ -2,6 +2,7 @@
 // rotation, over the memory transport and over MQTT (Mosquitto at MQTT_URL, else aedes).
 import { after, before, describe, it } from "node:test";
 import assert from "node:assert/strict";
+import process from "node:process";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -18,6 +19,7 @@ import {
   requires,
   Rpc,
   RpcTimeoutError,
+  serve,
   Service,
   type Transport,
 } from "../index.ts";
@@ -220,7 +222,14 @@ function trustSuite(name: string, makeNet: () => Promise<Net>) {
       for (const extra of ["\\", "~"]) {
         await t.publish(topic, utf8(good.replace(/^(\{"sig":"fleet\.[^"]*)"/, `$1${extra}"`)));
       }
-      await waitFor(() => serverCodec.refused.badSignature === before.badSignature + 2, "both copies refused");
+      // The same length with the last character's spare bits changed: it decodes to the same bytes.
+      const ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+      const end = good.indexOf('",');
+      const sameBytes = good.slice(0, end - 1) + ALPHABET[ALPHABET.indexOf(good[end - 1]!) ^ 1]! + good.slice(end);
+      const sigOf = (m: string) => Buffer.from(m.slice(m.indexOf(".") + 1, m.indexOf('",')), "base64url");
+      assert.deepEqual(sigOf(sameBytes), sigOf(good), "the variant decodes to the same signature");
+      await t.publish(topic, utf8(sameBytes));
+      await waitFor(() => serverCodec.refused.badSignature === before.badSignature + 3, "all three copies refused");
     });
 
     it("a signed but malformed request outside its key's call scope, or replayed, is not answered", async () => {
@@ -457,6 +466,10 @@ describe("key files and flags", () => {
       ],
       [{ keys: [{ ...fleet, roles: "admin" }] }, /Key "fleet".*"roles" must be an array/],
       [{ maxAge: 0, keys: [fleet] }, /"maxAge".*1 to 86400/],
+      [
+        { keys: [{ ...fleet, serve: ["compute.node1"] }] },
+        /Key "fleet".*"serve" names topics, not hosts: "compute.node1"/,
+      ],
     ];
     for (const [config, message] of bad) {
       assert.throws(() => new SignedCodec(config as KeysConfig), message, JSON.stringify(config));
@@ -486,6 +499,43 @@ describe("key files and flags", () => {
       topic,
     );
     assert.equal(receiver.decodeRequests(later, topic).items.length, 1, "a request expiring later is taken");
+  });
+
+  it("serve() reloads key files on SIGHUP: a bad one, or one whose key may not serve the topic, changes nothing", async () => {
+    const hub = new MemoryHub({ logger: new MemoryLogger() });
+    const prefix = uniquePrefix("hup");
+    const file = join(dir, "hup.json");
+    await writeFile(file, JSON.stringify({ sign: "fleet", keys: trusted() }));
+    const registry = await openRegistry("sqljs::memory:");
+    const log = new MemoryLogger();
+    const svc = Service.create({
+      host: "h",
+      topic: "compute",
+      manager: Compute,
+      flags: parseFlags([`--keys=${file}`, `--prefix=${prefix}`], {}),
+      transport: new MemoryTransport(hub),
+      registry,
+      logger: log,
+    });
+    const launcher = await serve(svc, { exit: false, logger: log });
+    try {
+      const codec = svc.codec as SignedCodec;
+      const hup = async (config: unknown, what: RegExp) => {
+        await writeFile(file, typeof config === "string" ? config : JSON.stringify(config));
+        const n = log.lines.length;
+        process.emit("SIGHUP", "SIGHUP");
+        await waitFor(() => log.lines.slice(n).some((l) => what.test(l.msg)), String(what));
+      };
+      await hup("{not json", /Cannot reload the keys of compute\.h/);
+      await hup({ sign: "device-7", keys: trusted() }, /Cannot reload the keys of compute\.h/);
+      assert.ok(log.lines.some((l) => /may not serve "compute"/.test(String(l.fields?.error))));
+      assert.equal(codec.signer, "fleet", "the old keys stay");
+      await hup({ sign: "fleet-2", keys: trusted(fleet2) }, /Reloaded the keys of compute\.h/);
+      assert.equal(codec.signer, "fleet-2");
+    } finally {
+      await launcher.stop();
+      await registry.close();
+    }
   });
 
   it("--keys makes a service sign and verify; a key that may not serve its topic stops it at start", async () => {
