@@ -1,5 +1,6 @@
 /** Shared pieces of the benchmarks: timing loops, percentiles, RSS, and the output format. */
 
+import { spawn } from "node:child_process";
 import process from "node:process";
 
 export interface Row {
@@ -117,4 +118,20 @@ export function report(bench: string, title: string, rows: Row[], extra: Record<
   const notes = rows.filter((r) => r.note).map((r) => `- ${r.scenario} / ${r.impl}: ${r.note}`);
   if (notes.length) console.log("\n" + notes.join("\n"));
   console.log(JSON.stringify({ bench, ...extra, rows }));
+}
+
+/** Start bench/mqtt_server.ts with `args` in a child process and wait for its READY; resolves with
+ * a function that stops it (SIGTERM) and waits for its exit. */
+export async function mqttServer(args: string[]): Promise<() => Promise<void>> {
+  const script = new URL("./mqtt_server.ts", import.meta.url).pathname;
+  const child = spawn(process.execPath, ["--import", "tsx", script, ...args], { stdio: ["ignore", "pipe", "inherit"] });
+  await new Promise<void>((resolve, reject) => {
+    child.stdout.setEncoding("utf8").on("data", (d: string) => d.includes("READY") && resolve());
+    child.on("exit", (code) => reject(new Error(`server exited with ${code}`)));
+  });
+  return async () => {
+    const gone = new Promise((r) => child.once("exit", r));
+    child.kill("SIGTERM");
+    await gone;
+  };
 }

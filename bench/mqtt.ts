@@ -7,13 +7,12 @@
  * Run: `npx tsx bench/mqtt.ts` (BENCH_SECONDS=2 per row).
  */
 
-import { spawn } from "node:child_process";
 import process from "node:process";
 import mqtt from "mqtt";
 import { RequestContext, Rpc } from "../index.ts";
 import { MqttTransport } from "../transports/mqtt.ts";
 import { benchBroker } from "./broker.ts";
-import { compare, report, type Row, takePeakRss } from "./harness.ts";
+import { compare, mqttServer, report, type Row, takePeakRss } from "./harness.ts";
 
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 2);
 const BURST = Number(process.env.BENCH_BURST ?? 5000);
@@ -22,21 +21,6 @@ const broker = await benchBroker();
 const { url, embedded } = broker;
 const brokerName = broker.name;
 const stopBroker = () => broker.stop();
-
-/** Start the server child and wait for READY. */
-async function server(args: string[]): Promise<() => Promise<void>> {
-  const script = new URL("./mqtt_server.ts", import.meta.url).pathname;
-  const child = spawn(process.execPath, ["--import", "tsx", script, ...args], { stdio: ["ignore", "pipe", "inherit"] });
-  await new Promise<void>((resolve, reject) => {
-    child.stdout.setEncoding("utf8").on("data", (d: string) => d.includes("READY") && resolve());
-    child.on("exit", (code) => reject(new Error(`server exited with ${code}`)));
-  });
-  return async () => {
-    const gone = new Promise((r) => child.once("exit", r));
-    child.kill("SIGTERM");
-    await gone;
-  };
-}
 
 /** A burst of QoS 1 casts sent at once, counted at the receiver: a loss is reported, not hidden. */
 async function burst(impl: string, send: () => Promise<unknown>, received: () => Promise<number>): Promise<Row> {
@@ -103,8 +87,8 @@ async function rawClient(prefix: string, qos: 0 | 1) {
 for (const qos of [0, 1] as const) {
   const rawPrefix = `bench-raw-${crypto.randomUUID().slice(0, 6)}`;
   const nvPrefix = `bench-nv-${crypto.randomUUID().slice(0, 6)}`;
-  const stopRaw = await server(["raw", url, rawPrefix, String(qos)]);
-  const stopNv = await server(["novalet", url, nvPrefix]);
+  const stopRaw = await mqttServer(["raw", url, rawPrefix, String(qos)]);
+  const stopNv = await mqttServer(["novalet", url, nvPrefix]);
   const raw = await rawClient(rawPrefix, qos);
   const transport = await MqttTransport.connect({ url });
   const rpc = new Rpc(transport, { prefix: nvPrefix, qos });

@@ -8,7 +8,6 @@
  * Run: `npx tsx bench/signed.ts` (BENCH_SECONDS=2 per row).
  */
 
-import { spawn } from "node:child_process";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -17,7 +16,7 @@ import { RequestContext, Rpc } from "../index.ts";
 import { generateKey, publicPart, SignedCodec } from "../keys.ts";
 import { MqttTransport } from "../transports/mqtt.ts";
 import { benchBroker } from "./broker.ts";
-import { compare, report, type Row } from "./harness.ts";
+import { compare, mqttServer, report, type Row } from "./harness.ts";
 
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 2);
 const broker = await benchBroker();
@@ -30,29 +29,15 @@ const edFile = join(dir, "ed.json");
 await writeFile(hmacFile, JSON.stringify({ sign: "fleet", keys: [fleet, publicPart(ops)] }));
 await writeFile(edFile, JSON.stringify({ sign: "ops", keys: [fleet, ops] }));
 
-/** Start a server child and wait for READY; returns its stop. */
-async function server(prefix: string, keys?: string): Promise<() => Promise<void>> {
-  const script = new URL("./mqtt_server.ts", import.meta.url).pathname;
-  const args = ["--import", "tsx", script, "novalet", broker.url, prefix, ...(keys ? [keys] : [])];
-  const child = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "inherit"] });
-  await new Promise<void>((resolve, reject) => {
-    child.stdout.setEncoding("utf8").on("data", (d: string) => d.includes("READY") && resolve());
-    child.on("exit", (code) => reject(new Error(`server exited with ${code}`)));
-  });
-  return async () => {
-    const gone = new Promise((r) => child.once("exit", r));
-    child.kill("SIGTERM");
-    await gone;
-  };
-}
-
 const tag = crypto.randomUUID().slice(0, 6);
 const kinds = [
   { impl: "unsigned", prefix: `bench-plain-${tag}`, keys: undefined },
   { impl: "signed, HMAC-SHA256", prefix: `bench-hmac-${tag}`, keys: hmacFile },
   { impl: "signed, Ed25519", prefix: `bench-ed-${tag}`, keys: edFile },
 ];
-const stops = await Promise.all(kinds.map((k) => server(k.prefix, k.keys)));
+const stops = await Promise.all(
+  kinds.map((k) => mqttServer(["novalet", broker.url, k.prefix, ...(k.keys ? [k.keys] : [])])),
+);
 const transport = await MqttTransport.connect({ url: broker.url });
 const ctx = new RequestContext();
 const clients = await Promise.all(kinds.map(async (k) => {
