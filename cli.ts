@@ -30,7 +30,7 @@ import {
   UsageError,
 } from "./index.ts";
 import { adminTopic, createConductor } from "./registry/conductor.ts";
-import { generateKey, publicPart, readKeys, SignedCodec } from "./keys.ts";
+import { generateKey, type KeyEntry, publicPart, readKeys, SignedCodec } from "./keys.ts";
 
 /** Each command's usage lines and what it does: `novalet help COMMAND` prints one. */
 const COMMANDS: Record<string, { usage: string; about: string }> = {
@@ -60,12 +60,14 @@ with the broker's ACL. It registers itself like any service (nova-conductor, nov
   },
   keys: {
     usage: `  novalet keys new ID [--type=hmac|ed25519] [--call=T,..] [--serve=T,..] [--roles=R,..]
-  novalet keys public FILE`,
+  novalet keys public FILE
+  novalet keys join FILE... [--sign=ID]`,
     about: `"keys new" prints a key file (JSON) that signs with a new key: an hmac shared secret (the
 default) or an ed25519 key pair. --call/--serve name the topics its holder may call and answer
 for (default *), --roles the roles it may assert (admin for an operator; default none). "keys
 public FILE" prints FILE's ed25519 keys without their private parts (hmac keys, shared secrets,
-are left out): what others add to their key files to trust its holder. Every command takes
+are left out): what others add to their key files to trust its holder. "keys join" prints one
+key file of the keys of several (signing with --sign, else the first file's). Every command takes
 --keys=FILE (NOVALET_KEYS): sign what it sends, refuse what is unsigned (docs/keys.md).`,
   },
   services: {
@@ -148,16 +150,45 @@ function flagsFrom(flagArgs: string[]): Flags {
   }
 }
 
+/** Print one key file of the keys of `files` (the same key listed twice must be the same), signing
+ * with `sign` (default: the first file's). */
+async function joinKeys(files: string[], sign: string | undefined): Promise<number> {
+  const keys = new Map<string, KeyEntry>();
+  let first: string | undefined;
+  for (const file of files) {
+    const config = await readKeys(file);
+    new SignedCodec(config, { file }); // checks every key
+    first ??= config.sign;
+    for (const k of config.keys) {
+      const had = keys.get(k.id);
+      const same = (a: KeyEntry) => JSON.stringify([a.type, a.secret, a.public, a.call, a.serve, a.roles]);
+      if (had && same(had) !== same(k)) {
+        throw new UsageError(`Key ${JSON.stringify(k.id)} differs between the files: rename one`);
+      }
+      if (!had || (k.private && !had.private)) keys.set(k.id, k);
+    }
+  }
+  const config = { sign: sign ?? first, keys: [...keys.values()] };
+  try {
+    new SignedCodec(config); // the signing key is among them, with its private part
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+  console.log(JSON.stringify(config, null, 2));
+  return 0;
+}
+
 /** The signing codec of --keys, if given. */
 async function codecOf(flags: Flags): Promise<SignedCodec | undefined> {
   return flags.keys ? await SignedCodec.fromFile(flags.keys, { prefix: flags.prefix }) : undefined;
 }
 
 async function keysCommand(argv: string[]): Promise<number> {
-  const { opts, rest } = options(argv, ["type", "call", "serve", "roles"]);
+  const { opts, rest } = options(argv, ["type", "call", "serve", "roles", "sign"]);
   const [action, arg, ...extra] = rest;
+  if (action === "join" && arg !== undefined) return await joinKeys([arg, ...extra], opts.sign);
   if (extra.length || arg === undefined || (action !== "new" && action !== "public")) {
-    throw new UsageError(`"keys" needs "new ID" or "public FILE"`);
+    throw new UsageError(`"keys" needs "new ID", "public FILE" or "join FILE..."`);
   }
   if (action === "public") {
     const config = await readKeys(arg);

@@ -319,8 +319,27 @@ describe("novalet CLI", () => {
       const opsPublic = JSON.parse(shown.stdout).keys;
       assert.equal(opsPublic.length, 1);
       assert.equal(opsPublic[0].private, undefined, "no private part");
-      const fleetFile = writeJson("fleet.json", { sign: "fleet", keys: [fleet, ...opsPublic] });
-      const opsFile = writeJson("ops.json", { sign: "ops", keys: [fleet, ops] });
+      // A device's file: the fleet key and the operator's public half; the operator's: both whole.
+      const joined = async (name: string, args: string[]) => {
+        const r = await cli(["keys", "join", ...args]);
+        assert.equal(r.code, 0, r.stderr);
+        return writeJson(name, JSON.parse(r.stdout));
+      };
+      const fleetOnly = writeJson("fleet-only.json", { sign: "fleet", keys: [fleet] });
+      const fleetFile = await joined("fleet.json", [fleetOnly, writeJson("ops-public.json", { keys: opsPublic })]);
+      const opsFile = await joined("ops.json", [
+        fleetOnly,
+        writeJson("ops-own-2.json", { sign: "ops", keys: [ops] }),
+        "--sign=ops",
+      ]);
+      const clash = await cli([
+        "keys",
+        "join",
+        fleetOnly,
+        writeJson("other-fleet.json", { keys: [{ ...ops, id: "fleet" }] }),
+      ]);
+      assert.equal(clash.code, 2);
+      assert.match(clash.stderr, /Key "fleet" differs between the files/);
       const path = join(dir, `${uniquePrefix("keys")}.db`);
       const common = [`--transport_url=${url}`, `--prefix=${uniquePrefix("keys")}`];
       const [cmd, ...rest] = childCommand(CLI, [
