@@ -1085,12 +1085,12 @@ export class Topics {
     if (host !== "+") checkName("host", host, host);
     return `${this.prefix}/presence/${topic}/${host}`;
   }
-  /** The reply topic of an RPC client: `{prefix}/reply/{clientId}`, or with the client id of its
-   * broker connection `{prefix}/reply/{connectionId}/{clientId}`. */
-  reply(clientId: string, connectionId?: string): string {
+  /** The reply topic of an RPC client: `{prefix}/reply/{clientId}`, or under the broker user (or
+   * client id) of its connection, `owner`: `{prefix}/reply/{owner}/{clientId}`. */
+  reply(clientId: string, owner?: string): string {
     checkName("client id", clientId, clientId);
-    if (connectionId === undefined) return `${this.replyRoot}${clientId}`;
-    return `${this.replyRoot}${checkName("connection id", connectionId, connectionId)}/${clientId}`;
+    if (owner === undefined) return `${this.replyRoot}${clientId}`;
+    return `${this.replyRoot}${checkName("connection owner", owner, owner)}/${clientId}`;
   }
   /** Is `topic` a reply topic of this prefix: one or two non-empty levels, nothing a broker refuses? */
   isReplyTopic(topic: string): boolean {
