@@ -1,4 +1,5 @@
 /** Small helpers shared by the test files. */
+import { afterEach } from "node:test";
 import process from "node:process";
 
 import type { LogFields, Logger } from "../index.ts";
@@ -47,4 +48,17 @@ export function childCommand(script: string, args: string[] = []): string[] {
   const deno = (globalThis as { Deno?: { execPath(): string } }).Deno;
   if (deno) return [deno.execPath(), "run", "-A", script, ...args];
   return [process.execPath, "--import", "tsx", script, ...args];
+}
+
+/** Inside a describe(): what the returned function is given is closed after each test, last first. */
+export function closedAfterEach(): <T extends { close(): Promise<unknown> }>(x: T) => T {
+  let opened: { close(): Promise<unknown> }[] = [];
+  afterEach(async () => {
+    for (const o of opened.reverse()) await o.close();
+    opened = [];
+  });
+  return (x) => {
+    opened.push(x);
+    return x;
+  };
 }

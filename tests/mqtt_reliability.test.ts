@@ -2,7 +2,7 @@
  * What MQTT adds to the transport contract: persistent sessions, message expiry, broker
  * restarts, dead servers, payload limits, credentials, and clients that know nothing of novalet.
  */
-import { after, afterEach, before, describe, it } from "node:test";
+import { after, before, describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { execFile, spawn } from "node:child_process";
 import process from "node:process";
@@ -20,7 +20,7 @@ import {
 import { openSqlRegistry } from "../registry/sql.ts";
 import { EmbeddedBroker } from "../transports/broker.ts";
 import { MqttTransport, type MqttTransportOptions } from "../transports/mqtt.ts";
-import { childCommand, MemoryLogger, sleep, text, uniquePrefix, utf8, waitFor } from "./helpers.ts";
+import { childCommand, closedAfterEach, MemoryLogger, sleep, text, uniquePrefix, utf8, waitFor } from "./helpers.ts";
 import { BIG_STALLS, EMBEDDED, embeddedOnly, mqttFixture } from "./mqtt_fixture.ts";
 import { Mosquitto, MOSQUITTO_PUB, MOSQUITTO_SUB, needs } from "./mosquitto.ts";
 import { TcpProxy } from "./tcp_proxy.ts";
@@ -40,19 +40,11 @@ class Recorder extends Manager {
 
 describe("MQTT transport: sessions, limits and restarts", () => {
   let fx: Awaited<ReturnType<typeof mqttFixture>>;
-  let opened: { close(): Promise<unknown> }[] = [];
   before(async () => {
     fx = await mqttFixture();
   });
   after(async () => await fx.close?.());
-  afterEach(async () => {
-    for (const o of opened.reverse()) await o.close();
-    opened = [];
-  });
-  const track = <T extends { close(): Promise<unknown> }>(x: T): T => {
-    opened.push(x);
-    return x;
-  };
+  const track = closedAfterEach();
   const connect = async (extra: Partial<MqttTransportOptions> = {}) =>
     track(await MqttTransport.connect({ ...fx.options(), ...extra }));
 
@@ -285,7 +277,6 @@ describe("A clean session reconnects: subscriptions are back before mqtt.js re-s
   let fx: Awaited<ReturnType<typeof mqttFixture>>;
   let proxy: TcpProxy;
   let viaProxy: string;
-  let opened: { close(): Promise<unknown> }[] = [];
   before(async () => {
     fx = await mqttFixture();
     const u = new URL(fx.url);
@@ -297,14 +288,7 @@ describe("A clean session reconnects: subscriptions are back before mqtt.js re-s
     await proxy.close();
     await fx.close?.();
   });
-  afterEach(async () => {
-    for (const o of opened.reverse()) await o.close();
-    opened = [];
-  });
-  const track = <T extends { close(): Promise<unknown> }>(x: T): T => {
-    opened.push(x);
-    return x;
-  };
+  const track = closedAfterEach();
   /** A transport through the proxy, quick to reconnect. */
   const cuttable = async (extra: Partial<MqttTransportOptions> = {}) =>
     track(
