@@ -418,7 +418,7 @@ export class SignedCodec implements Codec {
 
   /** Several envelopes as one message, as the inner codec frames them. */
   encodeBatch(items: Uint8Array[]): Uint8Array {
-    return (this.#inner.encodeBatch ?? jsonCodec.encodeBatch!)(items);
+    return this.#inner.encodeBatch ? this.#inner.encodeBatch(items) : jsonCodec.encodeBatch!(items);
   }
 
   /** The message (one envelope or a batch) as published to `topic`, signed:
