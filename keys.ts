@@ -103,9 +103,10 @@ export interface SignedCodecOptions {
   inner?: Codec;
   /** The file the keys came from, for messages and {@link SignedCodec.reload}. */
   file?: string;
-  /** Request ids remembered against replay (and calls awaiting replies), at most. When more arrive
-   * within their deadlines, requests that could be forgotten replays are refused. Default 1,000,000
-   * (about 100 MB when full): enough for ~11,000 requests/s with 60 s deadlines. */
+  /** Request ids remembered against replay per key (and calls awaiting replies), at most. When more
+   * of one key arrive within their deadlines, its requests that could be forgotten replays are
+   * refused; other keys' are not. Default 1,000,000 (about 100 MB when full): enough for ~11,000
+   * requests/s of one key with 60 s deadlines. */
   maxIds?: number;
 }
 
@@ -250,11 +251,12 @@ function covers(set: Set<string>, name: string, host: string | undefined): boole
 const list = (set: Set<string>) => set.size === 0 ? "none" : [...set].join(", ");
 
 /**
- * Ids kept until a time, found by id, forgotten by the second they expire in: no walk over the
- * whole table, however many there are. Beyond `max`, the ones expiring soonest go first.
+ * Ids kept until a time, forgotten by the second they expire in: no walk over the whole table,
+ * however many there are. Beyond `max`, the ones expiring soonest go first, and {@link floor} says
+ * until when a forgotten one could still have been valid.
  */
-class IdTable<V> {
-  #values = new Map<string, V>();
+class IdTable {
+  #ids = new Set<string>();
   /** Ids by the second they expire in. */
   #bySecond = new Map<number, string[]>();
   #swept = 0;
@@ -265,35 +267,29 @@ class IdTable<V> {
   constructor(max: number) {
     this.#max = max;
   }
-  get(id: string): V | undefined {
-    return this.#values.get(id);
-  }
   has(id: string): boolean {
-    return this.#values.has(id);
+    return this.#ids.has(id);
   }
-  delete(id: string): void {
-    this.#values.delete(id); // its entry in #bySecond goes when that second is swept
-  }
-  set(id: string, value: V, until: number): void {
-    this.#values.set(id, value);
+  add(id: string, until: number): void {
+    this.#ids.add(id);
     const second = Math.ceil(until / 1000);
     const ids = this.#bySecond.get(second);
     if (ids) ids.push(id);
     else this.#bySecond.set(second, [id]);
     const now = Math.floor(Date.now() / 1000);
-    if (now > this.#swept || this.#values.size > this.#max) this.#sweep(now);
+    if (now > this.#swept || this.#ids.size > this.#max) this.#sweep(now);
   }
   /** Forget what expired by `now` (once a second), and beyond `max` the soonest to expire. */
   #sweep(now: number): void {
     this.#swept = now;
     for (const [second, ids] of this.#bySecond) {
       if (second > now) continue;
-      for (const id of ids) this.#values.delete(id);
+      for (const id of ids) this.#ids.delete(id);
       this.#bySecond.delete(second);
     }
-    while (this.#values.size > this.#max) {
+    while (this.#ids.size > this.#max) {
       const first = Math.min(...this.#bySecond.keys());
-      for (const id of this.#bySecond.get(first)!) this.#values.delete(id);
+      for (const id of this.#bySecond.get(first)!) this.#ids.delete(id);
       this.#bySecond.delete(first);
       this.floor = Math.max(this.floor, first * 1000);
     }
@@ -324,11 +320,15 @@ export class SignedCodec implements Codec {
   #file: string;
   #rpcRoot: string;
   #fanoutRoot: string;
-  /** Request ids seen, until their deadline (plus skew) passes. */
-  #seen: IdTable<true>;
+  /** Request ids seen, by key, until their deadline (plus skew) passes. */
+  #seen = new Map<string, IdTable>();
+  #maxIds: number;
   #topics = new Map<string, TopicInfo>();
-  /** Calls this process signed that wait for a reply: who may answer them. */
-  #calls: IdTable<{ name: string; host?: string }>;
+  /** Calls this process signed that wait for a reply, by id, with the topic each went to; in two
+   * generations, the older dropped whole when the newer has lasted `maxAge` + `skew`. */
+  #calls = new Map<string, TopicInfo>();
+  #olderCalls = new Map<string, TopicInfo>();
+  #callsUntil = 0;
   #logged = new Set<string>();
 
   /** A codec signing with `config.sign` and verifying with all of `config.keys`.
@@ -341,8 +341,7 @@ export class SignedCodec implements Codec {
     const prefix = opts.prefix ?? "novalet";
     this.#rpcRoot = `${prefix}/rpc/`;
     this.#fanoutRoot = `${prefix}/fanout/`;
-    this.#seen = new IdTable(opts.maxIds ?? MAX_SEEN);
-    this.#calls = new IdTable(opts.maxIds ?? MAX_SEEN);
+    this.#maxIds = opts.maxIds ?? MAX_SEEN;
   }
 
   /** A codec of the key file at `path` (JSON, as {@link KeysConfig}). */
@@ -385,7 +384,8 @@ export class SignedCodec implements Codec {
    * @throws {NotAuthorized} when the signing key may not call that topic or assert its roles. */
   encodeRequest(req: RequestEnvelope, topic = ""): Uint8Array {
     const key = this.#signerFor("send requests");
-    const { name, host } = this.#topic(topic);
+    const info = this.#topic(topic);
+    const { name, host } = info;
     if (name === undefined) throw new TypeError(`Cannot sign a request to ${quote(topic)}: not an RPC topic`);
     if (!covers(key.call, name, host)) {
       throw new NotAuthorized(
@@ -406,7 +406,7 @@ export class SignedCodec implements Codec {
         } s ahead: the keys' maxAge is ${this.#ring.maxAge} s`,
       );
     }
-    if (req.reply_to !== undefined) this.#calls.set(req.id, { name, host }, req.deadline!);
+    if (req.reply_to !== undefined) this.#awaitReply(req.id, info, now);
     return this.#inner.encodeRequest(req, topic);
   }
 
@@ -489,17 +489,35 @@ export class SignedCodec implements Codec {
       : [this.#inner.decodeReply(body, topic)];
     const out: ReplyEnvelope[] = [];
     for (const reply of replies) {
-      const call = this.#calls.get(reply.id);
+      const call = this.#calls.get(reply.id) ?? this.#olderCalls.get(reply.id);
       if (!call) {
         this.#refuse("unexpectedReply", key.id, topic, "reply", `no call of ours has id ${quote(reply.id)}`);
-      } else if (!covers(key.serve, call.name, undefined)) {
+      } else if (!covers(key.serve, call.name!, undefined)) {
         this.#refuse("outOfScope", key.id, topic, "reply", `the key may not answer for ${quote(call.name)}`);
       } else {
-        this.#calls.delete(reply.id);
+        if (!this.#calls.delete(reply.id)) this.#olderCalls.delete(reply.id);
         out.push(reply);
       }
     }
     return out;
+  }
+
+  /** Remember call `id` to `topic` until its reply comes, or at least `maxAge` + `skew` (no deadline
+   * lies further ahead). Past `maxIds` calls unanswered, the older generation goes early. */
+  #awaitReply(id: string, topic: TopicInfo, now: number): void {
+    if (now >= this.#callsUntil || this.#calls.size >= this.#maxIds) {
+      this.#olderCalls = this.#calls;
+      this.#calls = new Map();
+      this.#callsUntil = now + (this.#ring.maxAge + this.#ring.skew) * 1000;
+    }
+    this.#calls.set(id, topic);
+  }
+
+  /** The ids seen signed by `key`. */
+  #seenOf(key: Key): IdTable {
+    let seen = this.#seen.get(key.id);
+    if (!seen) this.#seen.set(key.id, seen = new IdTable(this.#maxIds));
+    return seen;
   }
 
   #signerFor(what: string): Key {
@@ -599,12 +617,12 @@ export class SignedCodec implements Codec {
       return false;
     }
     if (bad.id === undefined) return true; // not answered: it says nowhere to
-    const seenId = `${key.id}\n${bad.id}`;
-    if (this.#seen.has(seenId)) {
+    const seen = this.#seenOf(key);
+    if (seen.has(bad.id)) {
       this.#refuse("replayed", key.id, topic, "request", `its id ${quote(bad.id)} was seen before`);
       return false;
     }
-    this.#seen.set(seenId, true, Date.now() + (this.#ring.maxAge + this.#ring.skew) * 1000);
+    seen.add(bad.id, Date.now() + (this.#ring.maxAge + this.#ring.skew) * 1000);
     return true;
   }
 
@@ -624,8 +642,8 @@ export class SignedCodec implements Codec {
     // Past the table's size, ids that had not expired were forgotten: a request that expires by the
     // latest of them may be one of them, replayed. Refused: under a flood, some calls fail, none run twice.
     // By key and id: another key's holder cannot make a client's next ids look used.
-    const seenId = `${key.id}\n${req.id}`;
-    if (this.#seen.has(seenId) || deadline + skew * 1000 <= this.#seen.floor) {
+    const seen = this.#seenOf(key);
+    if (seen.has(req.id) || deadline + skew * 1000 <= seen.floor) {
       this.#refuse("replayed", key.id, topic, "request", `its id ${quote(req.id)} was seen before`);
       return false;
     }
@@ -639,7 +657,7 @@ export class SignedCodec implements Codec {
       this.#refuse("outOfScope", key.id, topic, "request", `the key may not assert ${denied}`);
       return false;
     }
-    this.#seen.set(seenId, true, deadline + skew * 1000);
+    seen.add(req.id, deadline + skew * 1000);
     return true;
   }
 

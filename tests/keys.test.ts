@@ -501,6 +501,23 @@ describe("key files and flags", () => {
     assert.equal(receiver.decodeRequests(later, topic).items.length, 1, "a request expiring later is taken");
   });
 
+  it("one key's flood of ids fills only that key's table: another key's requests are still taken", () => {
+    const topic = "novalet/rpc/compute";
+    const flooder = new SignedCodec({ sign: "fleet", keys: [fleet] });
+    const other = new SignedCodec({ sign: "fleet-2", keys: [fleet2] });
+    const receiver = new SignedCodec({ sign: "fleet", keys: [fleet, fleet2] }, {
+      maxIds: 100,
+      logger: new MemoryLogger(),
+    });
+    const deadline = Date.now() + 60_000;
+    const request = (id: string) => ({ v: 1 as const, id, method: "m", args: {}, context: {}, deadline });
+    for (let i = 0; i < 150; i++) receiver.decodeRequests(signed(flooder, request(`f${i}`), topic), topic);
+    assert.equal(receiver.refused.replayed, 49, "the flooding key's own requests are refused past its table");
+    const theirs = signed(other, request("o1"), topic);
+    assert.equal(receiver.decodeRequests(theirs, topic).items.length, 1, "another key's request is taken");
+    assert.deepEqual(receiver.decodeRequests(theirs, topic).items, [], "and its replay refused");
+  });
+
   it("serve() reloads key files on SIGHUP: a bad one, or one whose key may not serve the topic, changes nothing", async () => {
     const hub = new MemoryHub({ logger: new MemoryLogger() });
     const prefix = uniquePrefix("hup");
