@@ -13,7 +13,7 @@ const parts = [
     cpus()[0]?.model ?? "cpu"
   }\n`,
 ];
-for (const name of ["memory", "mqtt", "registry", "conductor", "startup", "flood", "presence", "signed"]) {
+for (const name of ["memory", "mqtt", "registry", "conductor", "startup", "flood", "presence", "signed", "crypto"]) {
   console.error(`--- bench/${name}.ts`);
   const out = execFileSync(process.execPath, ["--expose-gc", "--import", "tsx", new URL(`${name}.ts`, here).pathname], {
     encoding: "utf8",

@@ -2,8 +2,8 @@
  * What signed envelopes cost (keys.ts): novalet calls over MQTT, signed against unsigned, in
  * alternating slices of the same run. Each server is a child process (bench/mqtt_server.ts), one
  * signing with an HMAC key file, one plain; the client here holds one Rpc of each kind. A third
- * row signs with an Ed25519 key, to show why operators' keys stay off the call path. Broker as in
- * bench/mqtt.ts.
+ * row signs with an Ed25519 key, to show why operators' keys stay off the call path. Each row has
+ * the CPU time per call of this process and of its server. Broker as in bench/mqtt.ts.
  *
  * Run: `npx tsx bench/signed.ts` (BENCH_SECONDS=2 per row).
  */
@@ -54,6 +54,7 @@ for (const [name, c] of [["add c=1", 1], ["add c=64", 64]] as const) {
     seconds: SECONDS,
     warmup: 1.5,
     rounds: 10,
+    servers: stops.map((s) => s.pid),
   });
   rows.push(...got);
   ratios[`${name} HMAC`] = Number((got[1]!.perSecond / got[0]!.perSecond).toFixed(3));
