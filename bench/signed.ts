@@ -3,7 +3,8 @@
  * alternating slices of the same run. Each server is a child process (bench/mqtt_server.ts), one
  * signing with an HMAC key file, one plain; the client here holds one Rpc of each kind. A third
  * row signs with an Ed25519 key, to show why operators' keys stay off the call path. Each row has
- * the CPU time per call of this process and of its server. Broker as in bench/mqtt.ts.
+ * the CPU time per call of this process and of its server. A last scenario batches the calls to the
+ * shared topic too (`batch: "all"`), unsigned and HMAC. Broker as in bench/mqtt.ts.
  *
  * Run: `npx tsx bench/signed.ts` (BENCH_SECONDS=2 per row).
  */
@@ -40,11 +41,16 @@ const stops = await Promise.all(
 );
 const transport = await MqttTransport.connect({ url: broker.url });
 const ctx = new RequestContext();
-const clients = await Promise.all(kinds.map(async (k) => {
-  const codec = k.keys ? await SignedCodec.fromFile(k.keys, { prefix: k.prefix }) : undefined;
-  return new Rpc(transport, { prefix: k.prefix, codec });
-}));
-const op = (i: number) => () => clients[i]!.call(ctx, "bench", { method: "add", args: { a: 1, b: 2 } });
+const rpcs = (batch?: "all") =>
+  Promise.all(kinds.map(async (k) => {
+    const codec = k.keys ? await SignedCodec.fromFile(k.keys, { prefix: k.prefix }) : undefined;
+    return new Rpc(transport, { prefix: k.prefix, codec, batch });
+  }));
+const clients = await rpcs();
+// Calls to the shared topic batched too (one signature per turn's requests), unsigned and HMAC.
+const batching = await rpcs("all");
+const add = (rpc: Rpc) => () => rpc.call(ctx, "bench", { method: "add", args: { a: 1, b: 2 } });
+const op = (i: number) => add(clients[i]!);
 
 const rows: Row[] = [];
 const ratios: Record<string, number> = {};
@@ -60,7 +66,19 @@ for (const [name, c] of [["add c=1", 1], ["add c=64", 64]] as const) {
   ratios[`${name} HMAC`] = Number((got[1]!.perSecond / got[0]!.perSecond).toFixed(3));
   ratios[`${name} Ed25519`] = Number((got[2]!.perSecond / got[0]!.perSecond).toFixed(3));
 }
-for (const c of clients) await c.close();
+{
+  const name = "add c=64, batch all";
+  const got = await compare(name, [["unsigned", add(batching[0]!)], [kinds[1]!.impl, add(batching[1]!)]], {
+    concurrency: 64,
+    seconds: SECONDS,
+    warmup: 1.5,
+    rounds: 10,
+    servers: stops.map((s) => s.pid),
+  });
+  rows.push(...got);
+  ratios[`${name} HMAC`] = Number((got[1]!.perSecond / got[0]!.perSecond).toFixed(3));
+}
+for (const c of [...clients, ...batching]) await c.close();
 await transport.close();
 await Promise.all(stops.map((s) => s()));
 await broker.stop();
