@@ -96,12 +96,46 @@ console.log("ok", sum, tasks);
 EOF
 timeout 60 node app.mjs
 
+step "signed envelopes: a key file from npx novalet keys new, a signed call taken, an unsigned one refused"
+npx novalet keys new fleet --call=shop --serve=shop >fleet.json
+cat >keys.mjs <<'EOF'
+import { Manager, RequestContext, Rpc, RpcTimeoutError, Service } from "novalet";
+import { SignedCodec } from "novalet/keys.ts";
+import { MemoryHub, MemoryTransport } from "novalet/transports/memory.ts";
+import { openSqlRegistry } from "novalet/registry/sql.ts";
+
+class Shop extends Manager {
+  add(_ctx, { a, b }) { return a + b; }
+}
+const transport = new MemoryTransport(new MemoryHub());
+const registry = await openSqlRegistry("sqljs::memory:");
+const codec = await SignedCodec.fromFile("fleet.json");
+const svc = Service.create({ host: "h1", topic: "shop", manager: Shop, transport, registry, codec });
+await svc.start();
+const ctx = new RequestContext();
+const signed = new Rpc(transport, { codec: await SignedCodec.fromFile("fleet.json") });
+const unsigned = new Rpc(transport);
+const sum = await signed.call(ctx, "shop", { method: "add", args: { a: 2, b: 3 } });
+const refused = await unsigned.call(ctx, "shop", { method: "add", args: { a: 1, b: 1 } }, { timeout: 0.5 })
+  .then(() => false, (e) => e instanceof RpcTimeoutError);
+for (const c of [signed, unsigned]) await c.close();
+await svc.stop();
+await transport.close();
+await registry.close();
+if (sum !== 5 || !refused || codec.refused.unsigned !== 1) {
+  throw new Error(`unexpected: sum ${sum}, unsigned refused ${refused}, counted ${JSON.stringify(codec.refused)}`);
+}
+console.log("ok", sum, "unsigned refused");
+EOF
+timeout 60 node keys.mjs
+
 step "Deno against the installed package"
 DENO=$REPO/node_modules/.bin/deno
 cp app.mjs deno_app.ts
 sed -i 's/add(_ctx, { a, b })/add(_ctx: unknown, { a, b }: { a: number; b: number })/; s/tick(_ctx)/tick(_ctx: unknown)/' deno_app.ts
 NO_COLOR=1 timeout 120 "$DENO" run -A deno_app.ts
 NO_COLOR=1 timeout 120 "$DENO" check deno_app.ts
+NO_COLOR=1 timeout 120 "$DENO" run -A keys.mjs
 
 if [ -n "${MQTT_URL:-}" ] && [ -n "${PG_URL:-}" ]; then
   step "npx novalet serve; npx novalet call, cast --fanout and services list --json from other processes"
