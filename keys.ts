@@ -103,10 +103,10 @@ export interface SignedCodecOptions {
   inner?: Codec;
   /** The file the keys came from, for messages and {@link SignedCodec.reload}. */
   file?: string;
-  /** Request ids remembered against replay per key (and calls awaiting replies), at most. When more
-   * of one key arrive within their deadlines, its requests that could be forgotten replays are
-   * refused; other keys' are not. Default 1,000,000 (about 100 MB when full): enough for ~11,000
-   * requests/s of one key with 60 s deadlines. */
+  /** Request ids remembered against replay, of all keys together (and, apart, calls awaiting
+   * replies), at most. Past it, the key whose request comes forgets its own ids that expire soonest,
+   * and refuses its requests that could be such a forgotten replay; other keys' are still taken.
+   * Default 1,000,000 (about 100 MB when full): enough for ~11,000 requests/s with 60 s deadlines. */
   maxIds?: number;
 }
 
@@ -250,49 +250,74 @@ function covers(set: Set<string>, name: string, host: string | undefined): boole
 
 const list = (set: Set<string>) => set.size === 0 ? "none" : [...set].join(", ");
 
+/** How many ids tables that share a budget hold together. */
+interface Budget {
+  used: number;
+}
+
 /**
- * Ids kept until a time, forgotten by the second they expire in: no walk over the whole table,
- * however many there are. Beyond `max`, the ones expiring soonest go first, and {@link floor} says
- * until when a forgotten one could still have been valid.
+ * Ids (with a value) kept until a time, forgotten by the second they expire in: no walk over the
+ * whole table, however many there are. Past `max` ids (counted in `budget` when tables share one),
+ * this table's soonest to expire go, and {@link floor} says until when a forgotten one could still
+ * have been valid.
  */
-class IdTable {
-  #ids = new Set<string>();
-  /** Ids by the second they expire in. */
+class IdTable<V> {
+  #values = new Map<string, V>();
+  /** Ids by the second they expire in; some may be gone already (deleted). */
   #bySecond = new Map<number, string[]>();
   #swept = 0;
   #max: number;
+  #budget: Budget;
   /** The latest expiry (ms) of an id forgotten before it expired, to make room: anything that
    * expires by then may have been seen and forgotten. */
   floor = 0;
-  constructor(max: number) {
+  constructor(max: number, budget: Budget = { used: 0 }) {
     this.#max = max;
+    this.#budget = budget;
+  }
+  get size(): number {
+    return this.#values.size;
+  }
+  get(id: string): V | undefined {
+    return this.#values.get(id);
   }
   has(id: string): boolean {
-    return this.#ids.has(id);
+    return this.#values.has(id);
   }
-  add(id: string, until: number): void {
-    this.#ids.add(id);
+  delete(id: string): void {
+    if (this.#values.delete(id)) this.#budget.used--; // its entry in #bySecond goes when that second is swept
+  }
+  /** Keep a new id (not in the table) until `until` (ms). */
+  set(id: string, value: V, until: number): void {
+    this.#values.set(id, value);
+    this.#budget.used++;
     const second = Math.ceil(until / 1000);
     const ids = this.#bySecond.get(second);
     if (ids) ids.push(id);
     else this.#bySecond.set(second, [id]);
-    const now = Math.floor(Date.now() / 1000);
-    if (now > this.#swept || this.#ids.size > this.#max) this.#sweep(now);
+    this.sweep(Math.floor(Date.now() / 1000));
+    while (this.#budget.used > this.#max && this.#values.size > 0) this.#forgetSoonest();
   }
-  /** Forget what expired by `now` (once a second), and beyond `max` the soonest to expire. */
-  #sweep(now: number): void {
+  /** Forget what expired by `now` (s); once a second. */
+  sweep(now: number): void {
+    if (now <= this.#swept) return;
     this.#swept = now;
     for (const [second, ids] of this.#bySecond) {
       if (second > now) continue;
-      for (const id of ids) this.#ids.delete(id);
+      this.#forget(ids);
       this.#bySecond.delete(second);
     }
-    while (this.#ids.size > this.#max) {
-      const first = Math.min(...this.#bySecond.keys());
-      for (const id of this.#bySecond.get(first)!) this.#ids.delete(id);
-      this.#bySecond.delete(first);
-      this.floor = Math.max(this.floor, first * 1000);
-    }
+  }
+  #forget(ids: string[]): void {
+    for (const id of ids) this.delete(id);
+  }
+  /** Forget the ids that expire soonest, before they expire. */
+  #forgetSoonest(): void {
+    let first = Infinity;
+    for (const second of this.#bySecond.keys()) first = Math.min(first, second);
+    this.#forget(this.#bySecond.get(first)!);
+    this.#bySecond.delete(first);
+    this.floor = Math.max(this.floor, first * 1000);
   }
 }
 
@@ -320,15 +345,14 @@ export class SignedCodec implements Codec {
   #file: string;
   #rpcRoot: string;
   #fanoutRoot: string;
-  /** Request ids seen, by key, until their deadline (plus skew) passes. */
-  #seen = new Map<string, IdTable>();
+  /** Request ids seen, by key, until their deadline (plus skew) passes; `maxIds` in all. */
+  #seen = new Map<string, IdTable<true>>();
+  #seenBudget: Budget = { used: 0 };
+  #seenSwept = 0;
   #maxIds: number;
   #topics = new Map<string, TopicInfo>();
-  /** Calls this process signed that wait for a reply, by id, with the topic each went to; in two
-   * generations, the older dropped whole when the newer has lasted `maxAge` + `skew`. */
-  #calls = new Map<string, TopicInfo>();
-  #olderCalls = new Map<string, TopicInfo>();
-  #callsUntil = 0;
+  /** Calls this process signed that wait for a reply, with the topic each went to. */
+  #calls: IdTable<TopicInfo>;
   #logged = new Set<string>();
 
   /** A codec signing with `config.sign` and verifying with all of `config.keys`.
@@ -342,6 +366,7 @@ export class SignedCodec implements Codec {
     this.#rpcRoot = `${prefix}/rpc/`;
     this.#fanoutRoot = `${prefix}/fanout/`;
     this.#maxIds = opts.maxIds ?? MAX_SEEN;
+    this.#calls = new IdTable(this.#maxIds);
   }
 
   /** A codec of the key file at `path` (JSON, as {@link KeysConfig}). */
@@ -406,7 +431,7 @@ export class SignedCodec implements Codec {
         } s ahead: the keys' maxAge is ${this.#ring.maxAge} s`,
       );
     }
-    if (req.reply_to !== undefined) this.#awaitReply(req.id, info, now);
+    if (req.reply_to !== undefined) this.#calls.set(req.id, info, req.deadline!);
     return this.#inner.encodeRequest(req, topic);
   }
 
@@ -489,34 +514,32 @@ export class SignedCodec implements Codec {
       : [this.#inner.decodeReply(body, topic)];
     const out: ReplyEnvelope[] = [];
     for (const reply of replies) {
-      const call = this.#calls.get(reply.id) ?? this.#olderCalls.get(reply.id);
+      const call = this.#calls.get(reply.id);
       if (!call) {
         this.#refuse("unexpectedReply", key.id, topic, "reply", `no call of ours has id ${quote(reply.id)}`);
       } else if (!covers(key.serve, call.name!, undefined)) {
         this.#refuse("outOfScope", key.id, topic, "reply", `the key may not answer for ${quote(call.name)}`);
       } else {
-        if (!this.#calls.delete(reply.id)) this.#olderCalls.delete(reply.id);
+        this.#calls.delete(reply.id);
         out.push(reply);
       }
     }
     return out;
   }
 
-  /** Remember call `id` to `topic` until its reply comes, or at least `maxAge` + `skew` (no deadline
-   * lies further ahead). Past `maxIds` calls unanswered, the older generation goes early. */
-  #awaitReply(id: string, topic: TopicInfo, now: number): void {
-    if (now >= this.#callsUntil || this.#calls.size >= this.#maxIds) {
-      this.#olderCalls = this.#calls;
-      this.#calls = new Map();
-      this.#callsUntil = now + (this.#ring.maxAge + this.#ring.skew) * 1000;
+  /** The ids seen signed by `key`. Once a second, every key's table forgets what expired, and a
+   * table left with nothing to remember goes. */
+  #seenOf(key: Key, now: number): IdTable<true> {
+    const second = Math.floor(now / 1000);
+    if (second > this.#seenSwept) {
+      this.#seenSwept = second;
+      for (const [id, table] of this.#seen) {
+        table.sweep(second);
+        if (table.size === 0 && table.floor < now) this.#seen.delete(id);
+      }
     }
-    this.#calls.set(id, topic);
-  }
-
-  /** The ids seen signed by `key`. */
-  #seenOf(key: Key): IdTable {
     let seen = this.#seen.get(key.id);
-    if (!seen) this.#seen.set(key.id, seen = new IdTable(this.#maxIds));
+    if (!seen) this.#seen.set(key.id, seen = new IdTable(this.#maxIds, this.#seenBudget));
     return seen;
   }
 
@@ -617,12 +640,13 @@ export class SignedCodec implements Codec {
       return false;
     }
     if (bad.id === undefined) return true; // not answered: it says nowhere to
-    const seen = this.#seenOf(key);
+    const now = Date.now();
+    const seen = this.#seenOf(key, now);
     if (seen.has(bad.id)) {
       this.#refuse("replayed", key.id, topic, "request", `its id ${quote(bad.id)} was seen before`);
       return false;
     }
-    seen.add(bad.id, Date.now() + (this.#ring.maxAge + this.#ring.skew) * 1000);
+    seen.set(bad.id, true, now + (this.#ring.maxAge + this.#ring.skew) * 1000);
     return true;
   }
 
@@ -642,7 +666,7 @@ export class SignedCodec implements Codec {
     // Past the table's size, ids that had not expired were forgotten: a request that expires by the
     // latest of them may be one of them, replayed. Refused: under a flood, some calls fail, none run twice.
     // By key and id: another key's holder cannot make a client's next ids look used.
-    const seen = this.#seenOf(key);
+    const seen = this.#seenOf(key, now);
     if (seen.has(req.id) || deadline + skew * 1000 <= seen.floor) {
       this.#refuse("replayed", key.id, topic, "request", `its id ${quote(req.id)} was seen before`);
       return false;
@@ -657,7 +681,7 @@ export class SignedCodec implements Codec {
       this.#refuse("outOfScope", key.id, topic, "request", `the key may not assert ${denied}`);
       return false;
     }
-    seen.add(req.id, deadline + skew * 1000);
+    seen.set(req.id, true, deadline + skew * 1000);
     return true;
   }
 

@@ -518,6 +518,29 @@ describe("key files and flags", () => {
     assert.deepEqual(receiver.decodeRequests(theirs, topic).items, [], "and its replay refused");
   });
 
+  it("the keys' tables share maxIds: past it, the key whose request comes forgets its own ids, never another's", () => {
+    const topic = "novalet/rpc/compute";
+    const a = new SignedCodec({ sign: "fleet", keys: [fleet] });
+    const b = new SignedCodec({ sign: "fleet-2", keys: [fleet2] });
+    const receiver = new SignedCodec({ sign: "fleet", keys: [fleet, fleet2] }, {
+      maxIds: 100,
+      logger: new MemoryLogger(),
+    });
+    const deadline = Date.now() + 60_000;
+    const request = (id: string) => ({ v: 1 as const, id, method: "m", args: {}, context: {}, deadline });
+    const fromA = Array.from({ length: 61 }, (_, i) => signed(a, request(`a${i}`), topic));
+    const taken = (msgs: Uint8Array[]) => msgs.map((m) => receiver.decodeRequests(m, topic).items.length);
+    assert.deepEqual(taken(fromA.slice(0, 60)), Array(60).fill(1));
+    const fromB = Array.from({ length: 60 }, (_, i) => signed(b, request(`b${i}`), topic));
+    assert.deepEqual(
+      taken(fromB),
+      [...Array(41).fill(1), ...Array(19).fill(0)],
+      "b's 41st makes 101: b forgets its own, and refuses what could be them replayed",
+    );
+    assert.deepEqual(taken([fromA[0]!, fromB[0]!]), [0, 0], "replays of both still refused");
+    assert.deepEqual(taken([fromA[60]!]), [1], "a's next request is taken: nothing of a's was forgotten");
+  });
+
   it("serve() reloads key files on SIGHUP: a bad one, or one whose key may not serve the topic, changes nothing", async () => {
     const hub = new MemoryHub({ logger: new MemoryLogger() });
     const prefix = uniquePrefix("hup");
