@@ -104,9 +104,10 @@ export interface SignedCodecOptions {
   /** The file the keys came from, for messages and {@link SignedCodec.reload}. */
   file?: string;
   /** Request ids remembered against replay, of all keys together (and, apart, calls awaiting
-   * replies), at most. Past it, the key whose request comes forgets its own ids that expire soonest,
-   * and refuses its requests that could be such a forgotten replay; other keys' are still taken.
-   * Default 1,000,000 (about 100 MB when full): enough for ~11,000 requests/s with 60 s deadlines. */
+   * replies), at most. Past it, the ids that expire soonest are forgotten: the new request's key's if
+   * it holds more than its share, else the key's holding the most, which then refuses its requests
+   * that could be such a forgotten replay. A key holding no more than its share keeps all its ids. Default 1,000,000 (about 100 MB when full): enough for ~11,000 requests/s
+   * with 60 s deadlines. */
   maxIds?: number;
 }
 
@@ -256,68 +257,77 @@ interface Budget {
 }
 
 /**
- * Ids (with a value) kept until a time, forgotten by the second they expire in: no walk over the
- * whole table, however many there are. Past `max` ids (counted in `budget` when tables share one),
- * this table's soonest to expire go, and {@link floor} says until when a forgotten one could still
- * have been valid.
+ * Ids kept until a time, forgotten by the second they expire in: no walk over the whole table,
+ * however many there are. {@link forgetSoonest} forgets the ids that expire soonest before they
+ * do (to make room), and {@link floor} says until when a forgotten one could still have been valid.
  */
-class IdTable<V> {
-  #values = new Map<string, V>();
-  /** Ids by the second they expire in; some may be gone already (deleted). */
+class IdTable {
+  /** Each id and the second it expires in. */
+  #seconds = new Map<string, number>();
+  /** Ids by the second they expire in; an id whose second has changed, or that is gone, is skipped. */
   #bySecond = new Map<number, string[]>();
+  /** No id expires before this second: where the search for the soonest starts. */
+  #lowest = Infinity;
   #swept = 0;
-  #max: number;
   #budget: Budget;
+  #onForget?: (id: string) => void;
   /** The latest expiry (ms) of an id forgotten before it expired, to make room: anything that
    * expires by then may have been seen and forgotten. */
   floor = 0;
-  constructor(max: number, budget: Budget = { used: 0 }) {
-    this.#max = max;
+  /** `budget` counts the ids of all tables sharing it; `onForget` hears of every id forgotten. */
+  constructor(budget: Budget = { used: 0 }, onForget?: (id: string) => void) {
     this.#budget = budget;
+    this.#onForget = onForget;
   }
   get size(): number {
-    return this.#values.size;
-  }
-  get(id: string): V | undefined {
-    return this.#values.get(id);
+    return this.#seconds.size;
   }
   has(id: string): boolean {
-    return this.#values.has(id);
+    return this.#seconds.has(id);
   }
   delete(id: string): void {
-    if (this.#values.delete(id)) this.#budget.used--; // its entry in #bySecond goes when that second is swept
+    if (this.#seconds.delete(id)) this.#budget.used--;
   }
-  /** Keep a new id (not in the table) until `until` (ms). */
-  set(id: string, value: V, until: number): void {
-    this.#values.set(id, value);
-    this.#budget.used++;
-    const second = Math.ceil(until / 1000);
+  /** Keep `id` until `until` (ms), or longer if it is kept longer already. */
+  set(id: string, until: number): void {
+    const now = Math.floor(Date.now() / 1000);
+    this.sweep(now);
+    const second = Math.max(Math.ceil(until / 1000), now + 1); // kept at least into the next second
+    const had = this.#seconds.get(id);
+    if (had !== undefined && had >= second) return;
+    if (had === undefined) this.#budget.used++;
+    this.#seconds.set(id, second);
     const ids = this.#bySecond.get(second);
     if (ids) ids.push(id);
     else this.#bySecond.set(second, [id]);
-    this.sweep(Math.floor(Date.now() / 1000));
-    while (this.#budget.used > this.#max && this.#values.size > 0) this.#forgetSoonest();
+    if (second < this.#lowest) this.#lowest = second;
   }
-  /** Forget what expired by `now` (s); once a second. */
+  /** Forget what expired by second `now`; once a second. */
   sweep(now: number): void {
     if (now <= this.#swept) return;
     this.#swept = now;
+    if (this.#lowest > now) return;
     for (const [second, ids] of this.#bySecond) {
-      if (second > now) continue;
-      this.#forget(ids);
-      this.#bySecond.delete(second);
+      if (second <= now) this.#forget(second, ids);
     }
-  }
-  #forget(ids: string[]): void {
-    for (const id of ids) this.delete(id);
+    this.#lowest = Math.max(this.#lowest, now + 1);
   }
   /** Forget the ids that expire soonest, before they expire. */
-  #forgetSoonest(): void {
-    let first = Infinity;
-    for (const second of this.#bySecond.keys()) first = Math.min(first, second);
-    this.#forget(this.#bySecond.get(first)!);
-    this.#bySecond.delete(first);
-    this.floor = Math.max(this.floor, first * 1000);
+  forgetSoonest(): void {
+    if (this.#seconds.size === 0) return;
+    let second = this.#lowest;
+    while (!this.#bySecond.has(second)) second++; // seconds are few (maxAge + skew at most), each passed once
+    this.#forget(second, this.#bySecond.get(second)!);
+    this.#lowest = second + 1;
+    this.floor = Math.max(this.floor, second * 1000);
+  }
+  #forget(second: number, ids: string[]): void {
+    this.#bySecond.delete(second);
+    for (const id of ids) {
+      if (this.#seconds.get(id) !== second) continue; // kept longer since, or gone
+      this.delete(id);
+      this.#onForget?.(id);
+    }
   }
 }
 
@@ -346,13 +356,19 @@ export class SignedCodec implements Codec {
   #rpcRoot: string;
   #fanoutRoot: string;
   /** Request ids seen, by key, until their deadline (plus skew) passes; `maxIds` in all. */
-  #seen = new Map<string, IdTable<true>>();
+  #seen = new Map<string, IdTable>();
   #seenBudget: Budget = { used: 0 };
   #seenSwept = 0;
   #maxIds: number;
+  /** The largest skew the keys ever had: ids are kept that much past their deadline. */
+  #keepSkew: number;
+  /** The smallest: a request later than this past its deadline is expired. Never more than any id
+   * was kept for, so a larger skew from a new key file cannot make a forgotten id acceptable again. */
+  #lateSkew: number;
   #topics = new Map<string, TopicInfo>();
-  /** Calls this process signed that wait for a reply, with the topic each went to. */
-  #calls: IdTable<TopicInfo>;
+  /** Calls this process signed that wait for a reply until their deadline, and the topic each went to. */
+  #calls = new IdTable({ used: 0 }, (id) => this.#callTopics.delete(id));
+  #callTopics = new Map<string, TopicInfo>();
   #logged = new Set<string>();
 
   /** A codec signing with `config.sign` and verifying with all of `config.keys`.
@@ -366,7 +382,7 @@ export class SignedCodec implements Codec {
     this.#rpcRoot = `${prefix}/rpc/`;
     this.#fanoutRoot = `${prefix}/fanout/`;
     this.#maxIds = opts.maxIds ?? MAX_SEEN;
-    this.#calls = new IdTable(this.#maxIds);
+    this.#keepSkew = this.#lateSkew = this.#ring.skew;
   }
 
   /** A codec of the key file at `path` (JSON, as {@link KeysConfig}). */
@@ -377,7 +393,7 @@ export class SignedCodec implements Codec {
   /** Use these keys from now on (a rotation: list the old and the new key until all sign with the
    * new one). Checked whole before anything changes. */
   setKeys(config: KeysConfig): void {
-    this.#ring = buildRing(config, this.#file);
+    this.#use(buildRing(config, this.#file));
   }
 
   /** Read the key file again (`serve()` does on SIGHUP). The keys stay as they were if it is bad,
@@ -386,7 +402,13 @@ export class SignedCodec implements Codec {
     if (!this.#file) return;
     const ring = buildRing(await readKeys(this.#file), this.#file);
     if (topic !== undefined) checkServe(ring, topic, this.#file);
+    this.#use(ring);
+  }
+
+  #use(ring: Ring): void {
     this.#ring = ring;
+    this.#keepSkew = Math.max(this.#keepSkew, ring.skew);
+    this.#lateSkew = Math.min(this.#lateSkew, ring.skew);
   }
 
   /** The id of the key this codec signs with. */
@@ -424,14 +446,20 @@ export class SignedCodec implements Codec {
     const now = Date.now();
     const limit = now + this.#ring.maxAge * 1000;
     if (req.deadline === undefined) req = { ...req, deadline: limit };
-    else if (req.deadline > limit) {
+    else if (!Number.isFinite(req.deadline)) {
+      throw new RangeError(`Cannot sign ${quote(req.method)}: its deadline is not a time`);
+    } else if (req.deadline > limit) {
       throw new RangeError(
         `Cannot sign ${quote(req.method)} with a deadline ${
           Math.round((req.deadline - now) / 1000)
         } s ahead: the keys' maxAge is ${this.#ring.maxAge} s`,
       );
     }
-    if (req.reply_to !== undefined) this.#calls.set(req.id, info, req.deadline!);
+    if (req.reply_to !== undefined) {
+      this.#calls.set(req.id, req.deadline!);
+      this.#callTopics.set(req.id, info);
+      while (this.#calls.size > this.#maxIds) this.#calls.forgetSoonest();
+    }
     return this.#inner.encodeRequest(req, topic);
   }
 
@@ -514,13 +542,14 @@ export class SignedCodec implements Codec {
       : [this.#inner.decodeReply(body, topic)];
     const out: ReplyEnvelope[] = [];
     for (const reply of replies) {
-      const call = this.#calls.get(reply.id);
+      const call = this.#callTopics.get(reply.id);
       if (!call) {
         this.#refuse("unexpectedReply", key.id, topic, "reply", `no call of ours has id ${quote(reply.id)}`);
       } else if (!covers(key.serve, call.name!, undefined)) {
         this.#refuse("outOfScope", key.id, topic, "reply", `the key may not answer for ${quote(call.name)}`);
       } else {
         this.#calls.delete(reply.id);
+        this.#callTopics.delete(reply.id);
         out.push(reply);
       }
     }
@@ -529,7 +558,7 @@ export class SignedCodec implements Codec {
 
   /** The ids seen signed by `key`. Once a second, every key's table forgets what expired, and a
    * table left with nothing to remember goes. */
-  #seenOf(key: Key, now: number): IdTable<true> {
+  #seenOf(key: Key, now: number): IdTable {
     const second = Math.floor(now / 1000);
     if (second > this.#seenSwept) {
       this.#seenSwept = second;
@@ -539,8 +568,23 @@ export class SignedCodec implements Codec {
       }
     }
     let seen = this.#seen.get(key.id);
-    if (!seen) this.#seen.set(key.id, seen = new IdTable(this.#maxIds, this.#seenBudget));
+    if (!seen) this.#seen.set(key.id, seen = new IdTable(this.#seenBudget));
     return seen;
+  }
+
+  /** Keep `id` in `seen` until `until`; past `maxIds` in all, forget the soonest ids of `seen` if it
+   * holds more than its share, else of the largest table: a flood of one key never pushes out a
+   * quieter key's ids. */
+  #remember(seen: IdTable, id: string, until: number): void {
+    seen.set(id, until);
+    const budget = this.#seenBudget;
+    while (budget.used > this.#maxIds) {
+      let table = seen;
+      if (seen.size * this.#seen.size <= budget.used) {
+        for (const t of this.#seen.values()) if (t.size > table.size) table = t;
+      }
+      table.forgetSoonest();
+    }
   }
 
   #signerFor(what: string): Key {
@@ -642,11 +686,12 @@ export class SignedCodec implements Codec {
     if (bad.id === undefined) return true; // not answered: it says nowhere to
     const now = Date.now();
     const seen = this.#seenOf(key, now);
-    if (seen.has(bad.id)) {
+    // It carries no deadline to hold against the floor: while the key's ids are forgotten early, none is answered.
+    if (seen.has(bad.id) || seen.floor > now) {
       this.#refuse("replayed", key.id, topic, "request", `its id ${quote(bad.id)} was seen before`);
       return false;
     }
-    seen.set(bad.id, true, now + (this.#ring.maxAge + this.#ring.skew) * 1000);
+    this.#remember(seen, bad.id, now + (this.#ring.maxAge + this.#keepSkew) * 1000);
     return true;
   }
 
@@ -655,11 +700,12 @@ export class SignedCodec implements Codec {
     const now = Date.now();
     const { maxAge, skew } = this.#ring;
     const deadline = req.deadline;
-    if (deadline === undefined || deadline > now + (maxAge + skew) * 1000) {
+    if (!Number.isFinite(deadline) || deadline! > now + (maxAge + skew) * 1000) {
       this.#refuse("tooFarAhead", key.id, topic, "request", `its deadline is missing or over ${maxAge} s ahead`);
       return false;
     }
-    if (deadline < now - skew * 1000) {
+    // Expired from the ms its id may be forgotten in (see IdTable.sweep), not one ms later.
+    if (deadline! + this.#lateSkew * 1000 <= now) {
       this.#refuse("expired", key.id, topic, "request", "its deadline has passed");
       return false;
     }
@@ -667,7 +713,7 @@ export class SignedCodec implements Codec {
     // latest of them may be one of them, replayed. Refused: under a flood, some calls fail, none run twice.
     // By key and id: another key's holder cannot make a client's next ids look used.
     const seen = this.#seenOf(key, now);
-    if (seen.has(req.id) || deadline + skew * 1000 <= seen.floor) {
+    if (seen.has(req.id) || deadline! + this.#lateSkew * 1000 <= seen.floor) {
       this.#refuse("replayed", key.id, topic, "request", `its id ${quote(req.id)} was seen before`);
       return false;
     }
@@ -681,7 +727,7 @@ export class SignedCodec implements Codec {
       this.#refuse("outOfScope", key.id, topic, "request", `the key may not assert ${denied}`);
       return false;
     }
-    seen.set(req.id, true, deadline + skew * 1000);
+    this.#remember(seen, req.id, deadline! + this.#keepSkew * 1000);
     return true;
   }
 

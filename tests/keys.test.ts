@@ -7,6 +7,9 @@ import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import {
+  BadRequest,
+  type Codec,
+  jsonCodec,
   Manager,
   NotAuthorized,
   openRegistry,
@@ -518,7 +521,7 @@ describe("key files and flags", () => {
     assert.deepEqual(receiver.decodeRequests(theirs, topic).items, [], "and its replay refused");
   });
 
-  it("the keys' tables share maxIds: past it, the key whose request comes forgets its own ids, never another's", () => {
+  it("the keys' tables share maxIds: past it, the largest forgets its soonest ids, never a quieter key's", () => {
     const topic = "novalet/rpc/compute";
     const a = new SignedCodec({ sign: "fleet", keys: [fleet] });
     const b = new SignedCodec({ sign: "fleet-2", keys: [fleet2] });
@@ -527,18 +530,104 @@ describe("key files and flags", () => {
       logger: new MemoryLogger(),
     });
     const deadline = Date.now() + 60_000;
-    const request = (id: string) => ({ v: 1 as const, id, method: "m", args: {}, context: {}, deadline });
-    const fromA = Array.from({ length: 61 }, (_, i) => signed(a, request(`a${i}`), topic));
+    const request = (id: string, at = deadline) => ({
+      v: 1 as const,
+      id,
+      method: "m",
+      args: {},
+      context: {},
+      deadline: at,
+    });
     const taken = (msgs: Uint8Array[]) => msgs.map((m) => receiver.decodeRequests(m, topic).items.length);
-    assert.deepEqual(taken(fromA.slice(0, 60)), Array(60).fill(1));
-    const fromB = Array.from({ length: 60 }, (_, i) => signed(b, request(`b${i}`), topic));
-    assert.deepEqual(
-      taken(fromB),
-      [...Array(41).fill(1), ...Array(19).fill(0)],
-      "b's 41st makes 101: b forgets its own, and refuses what could be them replayed",
+    const fromA = Array.from({ length: 80 }, (_, i) => signed(a, request(`a${i}`), topic));
+    assert.deepEqual(taken(fromA), Array(80).fill(1));
+    const fromB = Array.from({ length: 31 }, (_, i) => signed(b, request(`b${i}`), topic));
+    assert.deepEqual(taken(fromB.slice(0, 30)), Array(30).fill(1), "b's 21st makes 101: a, the largest, forgets");
+    assert.deepEqual(taken([fromA[0]!, fromB[0]!]), [0, 0], "replays of both refused: a's by its floor");
+    assert.deepEqual(taken([signed(a, request("a-same"), topic)]), [0], "a's request expiring by its floor: refused");
+    assert.deepEqual(taken([fromB[30]!]), [1], "b's next request, same deadline, taken: nothing of b's was forgotten");
+    const later = signed(a, request("a-later", deadline + 60_000), topic);
+    assert.deepEqual(taken([later]), [1], "a's request expiring after its floor: taken");
+  });
+
+  /** Run `f` with Date.now() at `at()` (a function of the real now, read once). */
+  function at<T>(ms: number, f: () => T): T {
+    const real = Date.now;
+    Date.now = () => ms;
+    try {
+      return f();
+    } finally {
+      Date.now = real;
+    }
+  }
+
+  it("a replay is refused at every ms around its id's expiry, also after a key file raises the skew", () => {
+    const topic = "novalet/rpc/compute";
+    const sender = new SignedCodec({ sign: "fleet", keys: [fleet] });
+    const start = Math.ceil(Date.now() / 1000) * 1000;
+    const deadline = start + 5_000; // deadline + skew falls on a whole second, as an id's expiry bucket does
+    const msg = signed(sender, { v: 1, id: "edge", method: "m", args: {}, context: {}, deadline }, topic);
+    for (const after of [-1, 0, 1]) {
+      const receiver = new SignedCodec({ sign: "fleet", skew: 1, keys: [fleet] }, { logger: new MemoryLogger() });
+      assert.equal(at(start, () => receiver.decodeRequests(msg, topic).items.length), 1);
+      const replay = at(deadline + 1_000 + after, () => receiver.decodeRequests(msg, topic).items.length);
+      assert.equal(replay, 0, `replayed ${after} ms from its expiry`);
+    }
+    const receiver = new SignedCodec({ sign: "fleet", skew: 1, keys: [fleet] }, { logger: new MemoryLogger() });
+    assert.equal(at(start, () => receiver.decodeRequests(msg, topic).items.length), 1);
+    at(
+      deadline + 5_000,
+      () =>
+        receiver.decodeRequests(
+          signed(sender, { v: 1, id: "tick", method: "m", args: {}, context: {}, deadline: deadline + 9_000 }, topic),
+          topic,
+        ),
+    ); // its id forgotten
+    receiver.setKeys({ sign: "fleet", skew: 60, keys: [fleet] });
+    assert.equal(at(deadline + 5_000, () => receiver.decodeRequests(msg, topic).items.length), 0, "after skew 1 -> 60");
+    assert.equal(receiver.refused.expired, 1);
+  });
+
+  it("calls awaiting replies: one signed twice counts once, and replies to later calls are taken", () => {
+    const client = new SignedCodec({ sign: "fleet", keys: [fleet] }, { maxIds: 2 });
+    const server = new SignedCodec({ sign: "fleet", keys: [fleet] });
+    const topic = "novalet/rpc/compute";
+    const replyTo = "novalet/reply/me/1";
+    const deadline = Date.now() + 60_000;
+    const call = (id: string) =>
+      client.encodeRequest({ v: 1, id, method: "m", args: {}, context: {}, reply_to: replyTo, deadline }, topic);
+    call("x");
+    call("x");
+    const answered = (id: string) => client.decodeReplies(signed(server, { v: 1, id, result: id }, replyTo), replyTo);
+    assert.equal(answered("x").length, 1);
+    call("y");
+    call("z");
+    assert.deepEqual([answered("y").length, answered("z").length], [1, 1]);
+  });
+
+  it("a deadline that is not a time is refused to sign and refused when it arrives", () => {
+    const topic = "novalet/rpc/compute";
+    const codec = new SignedCodec({ sign: "fleet", keys: [fleet] }, { logger: new MemoryLogger() });
+    assert.throws(
+      () => codec.encodeRequest({ v: 1, id: "n", method: "m", args: {}, context: {}, deadline: NaN }, topic),
+      /deadline is not a time/,
     );
-    assert.deepEqual(taken([fromA[0]!, fromB[0]!]), [0, 0], "replays of both still refused");
-    assert.deepEqual(taken([fromA[60]!]), [1], "a's next request is taken: nothing of a's was forgotten");
+    // A codec inside that reads deadlines its own way: what reaches the checks is NaN.
+    const inner: Codec = {
+      ...jsonCodec,
+      decodeRequests: (bytes, t) => {
+        const { batch, items } = jsonCodec.decodeRequests!(bytes, t);
+        return { batch, items: items.map((r) => r instanceof BadRequest ? r : { ...r, deadline: NaN }) };
+      },
+    };
+    const receiver = new SignedCodec({ sign: "fleet", keys: [fleet] }, { logger: new MemoryLogger(), inner });
+    const msg = signed(
+      codec,
+      { v: 1, id: "n", method: "m", args: {}, context: {}, deadline: Date.now() + 1000 },
+      topic,
+    );
+    assert.deepEqual(receiver.decodeRequests(msg, topic).items, []);
+    assert.equal(receiver.refused.tooFarAhead, 1);
   });
 
   it("serve() reloads key files on SIGHUP: a bad one, or one whose key may not serve the topic, changes nothing", async () => {
