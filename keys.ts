@@ -260,15 +260,15 @@ interface Budget {
  * Ids kept until a time, forgotten by the second they expire in: no walk over the whole table,
  * however many there are. {@link forgetSoonest} forgets the ids that expire soonest before they
  * do (to make room), and {@link floor} says until when a forgotten one could still have been valid.
+ * Times are the caller's (ms), so that a caller can keep its clock from going back.
  */
 class IdTable {
   /** Each id and the second it expires in. */
   #seconds = new Map<string, number>();
-  /** Ids by the second they expire in; an id whose second has changed, or that is gone, is skipped. */
-  #bySecond = new Map<number, string[]>();
-  /** No id expires before this second: where the search for the soonest starts. */
+  /** Ids by the second they expire in. */
+  #bySecond = new Map<number, Set<string>>();
+  /** No id expires before this second: where the walks for the soonest and the expired start. */
   #lowest = Infinity;
-  #swept = 0;
   #budget: Budget;
   #onForget?: (id: string) => void;
   /** The latest expiry (ms) of an id forgotten before it expired, to make room: anything that
@@ -286,46 +286,53 @@ class IdTable {
     return this.#seconds.has(id);
   }
   delete(id: string): void {
-    if (this.#seconds.delete(id)) this.#budget.used--;
+    const second = this.#seconds.get(id);
+    if (second === undefined) return;
+    this.#seconds.delete(id);
+    this.#budget.used--;
+    const ids = this.#bySecond.get(second)!;
+    ids.delete(id);
+    if (ids.size === 0) this.#bySecond.delete(second);
   }
-  /** Keep `id` until `until` (ms), or longer if it is kept longer already. */
-  set(id: string, until: number): void {
-    const now = Math.floor(Date.now() / 1000);
-    this.sweep(now);
-    const second = Math.max(Math.ceil(until / 1000), now + 1); // kept at least into the next second
+  /** Keep `id` until `until` (ms), or longer if it is kept longer already; `now` is the time (ms). */
+  set(id: string, until: number, now: number): void {
+    const second = Math.max(Math.ceil(until / 1000), Math.floor(now / 1000) + 1); // at least into the next second
     const had = this.#seconds.get(id);
     if (had !== undefined && had >= second) return;
-    if (had === undefined) this.#budget.used++;
+    this.delete(id);
+    this.#budget.used++;
     this.#seconds.set(id, second);
     const ids = this.#bySecond.get(second);
-    if (ids) ids.push(id);
-    else this.#bySecond.set(second, [id]);
+    if (ids) ids.add(id);
+    else this.#bySecond.set(second, new Set([id]));
     if (second < this.#lowest) this.#lowest = second;
   }
-  /** Forget what expired by second `now`; once a second. */
+  /** Forget what expired by second `now`. */
   sweep(now: number): void {
-    if (now <= this.#swept) return;
-    this.#swept = now;
     if (this.#lowest > now) return;
-    for (const [second, ids] of this.#bySecond) {
-      if (second <= now) this.#forget(second, ids);
+    if (now - this.#lowest < this.#bySecond.size) {
+      for (let second = this.#lowest; second <= now; second++) this.#forget(second);
+    } else {
+      for (const second of this.#bySecond.keys()) if (second <= now) this.#forget(second);
     }
-    this.#lowest = Math.max(this.#lowest, now + 1);
+    this.#lowest = now + 1;
   }
   /** Forget the ids that expire soonest, before they expire. */
   forgetSoonest(): void {
     if (this.#seconds.size === 0) return;
     let second = this.#lowest;
     while (!this.#bySecond.has(second)) second++; // seconds are few (maxAge + skew at most), each passed once
-    this.#forget(second, this.#bySecond.get(second)!);
+    this.#forget(second);
     this.#lowest = second + 1;
     this.floor = Math.max(this.floor, second * 1000);
   }
-  #forget(second: number, ids: string[]): void {
+  #forget(second: number): void {
+    const ids = this.#bySecond.get(second);
+    if (!ids) return;
     this.#bySecond.delete(second);
+    this.#budget.used -= ids.size;
     for (const id of ids) {
-      if (this.#seconds.get(id) !== second) continue; // kept longer since, or gone
-      this.delete(id);
+      this.#seconds.delete(id);
       this.#onForget?.(id);
     }
   }
@@ -365,8 +372,13 @@ export class SignedCodec implements Codec {
   /** The smallest: a request later than this past its deadline is expired. Never more than any id
    * was kept for, so a larger skew from a new key file cannot make a forgotten id acceptable again. */
   #lateSkew: number;
+  /** The latest time read: the clock as the codec sees it never goes back, so that ids forgotten
+   * after a jump forward stay expired when the clock is set back (then everything looks late until
+   * the clock catches up: refused, never run twice). */
+  #latest = 0;
   #topics = new Map<string, TopicInfo>();
-  /** Calls this process signed that wait for a reply until their deadline, and the topic each went to. */
+  /** Calls this process signed that wait for a reply until their deadline (plus skew), and the
+   * topic each went to. */
   #calls = new IdTable({ used: 0 }, (id) => this.#callTopics.delete(id));
   #callTopics = new Map<string, TopicInfo>();
   #logged = new Set<string>();
@@ -382,6 +394,9 @@ export class SignedCodec implements Codec {
     this.#rpcRoot = `${prefix}/rpc/`;
     this.#fanoutRoot = `${prefix}/fanout/`;
     this.#maxIds = opts.maxIds ?? MAX_SEEN;
+    if (!Number.isInteger(this.#maxIds) || this.#maxIds < 1) {
+      throw new RangeError(`maxIds must be a whole number of at least 1, not ${quote(opts.maxIds)}`);
+    }
     this.#keepSkew = this.#lateSkew = this.#ring.skew;
   }
 
@@ -443,7 +458,7 @@ export class SignedCodec implements Codec {
     if (denied !== undefined) {
       throw new NotAuthorized(`Key ${quote(key.id)} may not assert ${denied} (its "roles": ${list(key.roles)})`);
     }
-    const now = Date.now();
+    const now = this.#now();
     const limit = now + this.#ring.maxAge * 1000;
     if (req.deadline === undefined) req = { ...req, deadline: limit };
     else if (!Number.isFinite(req.deadline)) {
@@ -456,7 +471,8 @@ export class SignedCodec implements Codec {
       );
     }
     if (req.reply_to !== undefined) {
-      this.#calls.set(req.id, req.deadline!);
+      this.#calls.sweep(Math.floor(now / 1000));
+      this.#calls.set(req.id, req.deadline! + this.#keepSkew * 1000, now);
       this.#callTopics.set(req.id, info);
       while (this.#calls.size > this.#maxIds) this.#calls.forgetSoonest();
     }
@@ -575,8 +591,8 @@ export class SignedCodec implements Codec {
   /** Keep `id` in `seen` until `until`; past `maxIds` in all, forget the soonest ids of `seen` if it
    * holds more than its share, else of the largest table: a flood of one key never pushes out a
    * quieter key's ids. */
-  #remember(seen: IdTable, id: string, until: number): void {
-    seen.set(id, until);
+  #remember(seen: IdTable, id: string, until: number, now: number): void {
+    seen.set(id, until, now);
     const budget = this.#seenBudget;
     while (budget.used > this.#maxIds) {
       let table = seen;
@@ -585,6 +601,13 @@ export class SignedCodec implements Codec {
       }
       table.forgetSoonest();
     }
+  }
+
+  /** Date.now(), never less than before. */
+  #now(): number {
+    const now = Date.now();
+    if (now > this.#latest) this.#latest = now;
+    return this.#latest;
   }
 
   #signerFor(what: string): Key {
@@ -684,20 +707,20 @@ export class SignedCodec implements Codec {
       return false;
     }
     if (bad.id === undefined) return true; // not answered: it says nowhere to
-    const now = Date.now();
+    const now = this.#now();
     const seen = this.#seenOf(key, now);
     // It carries no deadline to hold against the floor: while the key's ids are forgotten early, none is answered.
     if (seen.has(bad.id) || seen.floor > now) {
       this.#refuse("replayed", key.id, topic, "request", `its id ${quote(bad.id)} was seen before`);
       return false;
     }
-    this.#remember(seen, bad.id, now + (this.#ring.maxAge + this.#keepSkew) * 1000);
+    this.#remember(seen, bad.id, now + (this.#ring.maxAge + this.#keepSkew) * 1000, now);
     return true;
   }
 
   /** Is a verified request fresh, unseen and within its key's scopes? */
   #accepts(key: Key, req: RequestEnvelope, topic: string): boolean {
-    const now = Date.now();
+    const now = this.#now();
     const { maxAge, skew } = this.#ring;
     const deadline = req.deadline;
     if (!Number.isFinite(deadline) || deadline! > now + (maxAge + skew) * 1000) {
@@ -727,7 +750,7 @@ export class SignedCodec implements Codec {
       this.#refuse("outOfScope", key.id, topic, "request", `the key may not assert ${denied}`);
       return false;
     }
-    this.#remember(seen, req.id, deadline! + this.#keepSkew * 1000);
+    this.#remember(seen, req.id, deadline! + this.#keepSkew * 1000, now);
     return true;
   }
 

@@ -588,6 +588,30 @@ describe("key files and flags", () => {
     assert.equal(receiver.refused.expired, 1);
   });
 
+  it("a receiver whose clock jumped ahead and back refuses a replay: its clock never goes back", () => {
+    const topic = "novalet/rpc/compute";
+    const sender = new SignedCodec({ sign: "fleet", keys: [fleet] });
+    const receiver = new SignedCodec({ sign: "fleet", keys: [fleet] }, { logger: new MemoryLogger() });
+    const t = Date.now();
+    const once = signed(sender, { v: 1, id: "once", method: "m", args: {}, context: {}, deadline: t + 60_000 }, topic);
+    assert.equal(at(t, () => receiver.decodeRequests(once, topic).items.length), 1);
+    const tick = { v: 1 as const, id: "tick", method: "m", args: {}, context: {}, deadline: t + 660_000 };
+    const ahead = at(t + 600_000, () => signed(sender, tick, topic)); // the sender's clock jumped too
+    assert.equal(at(t + 600_000, () => receiver.decodeRequests(ahead, topic).items.length), 1, "a sweep 10 min on");
+    assert.equal(at(t + 5_000, () => receiver.decodeRequests(once, topic).items.length), 0, "the clock set back");
+    assert.equal(receiver.refused.expired, 1);
+  });
+
+  it("maxIds must be a whole number of at least 1", () => {
+    for (const maxIds of [-1, 0, 1.5, NaN]) {
+      assert.throws(
+        () => new SignedCodec({ keys: [fleet] }, { maxIds }),
+        /maxIds must be a whole number/,
+        String(maxIds),
+      );
+    }
+  });
+
   it("calls awaiting replies: one signed twice counts once, and replies to later calls are taken", () => {
     const client = new SignedCodec({ sign: "fleet", keys: [fleet] }, { maxIds: 2 });
     const server = new SignedCodec({ sign: "fleet", keys: [fleet] });
