@@ -54,30 +54,24 @@ const op = (i: number) => add(clients[i]!);
 
 const rows: Row[] = [];
 const ratios: Record<string, number> = {};
+/** One scenario: its rows, and each signed variant's calls per second as a share of the first's. */
+async function measure(name: string, concurrency: number, impls: [string, () => Promise<unknown>][]): Promise<void> {
+  const got = await compare(name, impls, {
+    concurrency,
+    seconds: SECONDS,
+    warmup: 1.5,
+    rounds: 10,
+    servers: stops.map((s) => s.pid),
+  });
+  rows.push(...got);
+  for (const [i, label] of ["HMAC", "Ed25519"].entries()) {
+    if (got[i + 1]) ratios[`${name} ${label}`] = Number((got[i + 1]!.perSecond / got[0]!.perSecond).toFixed(3));
+  }
+}
 for (const [name, c] of [["add c=1", 1], ["add c=64", 64]] as const) {
-  const got = await compare(name, [["unsigned", op(0)], [kinds[1]!.impl, op(1)], [kinds[2]!.impl, op(2)]], {
-    concurrency: c,
-    seconds: SECONDS,
-    warmup: 1.5,
-    rounds: 10,
-    servers: stops.map((s) => s.pid),
-  });
-  rows.push(...got);
-  ratios[`${name} HMAC`] = Number((got[1]!.perSecond / got[0]!.perSecond).toFixed(3));
-  ratios[`${name} Ed25519`] = Number((got[2]!.perSecond / got[0]!.perSecond).toFixed(3));
+  await measure(name, c, [["unsigned", op(0)], [kinds[1]!.impl, op(1)], [kinds[2]!.impl, op(2)]]);
 }
-{
-  const name = "add c=64, batch all";
-  const got = await compare(name, [["unsigned", add(batching[0]!)], [kinds[1]!.impl, add(batching[1]!)]], {
-    concurrency: 64,
-    seconds: SECONDS,
-    warmup: 1.5,
-    rounds: 10,
-    servers: stops.map((s) => s.pid),
-  });
-  rows.push(...got);
-  ratios[`${name} HMAC`] = Number((got[1]!.perSecond / got[0]!.perSecond).toFixed(3));
-}
+await measure("add c=64, batch all", 64, [["unsigned", add(batching[0]!)], [kinds[1]!.impl, add(batching[1]!)]]);
 for (const c of [...clients, ...batching]) await c.close();
 await transport.close();
 await Promise.all(stops.map((s) => s()));

@@ -504,16 +504,27 @@ describe("key files and flags", () => {
     assert.equal(receiver.decodeRequests(later, topic).items.length, 1, "a request expiring later is taken");
   });
 
-  it("one key's flood of ids fills only that key's table: another key's requests are still taken", () => {
+  /** Two senders with keys fleet and fleet-2, a receiver of maxIds 100 trusting both, and requests
+   * to compute (a minute ahead unless `at` says). */
+  function twoKeys() {
     const topic = "novalet/rpc/compute";
-    const flooder = new SignedCodec({ sign: "fleet", keys: [fleet] });
-    const other = new SignedCodec({ sign: "fleet-2", keys: [fleet2] });
     const receiver = new SignedCodec({ sign: "fleet", keys: [fleet, fleet2] }, {
       maxIds: 100,
       logger: new MemoryLogger(),
     });
     const deadline = Date.now() + 60_000;
-    const request = (id: string) => ({ v: 1 as const, id, method: "m", args: {}, context: {}, deadline });
+    return {
+      topic,
+      a: new SignedCodec({ sign: "fleet", keys: [fleet] }),
+      b: new SignedCodec({ sign: "fleet-2", keys: [fleet2] }),
+      receiver,
+      deadline,
+      request: (id: string, at = deadline) => ({ v: 1 as const, id, method: "m", args: {}, context: {}, deadline: at }),
+    };
+  }
+
+  it("one key's flood of ids fills only that key's table: another key's requests are still taken", () => {
+    const { topic, a: flooder, b: other, receiver, request } = twoKeys();
     for (let i = 0; i < 150; i++) receiver.decodeRequests(signed(flooder, request(`f${i}`), topic), topic);
     assert.equal(receiver.refused.replayed, 49, "the flooding key's own requests are refused past its table");
     const theirs = signed(other, request("o1"), topic);
@@ -522,22 +533,7 @@ describe("key files and flags", () => {
   });
 
   it("the keys' tables share maxIds: past it, the largest forgets its soonest ids, never a quieter key's", () => {
-    const topic = "novalet/rpc/compute";
-    const a = new SignedCodec({ sign: "fleet", keys: [fleet] });
-    const b = new SignedCodec({ sign: "fleet-2", keys: [fleet2] });
-    const receiver = new SignedCodec({ sign: "fleet", keys: [fleet, fleet2] }, {
-      maxIds: 100,
-      logger: new MemoryLogger(),
-    });
-    const deadline = Date.now() + 60_000;
-    const request = (id: string, at = deadline) => ({
-      v: 1 as const,
-      id,
-      method: "m",
-      args: {},
-      context: {},
-      deadline: at,
-    });
+    const { topic, a, b, receiver, deadline, request } = twoKeys();
     const taken = (msgs: Uint8Array[]) => msgs.map((m) => receiver.decodeRequests(m, topic).items.length);
     const fromA = Array.from({ length: 80 }, (_, i) => signed(a, request(`a${i}`), topic));
     assert.deepEqual(taken(fromA), Array(80).fill(1));
