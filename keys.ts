@@ -104,10 +104,11 @@ export interface SignedCodecOptions {
   /** The file the keys came from, for messages and {@link SignedCodec.reload}. */
   file?: string;
   /** Request ids remembered against replay, of all keys together (and, apart, calls awaiting
-   * replies), at most. Past it, the ids that expire soonest are forgotten: the new request's key's if
-   * it holds more than its share, else the key's holding the most, which then refuses its requests
-   * that could be such a forgotten replay. A key holding no more than its share keeps all its ids. Default 1,000,000 (about 100 MB when full): enough for ~11,000 requests/s
-   * with 60 s deadlines. */
+   * replies), at most. Past it, the ids that expire soonest are forgotten: the new request's key's
+   * if it holds more than its share, else those of the key holding the most, which then refuses its
+   * requests that could be such a forgotten replay. A key holding no more than its share keeps all
+   * its ids. Default 1,000,000 (about 100 MB when full): enough for ~11,000 requests/s with 60 s
+   * deadlines. A whole number, at least 1. */
   maxIds?: number;
 }
 
