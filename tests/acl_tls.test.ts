@@ -68,52 +68,41 @@ function makeCertificates(
     "-out",
     "ca.pem",
   );
-  openssl(
-    "req",
-    "-newkey",
-    "rsa:2048",
-    "-nodes",
-    "-subj",
-    "/CN=localhost",
-    "-keyout",
-    "server.key",
-    "-out",
-    "server.csr",
-  );
-  writeFileSync(file("san.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n");
-  openssl(
-    "x509",
-    "-req",
-    "-in",
-    "server.csr",
-    "-CA",
-    "ca.pem",
-    "-CAkey",
-    "ca.key",
-    "-CAcreateserial",
-    "-days",
-    "1",
-    "-extfile",
-    "san.cnf",
-    "-out",
-    "server.pem",
-  );
-  openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=dev-a", "-keyout", "client.key", "-out", "client.csr");
-  openssl(
-    "x509",
-    "-req",
-    "-in",
-    "client.csr",
-    "-CA",
-    "ca.pem",
-    "-CAkey",
-    "ca.key",
-    "-CAcreateserial",
-    "-days",
-    "1",
-    "-out",
-    "client.pem",
-  );
+  // A key and a certificate signed by the CA, for `name` (CN `cn`, with `san` as subjectAltName).
+  const issue = (name: string, cn: string, san?: string) => {
+    openssl(
+      "req",
+      "-newkey",
+      "rsa:2048",
+      "-nodes",
+      "-subj",
+      `/CN=${cn}`,
+      "-keyout",
+      `${name}.key`,
+      "-out",
+      `${name}.csr`,
+    );
+    const ext = san ? ["-extfile", `${name}.cnf`] : [];
+    if (san) writeFileSync(file(`${name}.cnf`), `subjectAltName=${san}\n`);
+    openssl(
+      "x509",
+      "-req",
+      "-in",
+      `${name}.csr`,
+      "-CA",
+      "ca.pem",
+      "-CAkey",
+      "ca.key",
+      "-CAcreateserial",
+      "-days",
+      "1",
+      ...ext,
+      "-out",
+      `${name}.pem`,
+    );
+  };
+  issue("server", "localhost", "IP:127.0.0.1,DNS:localhost");
+  issue("client", "dev-a");
   return {
     ca: file("ca.pem"),
     cert: file("server.pem"),
